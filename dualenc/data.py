@@ -1,0 +1,341 @@
+"""Readers of IR files: document collections and queries -> ``datasets.Dataset``, qrels -> nested dict.
+
+Formats, chosen by the file name's suffix (case-insensitive; ``.gz`` means gzip):
+
+- **TSV** (``.tsv``, ``.tsv.gz``; also ``.txt``, ``.txt.gz`` as Anserini/pyserini name their topics):
+  collection ``pid<TAB>text`` (MS MARCO) or ``pid<TAB>title<TAB>text``; the first non-blank line fixes
+  the column count and every line must have it. Queries: ``qid<TAB>text``. No quoting: a tab always
+  separates columns, a ``"`` is text.
+- **JSONL** (``.jsonl``, ``.jsonl.gz``), BEIR: corpus ``{"_id", "title", "text", ...}`` ("title"
+  optional, extra keys ignored), queries ``{"_id", "text", ...}``. ``_id`` is a JSON string (an integer is
+  taken as its decimal text).
+- **Qrels** (any suffix, layout read from the first non-blank line): TREC ``qid iter docid rel``
+  (4 columns, any whitespace; ``iter`` is ignored: ``Q0``, ``0``), or BEIR TSV with the header
+  ``query-id<TAB>corpus-id<TAB>score``. Relevance is an integer; a repeated (qid, docid) with the same
+  grade is accepted once, with a different grade it is an error.
+
+Conventions:
+
+- Ids stay strings exactly as written (``"007"`` stays ``"007"``); only the line end (``\\n``, ``\\r\\n``)
+  and a UTF-8 byte-order mark at the start of the file are removed. Text is kept as written.
+- Blank lines (empty or whitespace only) are skipped anywhere in a file but still counted, so every line
+  number in an error is the 1-based physical line of the file.
+- Empty means empty after stripping whitespace. An empty id or query text is an error. A document is an
+  error only when its title *and* text are both empty: a title with an empty text is kept (BEIR corpora
+  such as TREC-COVID hold title-only documents).
+- Collections and queries are built with ``datasets.Dataset.from_generator``: the file is streamed line by
+  line into Arrow files in the datasets cache and the result is memory-mapped. The file's resolved path,
+  size and ``mtime_ns`` (and a hash of this module) are generator arguments, so they are part of the cache
+  fingerprint and a changed file is read again. Ids are checked for uniqueness with pyarrow on the
+  finished table on every call (cached or not), so no Python set of ids is ever built.
+- Every bad input raises one :class:`~dualenc.errors.InputError` line: ``path:line: problem``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+
+from dualenc.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_TSV_SUFFIXES = (".tsv", ".tsv.gz", ".txt", ".txt.gz")
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+def doc_text(title: str, text: str) -> str:
+    """The text an encoder sees for a document: ``title + " " + text``, or the non-blank one alone."""
+    if not title.strip():
+        return text
+    if not text.strip():
+        return title
+    return title + " " + text
+
+
+def read_collection(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
+    """Read a document collection (MS MARCO TSV or BEIR JSONL, optionally gzipped).
+
+    Args:
+        path: the collection file (see the module docstring for the formats).
+        cache_dir: datasets cache directory; ``None`` uses the datasets default.
+
+    Returns:
+        A memory-mapped dataset with string columns ``id``, ``title`` (``""`` when absent), ``text``, in
+        file order.
+
+    Raises:
+        InputError: missing or empty file, bad line (columns, empty id/text, UTF-8, JSON), duplicate id.
+    """
+    return _read_table(path, "collection", cache_dir)
+
+
+def read_queries(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
+    """Read queries (``qid<TAB>text`` TSV or BEIR JSONL, optionally gzipped).
+
+    Args:
+        path: the queries (topics) file.
+        cache_dir: datasets cache directory; ``None`` uses the datasets default.
+
+    Returns:
+        A memory-mapped dataset with string columns ``id``, ``text``, in file order.
+
+    Raises:
+        InputError: as :func:`read_collection`.
+    """
+    return _read_table(path, "queries", cache_dir)
+
+
+def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Read relevance judgments (TREC 4-column or BEIR TSV with header).
+
+    Args:
+        path: the qrels file.
+
+    Returns:
+        ``{qid: {docid: grade}}``, zero grades included, in file order.
+
+    Raises:
+        InputError: missing or empty file, wrong column count, non-integer grade, conflicting duplicate.
+    """
+    path = _existing_file(path)
+    qrels: dict[str, dict[str, int]] = {}
+    first_line: dict[tuple[str, str], int] = {}
+    beir: bool | None = None
+    for lineno, line in _iter_lines(path):
+        if beir is None:
+            beir = line.split() == _BEIR_QRELS_HEADER
+            if beir:
+                continue
+        if beir:
+            cols = line.split("\t")
+            if len(cols) != 3:
+                raise InputError(
+                    f"expected 3 tab-separated columns, found {len(cols)}", path=path, line=lineno
+                )
+            qid, doc_id, grade = cols
+        else:
+            cols = line.split()
+            if len(cols) != 4:
+                raise InputError(
+                    f"expected 4 columns (qid iter docid rel), found {len(cols)}", path=path, line=lineno
+                )
+            qid, _, doc_id, grade = cols
+        if not _INT_RE.fullmatch(grade):
+            raise InputError(f"relevance {grade!r} is not an integer", path=path, line=lineno)
+        seen = qrels.setdefault(qid, {}).get(doc_id)
+        if seen is not None and seen != int(grade):
+            raise InputError(
+                f"qid {qid!r} docid {doc_id!r}: grade {grade} here, {seen} on line {first_line[qid, doc_id]}",
+                path=path,
+                line=lineno,
+            )
+        first_line.setdefault((qid, doc_id), lineno)
+        qrels[qid][doc_id] = int(grade)
+    if not qrels:
+        raise InputError("empty file: no judgments" + (" after the header" if beir else ""), path=path)
+    return qrels
+
+
+def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> datasets.Dataset:
+    """Stream ``path`` into a cached Arrow dataset, then check that the ids are unique."""
+    resolved = _existing_file(path)
+    fmt = _file_format(resolved)
+    stat = os.stat(resolved)
+    gen_kwargs = {
+        "path": resolved,
+        "fmt": fmt,
+        "kind": kind,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        # datasets hashes `_generate_rows` but not the helpers it calls: any edit here means a new cache
+        "reader": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+    }
+    # No `features=`: datasets then skips its per-row `encode_example`, which took ~85% of the build time;
+    # every value is a str, so Arrow infers `string` for each column (checked in tests/test_data.py).
+    try:
+        dataset = datasets.Dataset.from_generator(_generate_rows, cache_dir=cache_dir, gen_kwargs=gen_kwargs)
+    except Exception as err:  # datasets wraps it in DatasetGenerationError (module path varies by version)
+        cause = _input_error_in_chain(err)
+        if cause is None:
+            raise
+        raise cause from None
+    _check_unique_ids(dataset, resolved)
+    logger.info("read %d %s rows from %s", len(dataset), kind, resolved)
+    return dataset
+
+
+def _generate_rows(
+    path: str, fmt: str, kind: str, size: int, mtime_ns: int, reader: str
+) -> Iterator[dict[str, str]]:
+    """The ``from_generator`` callable; ``size``, ``mtime_ns`` and ``reader`` only feed the fingerprint."""
+    del size, mtime_ns, reader
+    rows = _tsv_rows(path, kind) if fmt == "tsv" else _jsonl_rows(path, kind)
+    num_rows = 0
+    for row in rows:
+        num_rows += 1
+        yield row
+    if num_rows == 0:
+        raise InputError("empty file: no non-blank line", path=path)
+
+
+def _tsv_rows(path: str, kind: str) -> Iterator[dict[str, str]]:
+    """Yield one row per non-blank TSV line, checking the column count."""
+    num_cols = None
+    for lineno, line in _iter_lines(path):
+        cols = line.split("\t")
+        if num_cols is None:
+            num_cols = len(cols)
+            allowed = (2, 3) if kind == "collection" else (2,)
+            if num_cols not in allowed:
+                want = "2 (id, text) or 3 (id, title, text)" if kind == "collection" else "2 (id, text)"
+                raise InputError(
+                    f"expected {want} tab-separated columns, found {num_cols}", path=path, line=lineno
+                )
+        elif len(cols) != num_cols:
+            raise InputError(
+                f"expected {num_cols} tab-separated columns (as on the first line), found {len(cols)}",
+                path=path,
+                line=lineno,
+            )
+        title = cols[1] if num_cols == 3 else ""
+        yield _make_row(path, lineno, kind, cols[0], title, cols[-1])
+
+
+def _jsonl_rows(path: str, kind: str) -> Iterator[dict[str, str]]:
+    """Yield one row per non-blank BEIR JSONL line."""
+    for lineno, line in _iter_lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(
+                f"invalid JSON: {err.msg} at column {err.colno}", path=path, line=lineno
+            ) from None
+        if not isinstance(obj, dict):
+            raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=lineno)
+        for key in ("_id", "text"):
+            if key not in obj:
+                raise InputError(f"missing key {key!r} (keys: {sorted(obj)[:8]})", path=path, line=lineno)
+        raw_id = obj["_id"]
+        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            raw_id = str(raw_id)
+        title = obj.get("title") if kind == "collection" else ""
+        title = "" if title is None else title
+        for key, value in (("_id", raw_id), ("title", title), ("text", obj["text"])):
+            if not isinstance(value, str):
+                raise InputError(f"{key!r} must be a string, found {value!r:.60}", path=path, line=lineno)
+        yield _make_row(path, lineno, kind, raw_id, title, obj["text"])
+
+
+def _make_row(path: str, lineno: int, kind: str, row_id: str, title: str, text: str) -> dict[str, str]:
+    """Check one record and return it as a row of the dataset."""
+    if not row_id.strip():
+        raise InputError(f"empty id {row_id!r}", path=path, line=lineno)
+    if kind == "queries":
+        if not text.strip():
+            raise InputError(f"empty text for query id {row_id!r}", path=path, line=lineno)
+        return {"id": row_id, "text": text}
+    if not text.strip() and not title.strip():
+        raise InputError(f"empty text (and no title) for document id {row_id!r}", path=path, line=lineno)
+    return {"id": row_id, "title": title, "text": text}
+
+
+def _check_unique_ids(dataset: datasets.Dataset, path: str) -> None:
+    """Raise on the first repeated id (in file order), naming both lines; pyarrow does the counting."""
+    ids = dataset.data.column("id")  # (N,) chunked string array, memory-mapped
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    encoded = pc.dictionary_encode(ids.combine_chunks())  # codes are given in order of first appearance
+    codes = np.asarray(encoded.indices)  # (N,)
+    prev_max = np.concatenate([[-1], np.maximum.accumulate(codes)[:-1]])  # (N,) largest code before row i
+    row = int(np.flatnonzero(codes <= prev_max)[0])  # first row whose id was already seen
+    first_row = int(np.argmax(codes == codes[row]))
+    lines = _line_numbers(path, {first_row, row})
+    dup_id = encoded.dictionary[codes[row]].as_py()
+    raise InputError(
+        f"duplicate id {dup_id!r} (first on line {lines[first_row]})", path=path, line=lines[row]
+    )
+
+
+def _line_numbers(path: str, rows: set[int]) -> dict[int, int]:
+    """Map dataset row indices to 1-based file lines by re-reading the file (error path only)."""
+    found: dict[int, int] = {}
+    for row, (lineno, _) in enumerate(_iter_lines(path)):
+        if row in rows:
+            found[row] = lineno
+            if len(found) == len(rows):
+                break
+    return found
+
+
+def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yield ``(1-based line number, line without its line end)`` for every non-blank line.
+
+    Lines are decoded one at a time, so a bad byte is reported with its own line number.
+    """
+    lineno = 0
+    try:
+        with _open_binary(path) as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as err:
+                    bad = raw[err.start : err.start + 1]
+                    raise InputError(
+                        f"not valid UTF-8: byte {bad!r} at byte offset {err.start} of the line",
+                        path=path,
+                        line=lineno,
+                    ) from None
+                if lineno == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
+                if line and not line.isspace():
+                    yield lineno, line
+    except (OSError, EOFError, zlib.error) as err:  # unreadable file, bad or truncated gzip stream
+        raise InputError(f"cannot read the file: {err}", path=path, line=lineno + 1) from None
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb", buffering=1 << 20)
+
+
+def _existing_file(path: str | os.PathLike) -> str:
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        problem = "is a directory, expected a file" if resolved.is_dir() else "file not found"
+        raise InputError(problem, path=path)
+    return str(resolved)
+
+
+def _file_format(path: str) -> str:
+    name = path.lower()
+    if name.endswith(_TSV_SUFFIXES):
+        return "tsv"
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    raise InputError(f"unknown file type: expected one of {_TSV_SUFFIXES + _JSONL_SUFFIXES}", path=path)
+
+
+def _input_error_in_chain(err: BaseException) -> InputError | None:
+    """The InputError that ``datasets`` wrapped in a DatasetGenerationError, if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
