@@ -1,0 +1,388 @@
+"""FAISS indexes and exact torch search against brute-force numpy oracles (seeded random data)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from dualenc import index as index_mod
+from dualenc.embeddings import write_meta, write_shard
+from dualenc.errors import InputError
+from dualenc.index import (
+    IndexShard,
+    build_index,
+    exact_search_torch,
+    index_from_embeddings,
+    load_index,
+    save_index,
+    search,
+    set_search_params,
+)
+
+K = 20
+
+
+def brute_force(queries: np.ndarray, docs: np.ndarray, keys: np.ndarray, k: int):
+    """Oracle: rank every doc by (-score, key) with numpy lexsort; float64 scores."""
+    scores = queries.astype(np.float64) @ docs.astype(np.float64).T  # (Q, N)
+    order = np.stack([np.lexsort((keys, -row))[:k] for row in scores])  # (Q, k)
+    return np.take_along_axis(scores, order, 1), order
+
+
+def int_data(seed: int = 0, num_docs: int = 2000, dim: int = 16, num_queries: int = 60):
+    """Integer-valued float32 vectors (every dot product exact in float32) with many duplicate docs (ties).
+
+    Doc ids are a shuffled, unpadded numbering ("D17" > "D100" as strings), so id order != row order.
+    """
+    rng = np.random.default_rng(seed)
+    docs = rng.integers(-50, 51, size=(num_docs, dim)).astype(np.float32)
+    docs[num_docs // 2 :: 2] = docs[rng.integers(0, num_docs // 2, size=len(docs[num_docs // 2 :: 2]))]
+    queries = rng.integers(-50, 51, size=(num_queries, dim)).astype(np.float32)
+    queries[: num_queries // 2] = docs[rng.integers(0, num_docs, size=num_queries // 2)]  # self hits
+    doc_ids = [f"D{i}" for i in rng.permutation(num_docs)]
+    return queries, docs, doc_ids
+
+
+def gauss_data(seed: int = 2, num_docs: int = 2000, dim: int = 64, num_queries: int = 50):
+    rng = np.random.default_rng(seed)
+    docs = rng.standard_normal((num_docs, dim)).astype(np.float32)
+    queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
+    return queries, docs, [f"g{i:05d}" for i in range(num_docs)]
+
+
+def assert_ties_present(ref_scores: np.ndarray) -> None:
+    """The exact tests are only meaningful if equal scores occur inside (or at the edge of) the top k."""
+    tied = (np.diff(ref_scores, axis=1) == 0).any(axis=1)
+    assert tied.sum() >= 10, tied.sum()
+
+
+def ids_of(rows: np.ndarray, doc_ids: list[str]) -> list[list[str]]:
+    return [[doc_ids[i] for i in row if i >= 0] for row in rows]
+
+
+def test_flat_equals_brute_force_exactly_with_ties():
+    queries, docs, doc_ids = int_data()
+    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
+    assert_ties_present(ref_scores)
+    scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, K, batch_size=16)
+    assert hits == ids_of(ref_rows, doc_ids)
+    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+    assert scores.dtype == np.float32
+
+
+def test_flat_gaussian_ids_equal_scores_close():
+    queries, docs, doc_ids = gauss_data()
+    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K + 1)
+    # faiss sums float32 products in its own order: measured 2.8e-6 abs error vs float64 at |score| <= 39.
+    tol = 1e-6 * np.abs(ref_scores).max()
+    # Seed chosen so no two neighbouring scores are within 10 tol: rounding cannot swap the ids.
+    assert -np.diff(ref_scores, axis=1).max() > 10 * tol
+    scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, K)
+    assert hits == ids_of(ref_rows[:, :K], doc_ids)
+    np.testing.assert_allclose(scores, ref_scores[:, :K], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("data", [int_data, gauss_data])
+@pytest.mark.parametrize("by_doc_id", [True, False])
+def test_exact_search_torch_equals_brute_force(data, by_doc_id):
+    queries, docs, doc_ids = data()
+    keys = np.asarray(doc_ids) if by_doc_id else np.arange(len(doc_ids))
+    ref_scores, ref_rows = brute_force(queries, docs, keys, K)
+    shards = [docs[:700], docs[700:1500], docs[1500:]]  # blocks of 300 never cross a shard
+    scores, rows = exact_search_torch(
+        torch.from_numpy(queries),
+        shards,
+        K,
+        block_size=300,
+        batch_size=7,
+        doc_ids=doc_ids if by_doc_id else None,
+    )
+    np.testing.assert_array_equal(rows, ref_rows)
+    if data is int_data:
+        assert_ties_present(ref_scores)
+        np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+    else:
+        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6 * np.abs(ref_scores).max())
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+def test_ties_deeper_than_the_margin_are_refetched(engine):
+    """60 identical best docs > k + TIE_MARGIN: the 5 smallest ids must come back, whatever faiss/topk cut."""
+    queries, docs, doc_ids = int_data(num_docs=500)
+    docs[100:160] = queries[0]
+    keys = np.asarray(doc_ids)
+    ref_scores, ref_rows = brute_force(queries, docs, keys, 5)
+    assert len(set(ref_scores[0])) == 1 and 60 > 5 + index_mod.TIE_MARGIN
+    if engine == "faiss":
+        scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, 5)
+    else:
+        scores, rows = exact_search_torch(queries, docs, 5, block_size=128, doc_ids=doc_ids)
+        hits = ids_of(rows, doc_ids)
+    assert hits == ids_of(ref_rows, doc_ids)
+    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+
+
+def test_tie_refetch_cap_logs_a_warning(monkeypatch, caplog):
+    queries, docs, doc_ids = int_data(num_docs=500)
+    docs[100:160] = queries[0]
+    monkeypatch.setattr(index_mod, "MAX_FETCH_FACTOR", 1)
+    with caplog.at_level(logging.WARNING, logger="dualenc.index"):
+        exact_search_torch(queries[:1], docs, 5, doc_ids=doc_ids)
+    assert "ties deeper than 21 candidates" in caplog.text
+
+
+def test_sharded_result_heap_merge_equals_one_flat_index():
+    queries, docs, doc_ids = int_data(seed=3)
+    cuts = [0, 523, 1400, 2000]
+    shards = [
+        IndexShard(build_index(docs[a:b], add_batch_size=128), doc_ids[a:b])
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
+    merged_scores, merged_hits = search(shards, queries, K)
+    flat_scores, flat_hits = search([IndexShard(build_index(docs), doc_ids)], queries, K)
+    assert merged_hits == flat_hits
+    np.testing.assert_array_equal(merged_scores, flat_scores)
+    assert_ties_present(flat_scores)
+
+
+def test_fewer_docs_than_k_pads():
+    queries, docs, doc_ids = int_data(num_docs=30)
+    scores, hits = search(
+        [IndexShard(build_index(docs[:10]), doc_ids[:10]), IndexShard(build_index(docs[10:]), doc_ids[10:])],
+        queries,
+        40,
+    )
+    assert scores.shape == (len(queries), 40) and all(len(h) == 30 for h in hits)
+    assert np.isneginf(scores[:, 30:]).all() and np.isfinite(scores[:, :30]).all()
+    t_scores, rows = exact_search_torch(queries, docs, 40, doc_ids=doc_ids)
+    assert (rows[:, 30:] == -1).all() and ids_of(rows, doc_ids) == hits
+    np.testing.assert_array_equal(t_scores, scores)
+
+
+# ----------------------------------------------------------------------------------- approximate indexes
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """20k x 64 vectors around 100 Gaussian centres (+ unit noise), 200 queries, and the exact top 100."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((100, 64)).astype(np.float32)
+    docs = (centres[rng.integers(0, 100, 20_000)] + rng.standard_normal((20_000, 64))).astype(np.float32)
+    queries = (centres[rng.integers(0, 100, 200)] + rng.standard_normal((200, 64))).astype(np.float32)
+    doc_ids = [f"c{i}" for i in range(len(docs))]
+    _, flat_hits = search([IndexShard(build_index(docs), doc_ids)], queries, 100)
+    return queries, docs, doc_ids, flat_hits
+
+
+def recall_at_100(hits: list[list[str]], flat_hits: list[list[str]]) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 100 for a, b in zip(hits, flat_hits, strict=True)]))
+
+
+def test_approximate_index_recall(clustered):
+    """Measured (faiss-cpu 1.15.1): IVF nprobe=1 0.93, nprobe=8 0.986, nprobe=64 1.0; HNSW32 ef=128 0.987;
+    IVF64,PQ8 nprobe=8 0.73."""
+    queries, docs, doc_ids, flat_hits = clustered
+    ivf = [IndexShard(build_index(docs, "IVF64,Flat", train_size=10_000), doc_ids)]
+    recall = {
+        p: recall_at_100(search(ivf, queries, 100, params=p)[1], flat_hits)
+        for p in ("nprobe=1", "nprobe=8", "nprobe=64")
+    }
+    assert recall["nprobe=64"] == 1.0  # every list scanned: exact
+    assert 0.95 <= recall["nprobe=8"] < 1.0 and recall["nprobe=1"] < recall["nprobe=8"]
+    hnsw = [IndexShard(build_index(docs, "HNSW32"), doc_ids)]
+    assert recall_at_100(search(hnsw, queries, 100, params="efSearch=128")[1], flat_hits) >= 0.95
+    # "np": no polysemous training (only useful with Hamming thresholds; it costs seconds here).
+    pq = [IndexShard(build_index(docs, "IVF64,PQ8np", train_size=10_000), doc_ids)]
+    assert recall_at_100(search(pq, queries, 100, params="nprobe=8")[1], flat_hits) >= 0.65
+
+
+def test_search_params_take_effect_and_bad_params_are_input_errors(clustered):
+    queries, docs, doc_ids, _ = clustered
+    ivf = build_index(docs[:5000], "IVF16,Flat")
+    set_search_params(ivf, "nprobe=5")
+    assert faiss.extract_index_ivf(ivf).nprobe == 5
+    hnsw = build_index(docs[:500], "HNSW8")
+    set_search_params(hnsw, " efSearch = 77 ")
+    assert hnsw.hnsw.efSearch == 77
+    for params, problem in [
+        ("nprobe", "bad search parameter 'nprobe'"),
+        ("nprobe=x", "expected name=number"),
+    ]:
+        with pytest.raises(InputError, match=problem):
+            set_search_params(ivf, params)
+    with pytest.raises(InputError, match=r"cannot set 'efSearch=3' on a IndexIVFFlat: .*efSearch"):
+        set_search_params(ivf, "efSearch=3")
+
+
+# ---------------------------------------------------------------------------------------------- index files
+
+
+def test_save_load_round_trip_equals_in_memory(tmp_path, clustered):
+    queries, docs, doc_ids, _ = clustered
+    index = build_index(docs[:4000], "IVF16,Flat")
+    expected = search([IndexShard(index, doc_ids[:4000])], queries, K, params="nprobe=4")
+    save_index(tmp_path / "idx", index, doc_ids[:4000], meta={"factory": "IVF16,Flat"})
+    loaded = load_index(tmp_path / "idx")
+    assert len(loaded) == 1 and loaded[0].doc_ids == doc_ids[:4000]
+    got = search(loaded, queries, K, params="nprobe=4")
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert got[1] == expected[1]
+    meta = json.loads((tmp_path / "idx" / "index_meta.json").read_text())
+    assert meta["factory"] == "IVF16,Flat" and meta["dim"] == 64 and meta["count"] == 4000
+    assert meta["num_shards"] == 1 and meta["metric"] == "inner_product"
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        "docids.00000-of-00001.txt",
+        "index.00000-of-00001.faiss",
+        "index_meta.json",
+    ]
+
+
+def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    queries, docs, doc_ids = int_data(num_docs=100)
+    index = build_index(docs)
+    save_index(tmp_path, index, doc_ids)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def crash(index, path):
+        with open(path, "wb") as fh:
+            fh.write(b"half an index")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(faiss, "write_index", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_index(tmp_path, build_index(docs[:50]), doc_ids[:50])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temp files
+    with pytest.raises(KeyboardInterrupt):
+        save_index(tmp_path / "new", index, doc_ids)
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_load_index_errors(tmp_path):
+    _, docs, doc_ids = int_data(num_docs=100)
+    with pytest.raises(InputError, match="no index_meta.json"):
+        load_index(tmp_path)
+    save_index(tmp_path, build_index(docs[:60]), doc_ids[:60], shard=0, num_shards=2)
+    with pytest.raises(InputError, match="missing index shard file") as err:
+        load_index(tmp_path)
+    assert err.value.path.endswith("index.00001-of-00002.faiss")
+    save_index(tmp_path, build_index(docs[60:]), doc_ids[60:], shard=1, num_shards=2)
+    assert json.loads((tmp_path / "index_meta.json").read_text())["count"] == 100
+    assert [len(s.doc_ids) for s in load_index(tmp_path)] == [60, 40]
+    (tmp_path / "docids.00001-of-00002.txt").write_text("\n".join(doc_ids[60:99]) + "\n")
+    with pytest.raises(InputError, match="39 doc ids but index.00001-of-00002.faiss holds 40") as err:
+        load_index(tmp_path)
+    assert err.value.path.endswith("docids.00001-of-00002.txt")
+
+
+def test_bad_inputs_are_input_errors(tmp_path):
+    queries, docs, doc_ids = int_data(num_docs=100)
+    with pytest.raises(InputError, match="bad faiss factory string 'IVFx,Flat': could not parse"):
+        build_index(docs, "IVFx,Flat")
+    with pytest.raises(InputError, match="embedding shard 1 has dim 8 but shard 0 has dim 16"):
+        build_index([docs, docs[:, :8]])
+    bad = docs.copy()
+    bad[37, 3] = np.nan
+    with pytest.raises(InputError, match=r"embedding row 37 \(0-based\) of shard 0 contains NaN or inf"):
+        build_index(bad)
+    bad[37, 3], bad[90, 0] = 0.0, np.inf
+    with pytest.raises(InputError, match="row 40 .* of shard 1 contains NaN or inf"):
+        build_index([bad[:50], bad[50:]], "IVF4,Flat", train_size=20)  # inf outside the training sample too
+    with pytest.raises(InputError, match="use_gpu=True"):
+        build_index(docs, use_gpu=True)
+    shard = IndexShard(build_index(docs), doc_ids)
+    with pytest.raises(InputError, match=r"queries have shape \(3, 8\); the index expects \(Q, 16\)"):
+        search([shard], queries[:3, :8], 5)
+    nan_queries = queries[:3].copy()
+    nan_queries[1, 0] = np.nan
+    with pytest.raises(InputError, match="query row 1 contains NaN or inf"):
+        search([shard], nan_queries, 5)
+    with pytest.raises(InputError, match="query row 1 contains NaN or inf"):
+        exact_search_torch(torch.from_numpy(nan_queries), docs, 5)
+    with pytest.raises(InputError, match=r"queries have shape \(3, 8\); the index expects \(Q, 16\)"):
+        exact_search_torch(queries[:3, :8], docs, 5)
+    with pytest.raises(InputError, match="k must be >= 1"):
+        search([shard], queries, 0)
+    with pytest.raises(InputError, match="2 doc ids for an index with 100 vectors"):
+        save_index(tmp_path, shard.index, doc_ids[:2])
+
+
+def test_index_from_embeddings(tmp_path):
+    queries, docs, doc_ids = int_data(num_docs=900)
+    cuts = [0, 400, 900]
+    for p in range(2):
+        write_shard(
+            tmp_path / "emb",
+            p,
+            2,
+            doc_ids[cuts[p] : cuts[p + 1]],
+            docs[cuts[p] : cuts[p + 1]].astype(np.float16),
+        )
+    write_meta(tmp_path / "emb", {"dim": 16, "dtype": "float16", "num_shards": 2, "count": 900})
+    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
+    for per_shard, num in [(False, 1), (True, 2)]:
+        out = tmp_path / f"index_{per_shard}"
+        index_from_embeddings(tmp_path / "emb", out, "Flat", per_shard=per_shard, add_batch_size=64)
+        shards = load_index(out)
+        assert len(shards) == num
+        scores, hits = search(shards, queries, K)
+        assert hits == ids_of(ref_rows, doc_ids)
+        np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+        meta = json.loads((out / "index_meta.json").read_text())
+        assert (
+            meta["factory"] == "Flat"
+            and meta["count"] == 900
+            and meta["embeddings_meta"]["dtype"] == "float16"
+        )
+
+
+def test_index_from_embeddings_names_the_file_with_nan(tmp_path):
+    _, docs, doc_ids = int_data(num_docs=100)
+    bad = docs.copy()
+    bad[57] = np.nan
+    write_shard(tmp_path, 0, 2, doc_ids[:50], docs[:50])
+    write_shard(tmp_path, 1, 2, doc_ids[50:], bad[50:])
+    write_meta(tmp_path, {"dim": 16, "dtype": "float32", "num_shards": 2, "count": 100})
+    with pytest.raises(InputError) as err:
+        index_from_embeddings(tmp_path, tmp_path / "index")
+    assert (
+        str(err.value)
+        == f"{tmp_path / 'emb.00001-of-00002.npy'}: embedding row 7 (0-based) of shard 1 contains NaN or inf"
+    )
+
+
+def test_exact_search_torch_works_without_faiss():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["faiss"] = None  # any `import faiss` now raises ImportError
+        import numpy as np
+        from dualenc.index import exact_search_torch
+        docs = np.eye(4, dtype=np.float32)
+        scores, rows = exact_search_torch(docs[[2]], docs, 2)
+        assert rows.tolist() == [[2, 0]] and scores.tolist() == [[1.0, 0.0]], (rows, scores)
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exact_search_torch_on_cuda():
+    queries, docs, doc_ids = int_data()
+    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
+    scores, rows = exact_search_torch(queries, docs, K, device="cuda", block_size=300, doc_ids=doc_ids)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+    queries, docs, doc_ids = gauss_data()
+    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
+    scores, rows = exact_search_torch(queries, docs, K, device="cuda", dtype=torch.float16)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=0.05)  # fp16 inputs: ~1e-3 relative
+    assert np.mean(rows == ref_rows) > 0.9
