@@ -1,0 +1,76 @@
+"""Convert the SciFact release shipped as ``scifact.hf-csv.zip`` into standard BEIR-style files.
+
+The zip (``../shared/data/scifact``) holds ``corpus_train.csv`` (``doc_id, title, abstract, structured``; the
+abstract is a printed numpy array of sentence strings) and ``claims_{train,validation,test}.csv`` (one row per
+claim × evidence document). BEIR's SciFact *test* split is SciFact's validation claims (300 queries), whose
+topics and qrels ship separately as Anserini files; BEIR's *train* split is the 809 training claims with their
+919 cited documents. This module writes::
+
+    out_dir/corpus.jsonl        {"_id", "title", "text"}; text = abstract sentences joined by one space (as BEIR)
+    out_dir/queries.train.tsv   qid<TAB>claim (809)
+    out_dir/qrels.train.txt     "qid 0 docid 1" (919)
+
+The conversion is deterministic; files are written atomically.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import os
+import tokenize
+import zipfile
+from pathlib import Path
+
+from dualenc import atomic
+from dualenc.errors import InputError
+
+
+def parse_sentences(printed: str) -> list[str]:
+    """Sentences from a printed numpy string array such as ``"['First.'\\n 'Second.']"``.
+
+    ``ast.literal_eval`` would concatenate the adjacent literals into one string, so the string tokens are read
+    one by one with :mod:`tokenize` instead.
+    """
+    tokens = tokenize.generate_tokens(io.StringIO(printed).readline)
+    return [ast.literal_eval(tok.string) for tok in tokens if tok.type == tokenize.STRING]
+
+
+def _rows(archive: zipfile.ZipFile, name: str, zip_path: str) -> list[dict[str, str]]:
+    try:
+        text = archive.read(name).decode("utf-8")
+    except KeyError:
+        raise InputError(f"missing member {name!r}", path=zip_path) from None
+    csv.field_size_limit(1 << 30)
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def prepare_scifact(zip_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+    """Write corpus.jsonl, queries.train.tsv and qrels.train.txt; return their counts."""
+    zip_path = str(zip_path)
+    if not Path(zip_path).exists():
+        raise InputError("file not found", path=zip_path)
+    out_dir = Path(out_dir)
+    with zipfile.ZipFile(zip_path) as archive:
+        corpus = _rows(archive, "corpus_train.csv", zip_path)
+        claims = _rows(archive, "claims_train.csv", zip_path)
+    docs = []
+    for line, row in enumerate(corpus, start=2):
+        sentences = parse_sentences(row["abstract"])
+        if not sentences:
+            raise InputError(
+                f"doc {row['doc_id']}: empty abstract", path=f"{zip_path}:corpus_train.csv", line=line
+            )
+        docs.append(json.dumps({"_id": row["doc_id"], "title": row["title"], "text": " ".join(sentences)}))
+    queries: dict[str, str] = {}
+    qrels: dict[tuple[str, str], None] = {}
+    for row in claims:
+        queries.setdefault(row["id"], row["claim"])
+        for doc_id in row["cited_doc_ids"].strip("[]").replace(",", " ").split():
+            qrels[(row["id"], doc_id)] = None
+    atomic.write_lines(out_dir / "corpus.jsonl", docs)
+    atomic.write_lines(out_dir / "queries.train.tsv", (f"{qid}\t{text}" for qid, text in queries.items()))
+    atomic.write_lines(out_dir / "qrels.train.txt", (f"{qid} 0 {doc} 1" for qid, doc in qrels))
+    return {"docs": len(docs), "queries": len(queries), "qrels": len(qrels)}

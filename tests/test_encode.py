@@ -1,0 +1,174 @@
+"""Collection encoding: order, sharding, resume after kill -9 (bit-identical), errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from conftest import write_collection
+
+from dualenc.data import read_collection
+from dualenc.embeddings import load_embeddings, shard_paths
+from dualenc.encode import encode_collection, encode_texts, shard_bounds, write_collection_meta
+from dualenc.encoder import DualEncoder
+from dualenc.errors import InputError
+
+
+@pytest.fixture
+def model(tiny_model_dir):
+    return DualEncoder.from_pretrained(tiny_model_dir).eval()
+
+
+def test_shard_bounds_cover_rows_once():
+    for rows in (0, 1, 7, 100):
+        for shards in (1, 2, 3, 8):
+            bounds = [shard_bounds(rows, p, shards) for p in range(shards)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            sizes = [e - s for s, e in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_encode_texts_keeps_input_order(model):
+    texts = ["the query", "a much longer passage about dense retrieval and the index", "score"]
+    out = encode_texts(model, texts, kind="doc", batch_size=2)
+    for i, text in enumerate(texts):  # encoding each text alone is the oracle
+        alone = model.encode_docs(model.tokenize_docs([text])).detach().numpy()[0]
+        np.testing.assert_allclose(out[i], alone, atol=1e-5)
+
+
+def test_encode_collection_matches_direct_encoding(model, tmp_path):
+    ids = write_collection(tmp_path / "c.tsv", 230)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    encode_collection(model, data, tmp_path / "emb", batch_size=16, chunk_size=50, progress=False)
+    write_collection_meta(tmp_path / "emb", num_shards=1, model_name="tiny", kind="doc")
+    [shard] = load_embeddings(tmp_path / "emb")
+    assert shard.ids == ids
+    direct = encode_texts(model, list(data["text"]), batch_size=16)
+    np.testing.assert_allclose(shard.emb, direct, atol=1e-5)
+
+
+def test_sharded_encode_equals_single_process(model, tmp_path):
+    ids = write_collection(tmp_path / "c.tsv", 101)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    encode_collection(model, data, tmp_path / "one", batch_size=8, chunk_size=40, progress=False)
+    for p in range(3):
+        encode_collection(
+            model,
+            data,
+            tmp_path / "three",
+            batch_size=8,
+            chunk_size=40,
+            process_index=p,
+            num_processes=3,
+            progress=False,
+        )
+    write_collection_meta(tmp_path / "one", num_shards=1, model_name="tiny", kind="doc")
+    meta = write_collection_meta(tmp_path / "three", num_shards=3, model_name="tiny", kind="doc")
+    assert meta["count"] == 101 and meta["dim"] == 32
+    one = load_embeddings(tmp_path / "one")
+    three = load_embeddings(tmp_path / "three")
+    assert [i for s in three for i in s.ids] == ids == one[0].ids
+    np.testing.assert_allclose(np.concatenate([s.emb for s in three]), one[0].emb, atol=1e-5)
+
+
+def test_more_processes_than_rows_gives_empty_shards(model, tmp_path):
+    write_collection(tmp_path / "c.tsv", 2)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    for p in range(4):
+        encode_collection(model, data, tmp_path / "e", process_index=p, num_processes=4, progress=False)
+    write_collection_meta(tmp_path / "e", num_shards=4, model_name="tiny", kind="doc")
+    shards = load_embeddings(tmp_path / "e")
+    assert [len(s.ids) for s in shards] == [1, 1, 0, 0]
+    assert all(s.emb.shape[1] == 32 for s in shards)
+
+
+def test_resume_with_other_settings_is_refused(model, tmp_path):
+    write_collection(tmp_path / "c.tsv", 60)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    emb_path, _ = shard_paths(tmp_path / "e", 0, 1)
+    emb_path.parent.mkdir(parents=True)
+    np.lib.format.open_memmap(
+        emb_path.with_suffix(".partial.npy"), mode="w+", dtype=np.float32, shape=(60, 32)
+    )
+    emb_path.with_suffix(".progress.json").write_text(
+        json.dumps({"fingerprint": "other", "done": 20, "rows": 60})
+    )
+    with pytest.raises(InputError, match="progress.json.*different data or settings"):
+        encode_collection(model, data, tmp_path / "e", progress=False)
+
+
+def test_bad_storage_dtype(model, tmp_path):
+    write_collection(tmp_path / "c.tsv", 3)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(InputError, match="storage dtype 'int8'"):
+        encode_collection(model, data, tmp_path / "e", storage_dtype="int8", progress=False)
+
+
+ENCODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from dualenc.data import read_collection
+    from dualenc.encode import encode_collection
+    from dualenc.encoder import DualEncoder
+
+    model_dir, collection, cache, out, slow = sys.argv[1:6]
+    model = DualEncoder.from_pretrained(model_dir).eval()
+    if slow == "1":  # slow each batch down so the parent can kill us mid-way
+        encode = model.encode_docs
+        def slow_encode(features):
+            time.sleep(0.05)
+            return encode(features)
+        model.encode_docs = slow_encode
+    data = read_collection(collection, cache_dir=cache)
+    encode_collection(model, data, out, batch_size=8, chunk_size=40, progress=False)
+    """
+)
+
+
+def _encode_subprocess(args, tmp_path):
+    script = tmp_path / "encode_script.py"
+    script.write_text(ENCODE_SCRIPT)
+    return subprocess.Popen(
+        [sys.executable, str(script), *map(str, args)], env={**os.environ, "PYTHONHASHSEED": "0"}
+    )
+
+
+def test_kill_9_then_resume_is_identical(tiny_model_dir, tmp_path):
+    """kill -9 in the middle of an encode, rerun: identical embeddings, no duplicate or missing id."""
+    ids = write_collection(tmp_path / "c.tsv", 400, seed=3)
+    common = [tiny_model_dir, tmp_path / "c.tsv", tmp_path / "hf"]
+    reference = _encode_subprocess([*common, tmp_path / "ref", "0"], tmp_path)
+    assert reference.wait(timeout=300) == 0
+
+    victim = _encode_subprocess([*common, tmp_path / "killed", "1"], tmp_path)
+    emb_path, ids_path = shard_paths(tmp_path / "killed", 0, 1)
+    progress = emb_path.with_suffix(".progress.json")
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until some but not all chunks are done
+        if progress.exists() and 80 <= json.loads(progress.read_text())["done"] < 400:
+            break
+        assert victim.poll() is None, "encode finished before it could be killed"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert not emb_path.exists() and not ids_path.exists()  # the shard is not marked done
+    done_before = json.loads(progress.read_text())["done"]
+    assert 80 <= done_before < 400
+
+    resumed = _encode_subprocess([*common, tmp_path / "killed", "0"], tmp_path)
+    assert resumed.wait(timeout=300) == 0
+    ref_emb, ref_ids = shard_paths(tmp_path / "ref", 0, 1)
+    got = np.load(emb_path)
+    assert np.array_equal(got, np.load(ref_emb))  # bit-identical
+    got_ids = ids_path.read_text().splitlines()
+    assert got_ids == ref_ids.read_text().splitlines() == ids
+    assert len(set(got_ids)) == len(got_ids) == 400
+    assert not progress.exists() and not emb_path.with_suffix(".partial.npy").exists()
