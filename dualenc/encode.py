@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ def encode_texts(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    on_batch: Callable[[int], object] | None = None,
 ) -> np.ndarray:
     """Encode ``texts`` with the query (``kind='query'``) or document tower, length-sorted, in input order.
 
@@ -69,6 +70,7 @@ def encode_texts(
         device: where the model runs (the model must already be there).
         autocast_dtype: e.g. ``torch.bfloat16`` for mixed precision on GPU; ignored on CPU.
         progress: show a tqdm bar.
+        on_batch: called with the number of texts after each batch (e.g. an outer progress bar's ``update``).
 
     Returns:
         float32 array (len(texts), D).
@@ -96,6 +98,8 @@ def encode_texts(
         if out is None:
             out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
         out[rows] = vectors
+        if on_batch is not None:
+            on_batch(len(rows))
     if out is None:
         raise InputError("nothing to encode (no texts)")
     return out
@@ -160,7 +164,13 @@ def encode_collection(
         chunk_end = min(chunk_start + chunk_size, num_rows)
         _, texts = _collection_texts(collection, start + chunk_start, start + chunk_end)
         vectors = encode_texts(
-            model, texts, kind=kind, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype
+            model,
+            texts,
+            kind=kind,
+            batch_size=batch_size,
+            device=device,
+            autocast_dtype=autocast_dtype,
+            on_batch=bar.update,
         )  # (chunk, D)
         if emb is None:
             emb = np.lib.format.open_memmap(
@@ -172,7 +182,6 @@ def encode_collection(
         emb[chunk_start:chunk_end] = vectors
         emb.flush()
         atomic.write_json(progress_path, {"fingerprint": fingerprint, "done": chunk_end, "rows": num_rows})
-        bar.update(chunk_end - chunk_start)
     bar.close()
     ids, _ = _collection_texts(collection, start, end) if num_rows else ([], [])
     if emb is None:  # empty shard (more processes than rows)

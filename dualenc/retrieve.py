@@ -62,7 +62,7 @@ def search_vectors(
             qid: {doc: float(s) for doc, s in zip(docs, row, strict=False)}
             for qid, docs, row in zip(query_ids, doc_ids, scores, strict=True)
         }
-    from dualenc.index import exact_search_torch
+    from dualenc.topk import exact_search_torch
 
     if search_params:
         raise InputError(

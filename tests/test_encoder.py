@@ -318,6 +318,7 @@ def minilm(minilm_dir):
 def test_minilm_config_is_detected(minilm):
     cfg = minilm.config
     assert (cfg.pooling, cfg.normalize, cfg.passage_max_len, cfg.shared) == ("mean", True, 256, True)
+    assert cfg.query_max_len == 256  # ST truncates queries at max_seq_length too
     assert minilm.dim == 384
 
 

@@ -1,71 +1,28 @@
-"""FAISS indexes and exact torch search against brute-force numpy oracles (seeded random data)."""
+"""FAISS indexes (and exact torch search where both must agree) against brute-force numpy oracles."""
 
 from __future__ import annotations
 
 import json
-import logging
-import subprocess
-import sys
-import textwrap
 
 import faiss
 import numpy as np
 import pytest
 import torch
+from test_topk import K, assert_ties_present, brute_force, gauss_data, ids_of, int_data
 
-from dualenc import index as index_mod
+from dualenc import topk as topk_mod
 from dualenc.embeddings import write_meta, write_shard
 from dualenc.errors import InputError
 from dualenc.index import (
     IndexShard,
     build_index,
-    exact_search_torch,
     index_from_embeddings,
     load_index,
     save_index,
     search,
     set_search_params,
 )
-
-K = 20
-
-
-def brute_force(queries: np.ndarray, docs: np.ndarray, keys: np.ndarray, k: int):
-    """Oracle: rank every doc by (-score, key) with numpy lexsort; float64 scores."""
-    scores = queries.astype(np.float64) @ docs.astype(np.float64).T  # (Q, N)
-    order = np.stack([np.lexsort((keys, -row))[:k] for row in scores])  # (Q, k)
-    return np.take_along_axis(scores, order, 1), order
-
-
-def int_data(seed: int = 0, num_docs: int = 2000, dim: int = 16, num_queries: int = 60):
-    """Integer-valued float32 vectors (every dot product exact in float32) with many duplicate docs (ties).
-
-    Doc ids are a shuffled, unpadded numbering ("D17" > "D100" as strings), so id order != row order.
-    """
-    rng = np.random.default_rng(seed)
-    docs = rng.integers(-50, 51, size=(num_docs, dim)).astype(np.float32)
-    docs[num_docs // 2 :: 2] = docs[rng.integers(0, num_docs // 2, size=len(docs[num_docs // 2 :: 2]))]
-    queries = rng.integers(-50, 51, size=(num_queries, dim)).astype(np.float32)
-    queries[: num_queries // 2] = docs[rng.integers(0, num_docs, size=num_queries // 2)]  # self hits
-    doc_ids = [f"D{i}" for i in rng.permutation(num_docs)]
-    return queries, docs, doc_ids
-
-
-def gauss_data(seed: int = 2, num_docs: int = 2000, dim: int = 64, num_queries: int = 50):
-    rng = np.random.default_rng(seed)
-    docs = rng.standard_normal((num_docs, dim)).astype(np.float32)
-    queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
-    return queries, docs, [f"g{i:05d}" for i in range(num_docs)]
-
-
-def assert_ties_present(ref_scores: np.ndarray) -> None:
-    """The exact tests are only meaningful if equal scores occur inside (or at the edge of) the top k."""
-    tied = (np.diff(ref_scores, axis=1) == 0).any(axis=1)
-    assert tied.sum() >= 10, tied.sum()
-
-
-def ids_of(rows: np.ndarray, doc_ids: list[str]) -> list[list[str]]:
-    return [[doc_ids[i] for i in row if i >= 0] for row in rows]
+from dualenc.topk import exact_search_torch
 
 
 def test_flat_equals_brute_force_exactly_with_ties():
@@ -90,29 +47,6 @@ def test_flat_gaussian_ids_equal_scores_close():
     np.testing.assert_allclose(scores, ref_scores[:, :K], rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("data", [int_data, gauss_data])
-@pytest.mark.parametrize("by_doc_id", [True, False])
-def test_exact_search_torch_equals_brute_force(data, by_doc_id):
-    queries, docs, doc_ids = data()
-    keys = np.asarray(doc_ids) if by_doc_id else np.arange(len(doc_ids))
-    ref_scores, ref_rows = brute_force(queries, docs, keys, K)
-    shards = [docs[:700], docs[700:1500], docs[1500:]]  # blocks of 300 never cross a shard
-    scores, rows = exact_search_torch(
-        torch.from_numpy(queries),
-        shards,
-        K,
-        block_size=300,
-        batch_size=7,
-        doc_ids=doc_ids if by_doc_id else None,
-    )
-    np.testing.assert_array_equal(rows, ref_rows)
-    if data is int_data:
-        assert_ties_present(ref_scores)
-        np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
-    else:
-        np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6 * np.abs(ref_scores).max())
-
-
 @pytest.mark.parametrize("engine", ["faiss", "torch"])
 def test_ties_deeper_than_the_margin_are_refetched(engine):
     """60 identical best docs > k + TIE_MARGIN: the 5 smallest ids must come back, whatever faiss/topk cut."""
@@ -120,7 +54,7 @@ def test_ties_deeper_than_the_margin_are_refetched(engine):
     docs[100:160] = queries[0]
     keys = np.asarray(doc_ids)
     ref_scores, ref_rows = brute_force(queries, docs, keys, 5)
-    assert len(set(ref_scores[0])) == 1 and 60 > 5 + index_mod.TIE_MARGIN
+    assert len(set(ref_scores[0])) == 1 and 60 > 5 + topk_mod.TIE_MARGIN
     if engine == "faiss":
         scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, 5)
     else:
@@ -128,15 +62,6 @@ def test_ties_deeper_than_the_margin_are_refetched(engine):
         hits = ids_of(rows, doc_ids)
     assert hits == ids_of(ref_rows, doc_ids)
     np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
-
-
-def test_tie_refetch_cap_logs_a_warning(monkeypatch, caplog):
-    queries, docs, doc_ids = int_data(num_docs=500)
-    docs[100:160] = queries[0]
-    monkeypatch.setattr(index_mod, "MAX_FETCH_FACTOR", 1)
-    with caplog.at_level(logging.WARNING, logger="dualenc.index"):
-        exact_search_torch(queries[:1], docs, 5, doc_ids=doc_ids)
-    assert "ties deeper than 21 candidates" in caplog.text
 
 
 def test_sharded_result_heap_merge_equals_one_flat_index():
@@ -356,33 +281,3 @@ def test_index_from_embeddings_names_the_file_with_nan(tmp_path):
         str(err.value)
         == f"{tmp_path / 'emb.00001-of-00002.npy'}: embedding row 7 (0-based) of shard 1 contains NaN or inf"
     )
-
-
-def test_exact_search_torch_works_without_faiss():
-    code = textwrap.dedent(
-        """
-        import sys
-        sys.modules["faiss"] = None  # any `import faiss` now raises ImportError
-        import numpy as np
-        from dualenc.index import exact_search_torch
-        docs = np.eye(4, dtype=np.float32)
-        scores, rows = exact_search_torch(docs[[2]], docs, 2)
-        assert rows.tolist() == [[2, 0]] and scores.tolist() == [[1.0, 0.0]], (rows, scores)
-        """
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_exact_search_torch_on_cuda():
-    queries, docs, doc_ids = int_data()
-    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
-    scores, rows = exact_search_torch(queries, docs, K, device="cuda", block_size=300, doc_ids=doc_ids)
-    np.testing.assert_array_equal(rows, ref_rows)
-    np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
-    queries, docs, doc_ids = gauss_data()
-    ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
-    scores, rows = exact_search_torch(queries, docs, K, device="cuda", dtype=torch.float16)
-    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=0.05)  # fp16 inputs: ~1e-3 relative
-    assert np.mean(rows == ref_rows) > 0.9
