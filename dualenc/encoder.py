@@ -115,6 +115,11 @@ class HFEncoder(nn.Module):
         self.model = model
         self.pooling = pooling
         self.normalize = normalize
+        # BERT-style models also run a pooler head we never use; its parameters would get no gradient, which
+        # stalls DDP's gradient buckets (find_unused_parameters=False). Freeze it: it is saved unchanged.
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
         params = inspect.signature(model.forward).parameters.values()
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         names = {p.name for p in params}
