@@ -1,0 +1,256 @@
+"""Two-tower training on HF Accelerate: one explicit loop, no Trainer subclass.
+
+``train(cfg)`` = build model and data -> prepare -> loop (accumulate, backward, clip, step, schedule, log,
+evaluate, save) -> save the final model as a dualenc model dir (loadable by ``dualenc encode`` and
+sentence-transformers). Run it with ``accelerate launch recipes/train.py --config ... key=value``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from dualenc.checkpoint import read_state, resolve_resume, save_checkpoint
+from dualenc.config import RunConfig, config_to_dict
+from dualenc.distributed import all_gather_with_grad
+from dualenc.losses import InBatchCE, LossOutput, false_negative_mask
+from dualenc.train_data import GroupDataset, TrainCollator, TrainData, load_train_data
+from dualenc.train_setup import (
+    DevSet,
+    EpochSampler,
+    JsonlLog,
+    build_model,
+    load_dev_set,
+    optimizer_groups,
+    step_seed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingModule(nn.Module):
+    """What Accelerate wraps (DDP): the dual encoder plus the loss, whose learned temperature is a parameter."""
+
+    def __init__(self, encoder: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.loss = loss
+
+    def forward(self, query, doc) -> tuple[Tensor, Tensor]:
+        return self.encoder(query, doc)  # (B, D), (B*G, D)
+
+
+def training_step(module: nn.Module, batch: dict, accelerator: Accelerator, cfg: RunConfig) -> LossOutput:
+    """Encode the micro-batch, gather documents across processes (with gradients), compute the loss.
+
+    Shapes: query (B, Lq), doc (B*G, Ld), doc_idx (B*G,), positives (B, P).
+    """
+    q_emb, d_emb = module(batch["query"], batch["doc"])  # (B, D), (B*G, D)
+    doc_idx = batch["doc_idx"]  # (B*G,)
+    group = d_emb.shape[0] // q_emb.shape[0]
+    offset = 0
+    if cfg.loss.negatives_x_device and accelerator.num_processes > 1:
+        offset = accelerator.process_index * d_emb.shape[0]
+        d_emb = all_gather_with_grad(d_emb)  # (P*B*G, D)
+        doc_idx = accelerator.gather(doc_idx)  # (P*B*G,)
+    targets = offset + torch.arange(q_emb.shape[0], device=q_emb.device) * group  # (B,)
+    mask = (
+        false_negative_mask(doc_idx, batch["positives"], targets) if cfg.loss.mask_false_negatives else None
+    )
+    return accelerator.unwrap_model(module).loss(q_emb, d_emb, targets=targets, mask=mask)
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        cpu=cfg.train.cpu,
+        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        project_dir=cfg.train.output_dir,
+    )
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_model: str
+    best_model: str | None
+    best_metric: float | None
+    last_logs: dict
+
+
+def _log_startup(accelerator: Accelerator, cfg: RunConfig, num_groups: int, num_docs: int, total_steps: int):
+    b, g, p = cfg.train.per_device_train_batch_size, cfg.data.train_group_size, accelerator.num_processes
+    shown = b * g * (p if cfg.loss.negatives_x_device else 1)
+    logger.info(
+        "training: %d query groups, %d corpus documents, %d processes, batch %d per process x %d accumulation "
+        "= effective batch %d queries; documents per query %d -> negatives per query %d (%d in-batch/cross-device "
+        "+ %d hard); %d optimizer steps",
+        num_groups, num_docs, p, b, cfg.train.gradient_accumulation_steps,
+        b * p * cfg.train.gradient_accumulation_steps, shown, shown - 1, shown - g, g - 1, total_steps,
+    )  # fmt: skip
+
+
+def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> TrainResult:
+    """Train a dual encoder as ``cfg`` says; returns where the final (and best) model went."""
+    accelerator = accelerator or make_accelerator(cfg)
+    out = Path(cfg.train.output_dir)
+    set_seed(cfg.train.seed)
+    data: TrainData = load_train_data(
+        cfg.data.train_file, format=cfg.data.train_format, corpus_file=cfg.data.corpus_file,
+        queries_file=cfg.data.queries_file, qrels_file=cfg.data.qrels_file, min_relevance=cfg.data.min_relevance,
+        cache_dir=cfg.data.datasets_cache_dir,
+    )  # fmt: skip
+    model = build_model(
+        cfg.model, data, seed=cfg.train.seed, init_dir=out / "initial_model", accelerator=accelerator
+    )
+    dev: DevSet | None = load_dev_set(cfg.data) if cfg.data.dev_corpus_file else None
+    dataset = GroupDataset(data, cfg.data.train_group_size, seed=cfg.train.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.train.per_device_train_batch_size, sampler=EpochSampler(len(dataset), seed=cfg.train.seed), drop_last=True,
+        collate_fn=TrainCollator(model, data.corpus), num_workers=cfg.data.dataloader_num_workers,
+    )  # fmt: skip
+    module = TrainingModule(model, InBatchCE(cfg.loss.temperature, cfg.loss.learn_temperature))
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(module, cfg.train.weight_decay), lr=cfg.train.learning_rate
+    )
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    steps_per_epoch = max(1, len(loader) // cfg.train.gradient_accumulation_steps)
+    total_steps = (
+        cfg.train.max_steps
+        if cfg.train.max_steps > 0
+        else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
+    )
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )  # fmt: skip
+    scheduler = accelerator.prepare(scheduler)
+    _log_startup(accelerator, cfg, len(dataset), len(data.corpus), total_steps)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    log = JsonlLog(out / "train_log.jsonl", enabled=accelerator.is_main_process)
+    state = {"step": 0, "best_metric": None, "best_step": None}
+    resume = resolve_resume(out, cfg.train.resume_from)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = read_state(resume)
+        log.truncate_after(state["step"])
+        logger.info("resumed from %s at step %d", resume, state["step"])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    if cfg.train.report_to != "none":
+        accelerator.init_trackers(
+            "dualenc", config={f"{s}.{k}": v for s, d in config_to_dict(cfg).items() for k, v in d.items()}
+        )
+
+    step = state["step"]
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    logs: dict = {}
+    module.train()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        epoch_loader, skipped = loader, done_in_epoch * cfg.train.gradient_accumulation_steps
+        if skipped:  # resuming mid-epoch: skip the micro-batches already trained on
+            epoch_loader = accelerator.skip_first_batches(loader, skipped)
+        epoch_loader.set_epoch(epoch)  # reaches EpochSampler through Accelerate's wrappers
+        dataset.set_epoch(
+            epoch
+        )  # Accelerate only forwards set_epoch to the dataset when the sampler lacks it
+        tick = time.perf_counter()
+        for micro, batch in enumerate(epoch_loader):
+            # dropout noise from (seed, rank, position in training) alone: a resumed run draws the same masks
+            torch.manual_seed(step_seed(cfg.train.seed, accelerator.process_index, epoch, skipped, micro))
+            with accelerator.accumulate(module):
+                output = training_step(module, batch, accelerator, cfg)
+                accelerator.backward(output.loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % cfg.train.logging_steps == 0 or step == total_steps:
+                logs = _step_logs(
+                    accelerator, output, scheduler, grad_norm, time.perf_counter() - tick, epoch
+                )
+                log.write(step, logs)
+                accelerator.log(logs, step=step)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if dev is not None and (
+                (cfg.train.eval_steps and step % cfg.train.eval_steps == 0) or step == total_steps
+            ):
+                _evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
+            state["step"] = step
+            if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == total_steps:
+                save_checkpoint(accelerator, out, step, state, config_yaml, cfg.train.save_total_limit)
+            tick = time.perf_counter()
+            if step >= total_steps:
+                break
+    bar.close()
+    final = out / "final_model"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(module).encoder.save_pretrained(final)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    best = out / "best_model" if state["best_step"] is not None else None
+    return TrainResult(step, str(final), None if best is None else str(best), state["best_metric"], logs)
+
+
+def _step_logs(accelerator, output: LossOutput, scheduler, grad_norm, step_time: float, epoch: int) -> dict:
+    """Loss logs averaged over processes, plus learning rate, gradient norm, step time and peak memory."""
+    names = sorted(output.logs)
+    values = torch.stack([output.logs[n].detach().float() for n in names])  # (K,)
+    values = accelerator.reduce(values, reduction="mean")
+    logs = {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
+    logs.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=step_time)
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return logs
+
+
+def _evaluate_and_keep_best(
+    accelerator, module, dev: DevSet, cfg: RunConfig, step: int, state: dict, log
+) -> None:
+    """Score the dev set on the main process; save ``best_model`` when the measure improves."""
+    if accelerator.is_main_process:
+        encoder = accelerator.unwrap_model(module).encoder
+        scores = dev.evaluate(
+            encoder, cfg.train.eval_measure, batch_size=cfg.train.eval_batch_size, device=accelerator.device
+        )
+        value = scores[cfg.train.eval_measure]
+        log.write(step, {f"dev/{k}": v for k, v in scores.items()})
+        accelerator.log({f"dev/{k}": v for k, v in scores.items()}, step=step)
+        logger.info("step %d: dev %s", step, json.dumps(scores))
+        if state["best_metric"] is None or value > state["best_metric"]:
+            state["best_metric"], state["best_step"] = value, step
+            encoder.save_pretrained(Path(cfg.train.output_dir) / "best_model")
+    module.train()
+    accelerator.wait_for_everyone()
+    state_list = [state["best_metric"], state["best_step"]]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(state_list, from_process=0)
+    state["best_metric"], state["best_step"] = state_list
+
+
+__all__ = ["TrainResult", "TrainingModule", "make_accelerator", "train", "training_step"]

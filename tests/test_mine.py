@@ -1,0 +1,151 @@
+"""Hard-negative mining: hand-made run + qrels -> expected groups; write_groups -> load_train_data."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from dualenc.data import read_qrels
+from dualenc.errors import InputError
+from dualenc.mine import mine_hard_negatives, write_groups
+from dualenc.runs import read_run
+from dualenc.train_data import GroupDataset, load_train_data
+
+# q1's ranking by score, ties broken by doc id: d1, d2, d3 (d2 < d3 at 0.8), d4, d5, d6, d7
+RUN = """\
+q1 Q0 d3 3 0.8 bm25
+q1 Q0 d1 1 0.9 bm25
+q1 Q0 d2 2 0.8 bm25
+q1 Q0 d4 4 0.7 bm25
+q1 Q0 d5 5 0.6 bm25
+q1 Q0 d6 6 0.5 bm25
+q1 Q0 d7 7 0.4 bm25
+q2 Q0 d2 1 2.0 bm25
+q2 Q0 d1 2 1.0 bm25
+q3 Q0 d1 1 1.0 bm25
+q4 Q0 d1 1 1.0 bm25
+"""
+# q1: d2 relevant (1), d5 judged non-relevant (0), d4 highly relevant (2), d9 relevant but not retrieved;
+# q2 all top docs are positives; q3 judged non-relevant only; q5 is not in the run; q4 is not in the qrels
+QRELS = """\
+q1 0 d2 1
+q1 0 d5 0
+q1 0 d4 2
+q1 0 d9 1
+q2 0 d2 1
+q2 0 d1 1
+q3 0 d1 0
+q5 0 d1 1
+"""
+CORPUS = "".join(f"d{i}\tpassage {i}\n" for i in range(1, 10))
+QUERIES = "q1\tfirst query\nq2\tsecond query\nq3\tthird query\nq4\tfourth\nq5\tfifth\n"
+
+
+@pytest.fixture
+def run_qrels(tmp_path):
+    (tmp_path / "run.trec").write_text(RUN, encoding="utf-8")
+    (tmp_path / "qrels.txt").write_text(QRELS, encoding="utf-8")
+    return read_run(tmp_path / "run.trec"), read_qrels(tmp_path / "qrels.txt")
+
+
+def test_defaults_drop_positives_and_keep_judged_non_relevant(run_qrels, caplog):
+    caplog.set_level(logging.INFO, logger="dualenc.mine")
+    run, qrels = run_qrels
+    assert list(mine_hard_negatives(run, qrels)) == [
+        {
+            "query_id": "q1",
+            "positive_ids": ["d2", "d4", "d9"],
+            "negative_ids": ["d1", "d3", "d5", "d6", "d7"],
+        },
+        {"query_id": "q2", "positive_ids": ["d2", "d1"], "negative_ids": []},
+    ]
+    assert "mined 2 query groups (1 with no negative left)" in caplog.text
+    assert "skipped 1 qrels queries absent from the run and 1 with no judgment >= 1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs, negatives",
+    [
+        ({"depth": 5}, ["d1", "d3", "d5"]),  # top 5 = d1 d2 d3 d4 d5, minus positives d2 d4
+        ({"depth": 5, "skip_top": 1}, ["d3", "d5"]),  # d1 skipped
+        ({"depth": 5, "skip_top": 3}, ["d5"]),  # d1 d2 d3 skipped
+        ({"num_negatives": 2}, ["d1", "d3"]),
+        ({"skip_top": 2, "num_negatives": 0}, []),
+        ({"depth": 1}, ["d1"]),
+    ],
+)
+def test_depth_skip_top_num_negatives(run_qrels, kwargs, negatives):
+    run, qrels = run_qrels
+    assert next(iter(mine_hard_negatives(run, qrels, **kwargs)))["negative_ids"] == negatives
+
+
+def test_min_relevance_two_makes_grade_one_docs_negatives(run_qrels):
+    run, qrels = run_qrels
+    groups = list(mine_hard_negatives(run, qrels, min_relevance=2, depth=4))
+    assert groups == [{"query_id": "q1", "positive_ids": ["d4"], "negative_ids": ["d1", "d2", "d3"]}]
+
+
+def test_queries_add_the_text(run_qrels):
+    run, qrels = run_qrels
+    texts = {"q1": "first query", "q2": "second query"}
+    assert [g["query"] for g in mine_hard_negatives(run, qrels, queries=texts)] == list(texts.values())
+    with pytest.raises(InputError, match="query id 'q2'"):
+        list(mine_hard_negatives(run, qrels, queries={"q1": "first query"}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depth": 0}, "depth must be >= 1"),
+        ({"depth": 3, "skip_top": 3}, r"skip_top must be in \[0, depth=3\)"),
+        ({"skip_top": -1}, "skip_top must be in"),
+        ({"num_negatives": -1}, "num_negatives must be >= 0"),
+    ],
+)
+def test_bad_arguments_fail_at_the_call(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        mine_hard_negatives({}, {}, **kwargs)  # not iterated: the check is eager
+
+
+def test_write_groups_is_plain_jsonl_and_replaces_the_file(tmp_path, run_qrels):
+    run, qrels = run_qrels
+    path = tmp_path / "out" / "groups.jsonl"
+    path.parent.mkdir()
+    path.write_text("old content\n", encoding="utf-8")
+    groups = list(mine_hard_negatives(run, qrels, queries={"q1": "première", "q2": "b"}))
+    assert write_groups(iter(groups), path) == 2
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == groups
+    assert "première" in path.read_text(encoding="utf-8")  # UTF-8, not \\u escapes
+    assert sorted(p.name for p in path.parent.iterdir()) == ["groups.jsonl"]  # no temporary file left
+
+
+def test_round_trip_through_load_train_data(tmp_path, run_qrels, caplog):
+    caplog.set_level(logging.INFO, logger="dualenc.train_data")
+    run, qrels = run_qrels
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    queries = tmp_path / "queries.tsv"
+    queries.write_text(QUERIES, encoding="utf-8")
+    groups = list(mine_hard_negatives(run, qrels, depth=6))
+    write_groups(groups, tmp_path / "mined.jsonl")
+    data = load_train_data(
+        tmp_path / "mined.jsonl", corpus_file=corpus, queries_file=queries, cache_dir=str(tmp_path / "hf")
+    )
+    assert "train data format: groups" in caplog.text
+    ids = list(data.corpus["id"])
+    loaded = [
+        {"query_id": g["query_id"], "positive_ids": [ids[r] for r in g["positives"]],
+         "negative_ids": [ids[r] for r in g["negatives"]]}
+        for g in data.groups
+    ]  # fmt: skip
+    assert loaded == groups
+    assert list(data.groups["query"]) == ["first query", "second query"]
+    assert data.groups[0]["negatives"] == [0, 2, 4, 5]  # d1 d3 d5 d6 -> rows of corpus.tsv
+    with pytest.raises(
+        InputError, match="query id 'q2' .* has no negatives"
+    ):  # all of q2's top hits are positives
+        GroupDataset(data, 3)
+    dataset = GroupDataset(data, 1)
+    assert [dataset[i]["positives"] for i in range(2)] == [[1, 3, 8], [1, 0]]  # d2 d4 d9; d2 d1

@@ -1,0 +1,193 @@
+"""Training loop: tiny recipe end to end, 2 processes == 1 process, kill -9 + resume reproduces the losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_text
+
+from dualenc.config import load_config
+from dualenc.encoder import DualEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_triples(path: Path, num_queries: int = 48, seed: int = 0) -> Path:
+    """Text triples where the positive repeats the query's words (learnable) and the negative does not."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(num_queries):
+        query = make_text(rng, 3, 6)
+        positive = f"{query} {make_text(rng, 2, 8)}"
+        lines.append(f"{query}\t{positive}\t{make_text(rng, 4, 12)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
+    values = {
+        "train_file": str(write_triples(tmp_path / "triples.tsv")),
+        "train_format": "triples",
+        "datasets_cache_dir": str(tmp_path / "hf"),
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 30,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "per_device_train_batch_size": 8,
+        "random_vocab_size": 300,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    yield
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+
+
+def test_tiny_recipe_runs_and_the_loss_falls(tmp_path):
+    from dualenc.train import train
+
+    cfg = load_config(
+        REPO / "recipes" / "configs" / "tiny.yaml", tiny_overrides(tmp_path, dev_corpus_file=None)
+    )
+    result = train(cfg)
+    losses = [row["loss"] for row in read_log(tmp_path / "run") if "loss" in row]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    model = DualEncoder.from_pretrained(result.final_model).eval()
+    emb = model.encode_docs(model.tokenize_docs(["the query", "a passage"]))
+    assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved == cfg  # the resolved config is written next to the run and every checkpoint
+    assert (tmp_path / "run" / "checkpoints" / "step_00000030" / "config.yaml").exists()
+
+
+def test_dev_evaluation_keeps_the_best_model(tmp_path):
+    from dualenc.train import train
+
+    triples = write_triples(tmp_path / "triples.tsv", 40, seed=1)
+    rows = [line.split("\t") for line in triples.read_text().splitlines()]
+    (tmp_path / "dev_corpus.tsv").write_text(
+        "".join(f"d{i}\t{pos}\n" for i, (_, pos, _) in enumerate(rows[:20]))
+    )
+    (tmp_path / "dev_topics.tsv").write_text("".join(f"q{i}\t{q}\n" for i, (q, _, _) in enumerate(rows[:20])))
+    (tmp_path / "dev_qrels.txt").write_text("".join(f"q{i} 0 d{i} 1\n" for i in range(20)))
+    extra = {
+        "train_file": str(triples),
+        "dev_corpus_file": str(tmp_path / "dev_corpus.tsv"),
+        "dev_topics_file": str(tmp_path / "dev_topics.tsv"),
+        "dev_qrels_file": str(tmp_path / "dev_qrels.txt"),
+        "eval_steps": 10,
+        "eval_measure": "RR@10",
+    }
+    overrides = tiny_overrides(tmp_path, **extra)
+    result = train(load_config(REPO / "recipes" / "configs" / "tiny.yaml", overrides))
+    dev = [row for row in read_log(tmp_path / "run") if "dev/RR@10" in row]
+    assert [row["step"] for row in dev] == [10, 20, 30]
+    best = max(dev, key=lambda row: row["dev/RR@10"])
+    assert result.best_metric == pytest.approx(best["dev/RR@10"])
+    assert (tmp_path / "run" / "best_model" / "dualenc_config.json").exists()
+
+
+# ---------------------------------------------------------------- 2 processes (gloo) == 1 process, same global batch
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
+    """accelerate.debug_launcher (2 processes, gloo) vs 1 process on the same global batch, loss and gradients."""
+    from distributed_cases import run_case
+
+    write_triples(tmp_path / "triples.tsv", 8)
+    run_case("train_step", tmp_path, tiny_model_dir)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (
+        float(one["num_negatives"]) == float(two["num_negatives"]) == 7.0
+    )  # cross-device negatives are included
+    torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=1e-5)
+    assert one["grads"].keys() == two["grads"].keys() and "loss.temperature.log_scale" in one["grads"]
+    for name in one["grads"]:
+        torch.testing.assert_close(two["grads"][name], one["grads"][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------- kill -9, resume, same losses
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import dualenc.train as train_module
+    from dualenc.config import load_config
+
+    slow = sys.argv[1] == "1"
+    if slow:  # slow every step down so the parent can kill us after a checkpoint
+        step = train_module.training_step
+        def slow_step(*args, **kwargs):
+            time.sleep(0.15)
+            return step(*args, **kwargs)
+        train_module.training_step = slow_step
+    train_module.train(load_config(sys.argv[2], sys.argv[3:]))
+    """
+)
+
+
+def _train_subprocess(tmp_path: Path, slow: bool, overrides: list[str]) -> subprocess.Popen:
+    script = tmp_path / "train_script.py"
+    script.write_text(TRAIN_SCRIPT)
+    cmd = [
+        sys.executable,
+        str(script),
+        "1" if slow else "0",
+        str(REPO / "recipes" / "configs" / "tiny.yaml"),
+        *overrides,
+    ]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
+    steps = 24
+    base = tiny_overrides(tmp_path, max_steps=steps, save_steps=8, save_total_limit=0)
+    reference = _train_subprocess(tmp_path, False, [*base, f"output_dir={tmp_path / 'ref'}"])
+    assert reference.wait(timeout=600) == 0
+    killed_dir = tmp_path / "killed"
+    victim = _train_subprocess(tmp_path, True, [*base, f"output_dir={killed_dir}"])
+    deadline = time.time() + 600
+    while not (killed_dir / "checkpoints" / "step_00000008").exists():
+        assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few steps past the checkpoint, so the log holds steps that must be replayed
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    logged = [row["step"] for row in read_log(killed_dir)]
+    assert not (killed_dir / "final_model").exists() and max(logged) < steps
+    resumed = _train_subprocess(tmp_path, False, [*base, f"output_dir={killed_dir}", "resume_from=latest"])
+    assert resumed.wait(timeout=600) == 0
+    ref = {row["step"]: row["loss"] for row in read_log(tmp_path / "ref")}
+    got = {row["step"]: row["loss"] for row in read_log(killed_dir)}
+    assert sorted(got) == sorted(ref) == list(range(1, steps + 1))  # no step missing or logged twice
+    assert [got[s] for s in range(9, steps + 1)] == [ref[s] for s in range(9, steps + 1)]
+    ref_model = DualEncoder.from_pretrained(tmp_path / "ref" / "final_model")
+    got_model = DualEncoder.from_pretrained(killed_dir / "final_model")
+    for (name, a), (_, b) in zip(ref_model.state_dict().items(), got_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
