@@ -179,6 +179,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_mine(args) -> int:
+    from dualenc.data import read_qrels, read_queries
+    from dualenc.mine import mine_hard_negatives, write_groups
+    from dualenc.runs import read_run
+
+    queries = None
+    if args.topics:
+        topics = read_queries(args.topics)
+        queries = dict(zip(topics["id"], topics["text"], strict=True))
+    groups = mine_hard_negatives(
+        read_run(args.run),
+        read_qrels(args.qrels),
+        depth=args.depth,
+        skip_top=args.skip_top,
+        num_negatives=args.num_negatives,
+        min_relevance=args.min_relevance,
+        queries=queries,
+    )
+    count = write_groups(groups, args.output)
+    logger.info("wrote %d query groups to %s", count, args.output)
+    return 0
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-max-len", type=int, help="override the model's query length (tokens)")
     parser.add_argument("--passage-max-len", type=int, help="override the model's passage length (tokens)")
@@ -266,6 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unknown-queries", action="store_true", help="accept run queries absent from the qrels"
     )
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser(
+        "mine", help="hard negatives from a run: top-k minus the query's positives (JSONL groups)"
+    )
+    p.add_argument("--run", required=True, help="a run over the training queries (TREC or MS MARCO format)")
+    p.add_argument(
+        "--qrels", required=True, help="training qrels: judged docs with rel >= --min-relevance are positives"
+    )
+    p.add_argument("--topics", help="training queries; their text is stored in the groups")
+    p.add_argument("--depth", type=int, default=100, help="look at the top DEPTH documents of each query")
+    p.add_argument("--skip-top", type=int, default=0, help="ignore the first N (likely unjudged positives)")
+    p.add_argument("--num-negatives", type=int, default=None, help="keep at most N negatives per query")
+    p.add_argument("--min-relevance", type=int, default=1)
+    p.add_argument("--output", required=True, help="JSONL groups (train_format: groups)")
+    p.set_defaults(func=cmd_mine)
     return parser
 
 

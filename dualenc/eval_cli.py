@@ -55,7 +55,12 @@ def main(name: str, defaults: dict, description: str, argv: Sequence[str] | None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser(name, defaults, description).parse_args(argv)
-    model_name = Path(args.model).resolve().name
+    model_path = Path(args.model).resolve()
+    model_name = (
+        model_path.parent.name
+        if model_path.name in ("model", "final_model", "best_model")
+        else model_path.name
+    )
     work_dir = Path(args.work_dir or Path("outputs") / name / model_name)
     cfg = PipelineConfig(
         model=args.model,
@@ -74,7 +79,7 @@ def main(name: str, defaults: dict, description: str, argv: Sequence[str] | None
     )
     try:
         report = run_pipeline(cfg)
-        rows = [{"system": f"dualenc {model_name} ({args.factory})", **report["measures"]}]
+        rows = [{"system": args.label or f"{model_name} ({args.factory})", **report["measures"]}]
         report["baselines"] = {}
         for spec in args.baseline_run:
             label, _, path = spec.rpartition("=")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from transformers import get_scheduler
 from dualenc.checkpoint import read_state, resolve_resume, save_checkpoint
 from dualenc.config import RunConfig, config_to_dict
 from dualenc.distributed import all_gather_with_grad
+from dualenc.encoder import DualEncoder
+from dualenc.errors import InputError
 from dualenc.losses import InBatchCE, LossOutput, false_negative_mask
 from dualenc.train_data import GroupDataset, TrainCollator, TrainData, load_train_data
 from dualenc.train_setup import (
@@ -34,6 +37,7 @@ from dualenc.train_setup import (
     build_model,
     load_dev_set,
     optimizer_groups,
+    save_trained_model,
     step_seed,
 )
 
@@ -73,13 +77,21 @@ def training_step(module: nn.Module, batch: dict, accelerator: Accelerator, cfg:
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    return Accelerator(
+    """An Accelerator for ``cfg.train``; refuses a launcher/Accelerate mismatch that would train P copies."""
+    accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         cpu=cfg.train.cpu,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=cfg.train.output_dir,
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise InputError(
+            f"launched with WORLD_SIZE={world} but Accelerate set up a single process (on CPU add cpu=true; "
+            "with GPUs use `accelerate launch --multi_gpu`)"
+        )
+    return accelerator
 
 
 @dataclass
@@ -103,8 +115,17 @@ def _log_startup(accelerator: Accelerator, cfg: RunConfig, num_groups: int, num_
     )  # fmt: skip
 
 
-def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> TrainResult:
-    """Train a dual encoder as ``cfg`` says; returns where the final (and best) model went."""
+def train(
+    cfg: RunConfig, accelerator: Accelerator | None = None, model: DualEncoder | None = None
+) -> TrainResult:
+    """Train a dual encoder as ``cfg`` says; returns where the final (and best) model went.
+
+    Args:
+        cfg: the run configuration.
+        accelerator: an existing Accelerator (default: one made from ``cfg.train``).
+        model: a ready ``DualEncoder`` (e.g. with custom towers) to train instead of building one from
+            ``cfg.model``. Custom towers are saved as a ``model.safetensors`` state dict.
+    """
     accelerator = accelerator or make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
@@ -138,7 +159,8 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> TrainResult
         num_training_steps=total_steps,
     )  # fmt: skip
     scheduler = accelerator.prepare(scheduler)
-    _log_startup(accelerator, cfg, len(dataset), len(data.corpus), total_steps)
+    if accelerator.is_main_process:
+        _log_startup(accelerator, cfg, len(dataset), len(data.corpus), total_steps)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     log = JsonlLog(out / "train_log.jsonl", enabled=accelerator.is_main_process)
     state = {"step": 0, "best_metric": None, "best_step": None}
@@ -206,7 +228,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> TrainResult
     bar.close()
     final = out / "final_model"
     if accelerator.is_main_process:
-        accelerator.unwrap_model(module).encoder.save_pretrained(final)
+        save_trained_model(accelerator.unwrap_model(module).encoder, final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     best = out / "best_model" if state["best_step"] is not None else None
@@ -242,7 +264,7 @@ def _evaluate_and_keep_best(
         logger.info("step %d: dev %s", step, json.dumps(scores))
         if state["best_metric"] is None or value > state["best_metric"]:
             state["best_metric"], state["best_step"] = value, step
-            encoder.save_pretrained(Path(cfg.train.output_dir) / "best_model")
+            save_trained_model(encoder, Path(cfg.train.output_dir) / "best_model")
     module.train()
     accelerator.wait_for_everyone()
     state_list = [state["best_metric"], state["best_step"]]

@@ -81,6 +81,22 @@ def step_seed(seed: int, rank: int, epoch: int, skipped: int, micro: int) -> int
     )
 
 
+def save_trained_model(model: DualEncoder, path: Path) -> None:
+    """A dualenc model dir for HF towers; for custom towers, their state dict as ``model.safetensors`` (atomic)."""
+    if all(isinstance(t, HFEncoder) for t in (model.query_encoder, model.doc_encoder)):
+        model.save_pretrained(path)
+        return
+    from safetensors.torch import save_model
+
+    from dualenc.atomic import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+    logger.info(
+        "custom towers: saved their state dict to %s/model.safetensors (load it into your module)", path
+    )
+
+
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A fresh permutation per epoch, drawn from (seed, epoch) only: resuming at any epoch reproduces it."""
 

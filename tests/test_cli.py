@@ -315,3 +315,25 @@ def test_bad_input_gives_one_error_line(corpus, tiny_model_dir, capsys, argv_tai
     assert main(["-q", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dualenc: error: ") and expected in err[0], err
+
+
+def test_mine_command(corpus, capsys):
+    run = corpus / "run.trec"
+    run.write_text("q0 Q0 d0000 1 3.0 t\nq0 Q0 d0005 2 2.0 t\nq0 Q0 d0006 3 1.0 t\nq1 Q0 d0007 1 1.0 t\n")
+    out = corpus / "hn.jsonl"
+    args = [
+        "-q",
+        "mine",
+        "--run",
+        str(run),
+        "--qrels",
+        str(corpus / "qrels.txt"),
+        "--topics",
+        str(corpus / "topics.tsv"),
+    ]
+    assert main([*args, "--depth", "3", "--output", str(out)]) == 0
+    groups = {g["query_id"]: g for g in map(json.loads, out.read_text().splitlines())}
+    # q0's positive is d0000 (qrels), so its negatives are the rest of its top 3; q1's only hit is its positive
+    assert groups["q0"]["positive_ids"] == ["d0000"] and groups["q0"]["negative_ids"] == ["d0005", "d0006"]
+    assert groups["q1"]["negative_ids"] == []
+    assert groups["q0"]["query"] == (corpus / "topics.tsv").read_text().splitlines()[0].split("\t")[1]
