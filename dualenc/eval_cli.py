@@ -32,6 +32,7 @@ def build_parser(name: str, defaults: dict, description: str) -> argparse.Argume
         default=list(defaults.get("baselines", [])),
         help="a run to score next to ours (NAME=PATH); repeatable",
     )
+    p.add_argument("--label", default=None, help="name of our system in the table (default: the model dir)")
     p.add_argument(
         "--work-dir", default=None, help="embeddings/index/run cache (default: outputs/<name>/<model>)"
     )
@@ -55,7 +56,9 @@ def main(name: str, defaults: dict, description: str, argv: Sequence[str] | None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser(name, defaults, description).parse_args(argv)
-    model_path = Path(args.model).resolve()
+    from dualenc.encoder import resolve_model_path
+
+    model_path = resolve_model_path(args.model).resolve()
     model_name = (
         model_path.parent.name
         if model_path.name in ("model", "final_model", "best_model")

@@ -18,7 +18,7 @@ from dualenc import atomic
 from dualenc.data import read_collection, read_qrels, read_queries
 from dualenc.embeddings import META_FILE, read_meta
 from dualenc.encode import encode_collection, encode_texts, write_collection_meta
-from dualenc.encoder import DualEncoder
+from dualenc.encoder import DualEncoder, resolve_model_path
 from dualenc.evaluate import check_run_queries, evaluate
 from dualenc.report import dir_fingerprint, environment_info
 from dualenc.retrieve import search_vectors
@@ -64,15 +64,17 @@ def _corpus_embeddings(model, cfg: PipelineConfig, device: torch.device, model_i
     }
     if (emb_dir / META_FILE).exists():
         meta = read_meta(emb_dir)
-        if all(meta.get(k) == v for k, v in identity.items()):
+        if all(meta.get(k) == v for k, v in identity.items() if k != "encode_seconds"):
             logger.info("reusing corpus embeddings in %s", emb_dir)
             return emb_dir
         logger.info("model or collection changed: re-encoding %s", emb_dir)
         shutil.rmtree(emb_dir)
     amp = torch.bfloat16 if device.type == "cuda" else None
+    start = time.perf_counter()
     encode_collection(
         model, collection, emb_dir, batch_size=cfg.batch_size, device=device, autocast_dtype=amp
     )
+    identity["encode_seconds"] = time.perf_counter() - start  # of the last (possibly resumed) session
     write_collection_meta(emb_dir, num_shards=1, model_name=cfg.model, kind="doc", extra=identity)
     return emb_dir
 
@@ -99,7 +101,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     }
     model = DualEncoder.from_pretrained(cfg.model, **overrides).to(device).eval()
     timings = {}
-    emb_dir = _corpus_embeddings(model, cfg, device, dir_fingerprint(cfg.model))
+    emb_dir = _corpus_embeddings(model, cfg, device, dir_fingerprint(resolve_model_path(cfg.model)))
     timings["encode_corpus_s"] = read_meta(emb_dir).get("encode_seconds")  # when the embeddings were made
     t0 = time.perf_counter()
     index_path = _index(emb_dir, cfg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import io
 import json
 import os
@@ -47,8 +48,21 @@ def _rows(archive: zipfile.ZipFile, name: str, zip_path: str) -> list[dict[str, 
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def prepare_scifact(zip_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
-    """Write corpus.jsonl, queries.train.tsv and qrels.train.txt; return their counts."""
+def _is_dev(query_id: str, fraction: float) -> bool:
+    """Deterministic dev split by a hash of the claim id (stable across Python runs and platforms)."""
+    digest = hashlib.sha256(query_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def prepare_scifact(
+    zip_path: str | os.PathLike, out_dir: str | os.PathLike, *, dev_fraction: float = 0.1
+) -> dict[str, int]:
+    """Write corpus.jsonl, the train claims (all, and split into train/dev) and their qrels; return counts.
+
+    Files: ``queries.train-all.tsv`` / ``qrels.train-all.txt`` (the 809 BEIR train claims), and the same split by a
+    hash of the claim id into ``queries.train.tsv`` / ``qrels.train.txt`` (~90%) and ``queries.dev.tsv`` /
+    ``qrels.dev.txt`` (~``dev_fraction``) for model selection without touching the test claims.
+    """
     zip_path = str(zip_path)
     if not Path(zip_path).exists():
         raise InputError("file not found", path=zip_path)
@@ -71,6 +85,22 @@ def prepare_scifact(zip_path: str | os.PathLike, out_dir: str | os.PathLike) -> 
         for doc_id in row["cited_doc_ids"].strip("[]").replace(",", " ").split():
             qrels[(row["id"], doc_id)] = None
     atomic.write_lines(out_dir / "corpus.jsonl", docs)
-    atomic.write_lines(out_dir / "queries.train.tsv", (f"{qid}\t{text}" for qid, text in queries.items()))
-    atomic.write_lines(out_dir / "qrels.train.txt", (f"{qid} 0 {doc} 1" for qid, doc in qrels))
-    return {"docs": len(docs), "queries": len(queries), "qrels": len(qrels)}
+    counts = {"docs": len(docs), "queries": len(queries), "qrels": len(qrels)}
+    for split, keep in (("train-all", lambda q: True), ("train", lambda q: not _is_dev(q, dev_fraction)),
+                        ("dev", lambda q: _is_dev(q, dev_fraction))):  # fmt: skip
+        chosen = {qid: text for qid, text in queries.items() if keep(qid)}
+        atomic.write_lines(
+            out_dir / f"queries.{split}.tsv", (f"{qid}\t{text}" for qid, text in chosen.items())
+        )
+        atomic.write_lines(out_dir / f"qrels.{split}.txt", (f"{q} 0 {d} 1" for q, d in qrels if q in chosen))
+        counts[f"queries.{split}"] = len(chosen)
+    return counts
+
+
+if __name__ == "__main__":
+    import sys
+
+    zip_arg, out_arg = (sys.argv[1:] + [None, None])[:2]
+    if zip_arg is None or out_arg is None:
+        raise SystemExit("usage: python -m dualenc.scifact ZIP OUT_DIR")
+    print(prepare_scifact(zip_arg, out_arg))

