@@ -44,10 +44,28 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Pa
     return path
 
 
+def _process_file(directory: Path, name: str, accelerator) -> Path:
+    return (
+        directory / f"{name}.{accelerator.process_index:05d}-of-{accelerator.num_processes:05d}.safetensors"
+    )
+
+
 def save_checkpoint(
-    accelerator, output_dir: str | os.PathLike, step: int, state: dict, config_yaml: str, keep: int
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    state: dict,
+    config_yaml: str,
+    keep: int,
+    per_process: dict[str, dict] | None = None,
 ) -> Path:
-    """Save the full training state at ``step``; every process must call this (Accelerate saves per-rank RNG)."""
+    """Save the full training state at ``step``; every process must call this (Accelerate saves per-rank RNG).
+
+    ``per_process`` maps a name to a tensor state dict that differs between processes (a negative-cache table
+    shard): each process writes its own ``{name}.{rank}-of-{P}.safetensors``. (Accelerate's
+    ``register_for_checkpointing`` saves custom objects from the main process only, which would drop the other
+    processes' shards.)
+    """
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -56,6 +74,10 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for name, tensors in (per_process or {}).items():
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(_process_file(tmp, name, accelerator)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -68,6 +90,17 @@ def save_checkpoint(
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_process_state(checkpoint: Path, accelerator, name: str) -> dict:
+    """This process's ``name`` state dict from a checkpoint (saved by ``save_checkpoint(per_process=...)``)."""
+    from safetensors.torch import load_file
+
+    path = _process_file(Path(checkpoint), name, accelerator)
+    if not path.exists():
+        raise InputError(f"checkpoint has no {name} state for process {accelerator.process_index} (saved with "
+                         "a different number of processes?)", path=path)  # fmt: skip
+    return load_file(str(path), device=str(accelerator.device))
 
 
 def read_state(checkpoint: Path) -> dict:

@@ -22,11 +22,12 @@ from typing import Any
 import yaml
 
 from dualenc import atomic
-from dualenc.config_sections import DataConfig, LossConfig, ModelConfig, TrainConfig
+from dualenc.config_sections import CacheConfig, DataConfig, LossConfig, ModelConfig, TrainConfig
 from dualenc.errors import InputError
 
 __all__ = [
     "RunConfig",
+    "CacheConfig",
     "DataConfig",
     "LossConfig",
     "ModelConfig",
@@ -46,6 +47,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def __post_init__(self) -> None:
         self.loss.validate(self)

@@ -11,7 +11,8 @@ from typing import Any
 POOLINGS = ("cls", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_FORMATS = ("auto", "tevatron", "groups", "triples", "qrels")
-LOSSES = ("inbatch",)
+LOSSES = ("inbatch", "cache")
+CACHE_MODES = ("corpus", "stream")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRACKERS = ("none", "tensorboard")
 
@@ -210,4 +211,49 @@ class LossConfig:
         _positive("temperature", self.temperature)
 
     def validate(self, cfg: Any) -> None:
-        """Checks that need other sections (none yet for in-batch training)."""
+        """Checks that need other sections."""
+        if self.loss == "cache" and cfg.cache.cache_mode == "stream" and cfg.cache.cache_size < 1:
+            raise ValueError("cache_mode=stream needs cache_size >= 1")
+
+
+@dataclass
+class CacheConfig:
+    """The negative cache (Lindgren et al., NeurIPS 2021; ALGORITHMS.md A1-A4). Used when loss=cache."""
+
+    cache_mode: str = field(
+        default="corpus",
+        metadata={
+            "help": "corpus: one slot per training-corpus document, filled by an encode pass before training; "
+            "stream: a FIFO of the most recent batch documents (cache_size slots)"
+        },
+    )
+    cache_size: int = field(default=65_536, metadata={"help": "stream mode: slots over all processes"})
+    cache_dtype: str = field(
+        default="float32", metadata={"help": "float32 | bfloat16 | float16 table storage"}
+    )
+    refresh_fraction: float = field(
+        default=0.01,
+        metadata={"help": "corpus mode: fraction of each shard re-encoded (oldest first) per step"},
+    )
+    num_cache_negatives: int = field(
+        default=1, metadata={"help": "negatives sampled from the cache per query"}
+    )
+    cache_sample_with_replacement: bool = field(
+        default=True, metadata={"help": "independent Gumbel-max draws (true) or Gumbel-top-m distinct draws"}
+    )
+    cache_inbatch: bool = field(
+        default=True,
+        metadata={"help": "keep the batch's documents as exact negatives (false = the reference loss)"},
+    )
+    cache_lru: bool = field(
+        default=True, metadata={"help": "stream mode: a sampled negative's write-back renews it"}
+    )
+    cache_fill_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when filling"})
+
+    def __post_init__(self) -> None:
+        _choice("cache_mode", self.cache_mode, CACHE_MODES)
+        _choice("cache_dtype", self.cache_dtype, DTYPES)
+        if not 0 <= self.refresh_fraction <= 1:
+            raise ValueError(f"refresh_fraction={self.refresh_fraction} must be in [0, 1]")
+        _positive("num_cache_negatives", self.num_cache_negatives)
+        _positive("cache_fill_batch_size", self.cache_fill_batch_size)

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -23,12 +24,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from dualenc.checkpoint import read_state, resolve_resume, save_checkpoint
+from dualenc.checkpoint import load_process_state, read_state, resolve_resume, save_checkpoint
 from dualenc.config import RunConfig, config_to_dict
 from dualenc.distributed import all_gather_with_grad
 from dualenc.encoder import DualEncoder
 from dualenc.errors import InputError
-from dualenc.losses import InBatchCE, LossOutput, false_negative_mask
+from dualenc.losses import CachedCE, InBatchCE, LossOutput, false_negative_mask
 from dualenc.train_data import GroupDataset, TrainCollator, TrainData, load_train_data
 from dualenc.train_setup import (
     DevSet,
@@ -40,6 +41,9 @@ from dualenc.train_setup import (
     save_trained_model,
     step_seed,
 )
+
+if TYPE_CHECKING:
+    from dualenc.negative_cache import NegativeCache
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,51 @@ def training_step(module: nn.Module, batch: dict, accelerator: Accelerator, cfg:
         false_negative_mask(doc_idx, batch["positives"], targets) if cfg.loss.mask_false_negatives else None
     )
     return accelerator.unwrap_model(module).loss(q_emb, d_emb, targets=targets, mask=mask)
+
+
+def cache_training_step(
+    module: nn.Module,
+    batch: dict,
+    accelerator: Accelerator,
+    cfg: RunConfig,
+    cache: NegativeCache,
+    draw_step: int,
+) -> LossOutput:
+    """``training_step`` plus negatives drawn from the negative cache, re-encoded with gradient (A3-A4).
+
+    Shapes: as ``training_step``; m = num_cache_negatives drawn per query.
+    """
+    q_emb, d_emb = module(batch["query"], batch["doc"])  # (B, D), (B*G, D)
+    unwrapped = accelerator.unwrap_model(module)
+    batch_size, group = q_emb.shape[0], d_emb.shape[0] // q_emb.shape[0]
+    local_targets = torch.arange(batch_size, device=q_emb.device) * group  # (B,)
+    scale = unwrapped.loss.temperature().detach()
+    pos_score = scale * (q_emb * d_emb[local_targets]).sum(-1)  # (B,)
+    cross = cfg.loss.negatives_x_device and accelerator.num_processes > 1
+    draw = cache.sample(
+        q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, draw_step, cross_device=cross
+    )
+    neg_emb = q_emb.new_zeros(*draw.doc_idx.shape, q_emb.shape[1])  # (B, m, D)
+    texts = cache.negative_texts(draw)
+    if texts:  # the document tower outside DDP's forward: its gradients still reach the same parameters
+        features = unwrapped.encoder.tokenize_docs(texts).to(q_emb.device)
+        neg_emb[draw.doc_idx >= 0] = unwrapped.encoder.encode_docs(features).to(neg_emb.dtype)  # (n, D)
+    doc_idx, offset, d_all = batch["doc_idx"], 0, d_emb
+    if cross:
+        offset = accelerator.process_index * d_emb.shape[0]
+        d_all = all_gather_with_grad(d_emb)  # (P*B*G, D)
+        doc_idx = accelerator.gather(doc_idx)  # (P*B*G,)
+    targets = offset + local_targets  # (B,)
+    mask = (
+        false_negative_mask(doc_idx, batch["positives"], targets) if cfg.loss.mask_false_negatives else None
+    )
+    output = unwrapped.loss(q_emb, d_all, targets=targets, mask=mask, neg_emb=neg_emb, neg_weight=draw.weight,
+                            rest_lse=draw.rest_lse)  # fmt: skip
+    written = torch.cat([batch["doc_idx"], draw.doc_idx.flatten()])  # (B*G + B*m,)
+    cache.write_back(written, torch.cat([d_emb, neg_emb.flatten(0, 1)]), insert=torch.arange(d_emb.shape[0]))
+    output.logs["cache/pos_rank"] = draw.pos_rank.float().mean()
+    output.logs["cache/draws"] = (draw.doc_idx >= 0).float().sum(1).mean()
+    return output
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -143,7 +192,11 @@ def train(
         dataset, batch_size=cfg.train.per_device_train_batch_size, sampler=EpochSampler(len(dataset), seed=cfg.train.seed), drop_last=True,
         collate_fn=TrainCollator(model, data.corpus), num_workers=cfg.data.dataloader_num_workers,
     )  # fmt: skip
-    module = TrainingModule(model, InBatchCE(cfg.loss.temperature, cfg.loss.learn_temperature))
+    if cfg.loss.loss == "cache":
+        loss_fn = CachedCE(cfg.loss.temperature, cfg.loss.learn_temperature, inbatch=cfg.cache.cache_inbatch)
+    else:
+        loss_fn = InBatchCE(cfg.loss.temperature, cfg.loss.learn_temperature)
+    module = TrainingModule(model, loss_fn)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, cfg.train.weight_decay), lr=cfg.train.learning_rate
     )
@@ -165,9 +218,16 @@ def train(
     log = JsonlLog(out / "train_log.jsonl", enabled=accelerator.is_main_process)
     state = {"step": 0, "best_metric": None, "best_step": None}
     resume = resolve_resume(out, cfg.train.resume_from)
+    cache = None
+    if cfg.loss.loss == "cache":
+        from dualenc.negative_cache import NegativeCache
+
+        cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=cfg.train.seed)
     if resume is not None:
         accelerator.load_state(str(resume))
         state = read_state(resume)
+        if cache is not None:
+            cache.table.load_state_dict(load_process_state(resume, accelerator, "cache"))
         log.truncate_after(state["step"])
         logger.info("resumed from %s at step %d", resume, state["step"])
     if accelerator.is_main_process:
@@ -178,6 +238,8 @@ def train(
             "dualenc", config={f"{s}.{k}": v for s, d in config_to_dict(cfg).items() for k, v in d.items()}
         )
 
+    if cache is not None and resume is None and cfg.cache.cache_mode == "corpus":
+        cache.fill(model, out / "cache_fill", batch_size=cfg.cache.cache_fill_batch_size)
     step = state["step"]
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     logs: dict = {}
@@ -196,7 +258,14 @@ def train(
             # dropout noise from (seed, rank, position in training) alone: a resumed run draws the same masks
             torch.manual_seed(step_seed(cfg.train.seed, accelerator.process_index, epoch, skipped, micro))
             with accelerator.accumulate(module):
-                output = training_step(module, batch, accelerator, cfg)
+                if cache is None:
+                    output = training_step(module, batch, accelerator, cfg)
+                else:
+                    draw_step = (
+                        step * cfg.train.gradient_accumulation_steps
+                        + micro % cfg.train.gradient_accumulation_steps
+                    )
+                    output = cache_training_step(module, batch, accelerator, cfg, cache, draw_step)
                 accelerator.backward(output.loss)
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -206,6 +275,13 @@ def train(
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            if cache is not None:
+                output.logs.update(
+                    {
+                        k: torch.tensor(v)
+                        for k, v in cache.end_step(accelerator.unwrap_model(module).encoder).items()
+                    }
+                )
             step += 1
             bar.update(1)
             if step % cfg.train.logging_steps == 0 or step == total_steps:
@@ -221,7 +297,10 @@ def train(
                 _evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
             state["step"] = step
             if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == total_steps:
-                save_checkpoint(accelerator, out, step, state, config_yaml, cfg.train.save_total_limit)
+                per_process = {"cache": cache.table.state_dict()} if cache is not None else None
+                save_checkpoint(
+                    accelerator, out, step, state, config_yaml, cfg.train.save_total_limit, per_process
+                )
             tick = time.perf_counter()
             if step >= total_steps:
                 break

@@ -151,14 +151,16 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def _train_subprocess(tmp_path: Path, slow: bool, overrides: list[str]) -> subprocess.Popen:
+def _train_subprocess(
+    tmp_path: Path, slow: bool, overrides: list[str], config: str | None = None
+) -> subprocess.Popen:
     script = tmp_path / "train_script.py"
     script.write_text(TRAIN_SCRIPT)
     cmd = [
         sys.executable,
         str(script),
         "1" if slow else "0",
-        str(REPO / "recipes" / "configs" / "tiny.yaml"),
+        config or str(REPO / "recipes" / "configs" / "tiny.yaml"),
         *overrides,
     ]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL,
