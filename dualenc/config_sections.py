@@ -87,7 +87,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training and dev data (see dualenc/train_data.py for the formats)."""
+    """Training and dev data (see dualenc/train_formats.py for the formats)."""
 
     train_file: str | None = field(
         default=None,
@@ -249,6 +249,9 @@ class CacheConfig:
         default=True, metadata={"help": "stream mode: a sampled negative's write-back renews it"}
     )
     cache_fill_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when filling"})
+    cache_score_block_size: int = field(
+        default=65_536, metadata={"help": "slots scored at once when sampling (memory O(queries x block))"}
+    )
 
     def __post_init__(self) -> None:
         _choice("cache_mode", self.cache_mode, CACHE_MODES)
@@ -257,3 +260,4 @@ class CacheConfig:
             raise ValueError(f"refresh_fraction={self.refresh_fraction} must be in [0, 1]")
         _positive("num_cache_negatives", self.num_cache_negatives)
         _positive("cache_fill_batch_size", self.cache_fill_batch_size)
+        _positive("cache_score_block_size", self.cache_score_block_size)

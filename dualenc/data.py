@@ -112,11 +112,11 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     Raises:
         InputError: missing or empty file, wrong column count, non-integer grade, conflicting duplicate.
     """
-    path = _existing_file(path)
+    path = existing_file(path)
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
     beir: bool | None = None
-    for lineno, line in _iter_lines(path):
+    for lineno, line in iter_lines(path):
         if beir is None:
             beir = line.split() == _BEIR_QRELS_HEADER
             if beir:
@@ -153,7 +153,7 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
 
 def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> datasets.Dataset:
     """Stream ``path`` into a cached Arrow dataset, then check that the ids are unique."""
-    resolved = _existing_file(path)
+    resolved = existing_file(path)
     fmt = _file_format(resolved)
     stat = os.stat(resolved)
     gen_kwargs = {
@@ -170,7 +170,7 @@ def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> da
     try:
         dataset = datasets.Dataset.from_generator(_generate_rows, cache_dir=cache_dir, gen_kwargs=gen_kwargs)
     except Exception as err:  # datasets wraps it in DatasetGenerationError (module path varies by version)
-        cause = _input_error_in_chain(err)
+        cause = input_error_in_chain(err)
         if cause is None:
             raise
         raise cause from None
@@ -196,7 +196,7 @@ def _generate_rows(
 def _tsv_rows(path: str, kind: str) -> Iterator[dict[str, str]]:
     """Yield one row per non-blank TSV line, checking the column count."""
     num_cols = None
-    for lineno, line in _iter_lines(path):
+    for lineno, line in iter_lines(path):
         cols = line.split("\t")
         if num_cols is None:
             num_cols = len(cols)
@@ -218,7 +218,7 @@ def _tsv_rows(path: str, kind: str) -> Iterator[dict[str, str]]:
 
 def _jsonl_rows(path: str, kind: str) -> Iterator[dict[str, str]]:
     """Yield one row per non-blank BEIR JSONL line."""
-    for lineno, line in _iter_lines(path):
+    for lineno, line in iter_lines(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
@@ -274,7 +274,7 @@ def _check_unique_ids(dataset: datasets.Dataset, path: str) -> None:
 def _line_numbers(path: str, rows: set[int]) -> dict[int, int]:
     """Map dataset row indices to 1-based file lines by re-reading the file (error path only)."""
     found: dict[int, int] = {}
-    for row, (lineno, _) in enumerate(_iter_lines(path)):
+    for row, (lineno, _) in enumerate(iter_lines(path)):
         if row in rows:
             found[row] = lineno
             if len(found) == len(rows):
@@ -282,7 +282,7 @@ def _line_numbers(path: str, rows: set[int]) -> dict[int, int]:
     return found
 
 
-def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
     """Yield ``(1-based line number, line without its line end)`` for every non-blank line.
 
     Lines are decoded one at a time, so a bad byte is reported with its own line number.
@@ -314,7 +314,7 @@ def _open_binary(path: str) -> IO[bytes]:
     return open(path, "rb", buffering=1 << 20)
 
 
-def _existing_file(path: str | os.PathLike) -> str:
+def existing_file(path: str | os.PathLike) -> str:
     resolved = Path(path).expanduser().resolve()
     if not resolved.is_file():
         problem = "is a directory, expected a file" if resolved.is_dir() else "file not found"
@@ -331,7 +331,7 @@ def _file_format(path: str) -> str:
     raise InputError(f"unknown file type: expected one of {_TSV_SUFFIXES + _JSONL_SUFFIXES}", path=path)
 
 
-def _input_error_in_chain(err: BaseException) -> InputError | None:
+def input_error_in_chain(err: BaseException) -> InputError | None:
     """The InputError that ``datasets`` wrapped in a DatasetGenerationError, if any."""
     seen: BaseException | None = err
     while seen is not None:

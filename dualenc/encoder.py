@@ -300,11 +300,13 @@ class DualEncoder(nn.Module):
 
     def tokenize_queries(self, texts: list[str]):
         """Tokenize queries: prefix, truncate to ``query_max_len`` tokens, pad; returns a ``BatchEncoding`` (B, Lq)."""
-        return _tokenize(self.tokenizer, texts, self.config.query_prefix, self.config.query_max_len)
+        return tokenize_texts(self.tokenizer, texts, self.config.query_prefix, self.config.query_max_len)
 
     def tokenize_docs(self, texts: list[str]):
         """Tokenize documents: prefix, truncate to ``passage_max_len`` tokens, pad; returns (B, Ld)."""
-        return _tokenize(self.doc_tokenizer, texts, self.config.passage_prefix, self.config.passage_max_len)
+        return tokenize_texts(
+            self.doc_tokenizer, texts, self.config.passage_prefix, self.config.passage_max_len
+        )
 
     def gradient_checkpointing_enable(self) -> None:
         """Enable gradient checkpointing on every tower that supports it."""
@@ -413,7 +415,7 @@ class DualEncoder(nn.Module):
         return cls(query_encoder, doc_encoder, tokenizer, config, doc_tokenizer=doc_tokenizer)
 
 
-def _tokenize(tokenizer: Any, texts: list[str], prefix: str, max_len: int):
+def tokenize_texts(tokenizer: Any, texts: list[str], prefix: str, max_len: int):
     """Prefix, truncate to ``max_len`` tokens and pad ``texts``; returns PyTorch tensors (B, L)."""
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of strings")

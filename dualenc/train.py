@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dualenc.checkpoint import load_process_state, read_state, resolve_resume, save_checkpoint
+from dualenc.collate import GroupDataset, TrainCollator
 from dualenc.config import RunConfig, config_to_dict
 from dualenc.distributed import all_gather_with_grad
 from dualenc.encoder import DualEncoder
 from dualenc.errors import InputError
 from dualenc.losses import CachedCE, InBatchCE, LossOutput, false_negative_mask
-from dualenc.train_data import GroupDataset, TrainCollator, TrainData, load_train_data
+from dualenc.train_data import TrainData, load_train_data
 from dualenc.train_setup import (
     DevSet,
     EpochSampler,

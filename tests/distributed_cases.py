@@ -26,11 +26,12 @@ def train_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     """One training step over a fixed global batch of 4 queries x G=2; the main process saves loss and grads."""
     from accelerate import Accelerator
 
+    from dualenc.collate import GroupDataset, TrainCollator
     from dualenc.config import load_config
     from dualenc.encoder import DualEncoder
     from dualenc.losses import InBatchCE
     from dualenc.train import TrainingModule, training_step
-    from dualenc.train_data import GroupDataset, TrainCollator, load_train_data
+    from dualenc.train_data import load_train_data
 
     accelerator = Accelerator(cpu=True)
     cfg = load_config(
@@ -92,7 +93,7 @@ def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
 
 def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     """Many draws for 4 fixed queries (2 per process with 2 processes): counts per (query, corpus row)."""
-    from dualenc.train_data import GroupDataset, TrainCollator
+    from dualenc.collate import GroupDataset, TrainCollator
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=16"])
     items = [GroupDataset(data, 2, seed=0)[i] for i in range(4)]
@@ -132,9 +133,9 @@ def cache_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     The 2-process run saves its draws; the 1-process run replays them (draws are random, and which generator
     draws depends on the sharding), so the comparison isolates the distributed loss and gradient path.
     """
+    from dualenc.collate import GroupDataset, TrainCollator
     from dualenc.losses import CachedCE
     from dualenc.train import TrainingModule, cache_training_step
-    from dualenc.train_data import GroupDataset, TrainCollator
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=2"])
     items = [GroupDataset(data, 2, seed=0)[i] for i in range(4)]

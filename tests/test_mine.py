@@ -7,11 +7,12 @@ import logging
 
 import pytest
 
+from dualenc.collate import GroupDataset
 from dualenc.data import read_qrels
 from dualenc.errors import InputError
 from dualenc.mine import mine_hard_negatives, write_groups
 from dualenc.runs import read_run
-from dualenc.train_data import GroupDataset, load_train_data
+from dualenc.train_data import load_train_data
 
 # q1's ranking by score, ties broken by doc id: d1, d2, d3 (d2 < d3 at 0.8), d4, d5, d6, d7
 RUN = """\
