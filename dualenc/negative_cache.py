@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from dualenc.cache import EmbeddingTable
+from dualenc.cache_scan import scan_table
 from dualenc.config_sections import CacheConfig
 from dualenc.data import doc_text
 from dualenc.encode import shard_bounds
-from dualenc.sampler import choose_shards, combine_lse, gumbel_max_sample, gumbel_noise, staleness
+from dualenc.sampler import choose_shards, combine_lse, staleness
 
 logger = logging.getLogger(__name__)
 
@@ -100,27 +101,21 @@ class NegativeCache:
             return x[None]
         return self.accelerator.gather(x[None].contiguous())
 
-    def _local_scores(
-        self, queries: Tensor, positives: Tensor, batch_docs: Tensor | None, scale: Tensor
-    ) -> Tensor:
-        """Stale scaled scores of all queries against this shard, masked.
+    def _masks(
+        self, positives: Tensor, batch_docs: Tensor | None
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+        """(query row, local slot) pairs of the queries' positives, and per home process the slots of its batch.
 
-        Shapes: queries (Q, D), positives (Q, P) padded with -1, batch_docs (S, N) the documents each process's
-        queries see exactly in the loss (row s for the queries of process s; None = none) -> (Q, M).
+        Shapes: positives (Q, P) corpus rows padded with -1; batch_docs (S, N) the documents each process's
+        queries see exactly in the loss (None = none).
         """
-        scores = self.table.scores(queries, scale=scale)  # (Q, M), empty slots -inf
         slots = self.table.locate(positives.reshape(-1))  # (Q*P,)
         rows = torch.arange(positives.shape[0], device=slots.device).repeat_interleave(positives.shape[1])
         hit = slots >= 0
-        scores[rows[hit], slots[hit]] = float("-inf")  # the query's own known positives
-        if batch_docs is not None:  # documents the loss already scores exactly leave R
-            per_process = queries.shape[0] // batch_docs.shape[0]
-            slots = self.table.locate(batch_docs.reshape(-1)).view(batch_docs.shape)  # (S, N)
-            for home, home_slots in enumerate(slots):
-                scores[home * per_process : (home + 1) * per_process, home_slots[home_slots >= 0]] = float(
-                    "-inf"
-                )
-        return scores
+        home = None
+        if batch_docs is not None:
+            home = [s[s >= 0] for s in self.table.locate(batch_docs.reshape(-1)).view(batch_docs.shape)]
+        return rows[hit], slots[hit], home
 
     @torch.no_grad()
     def sample(self, q_emb: Tensor, pos_score: Tensor, positives: Tensor, batch_docs: Tensor, scale: Tensor,
@@ -143,23 +138,20 @@ class NegativeCache:
             if cross_device:
                 seen = seen.flatten()[None].expand(world, -1)  # every query sees every process's documents
         all_pos_score = self._gather(pos_score.detach().float()).flatten()  # (Q,)
-        scores = self._local_scores(queries.to(device), all_pos.to(device), seen, scale)  # (Q, M)
-        local_lse = torch.logsumexp(scores, dim=1)  # (Q,)
-        above = (scores > all_pos_score.to(device)[:, None]).sum(1)  # (Q,)
-        local_gen = generator_for(self.seed, rank, step, 0, device)
-        if self.cfg.cache_sample_with_replacement:
-            cand = gumbel_max_sample(scores, m, generator=local_gen, replacement=True)  # (Q, m)
-            key = torch.zeros(cand.shape, device=device)  # unused with replacement
-        else:
-            perturbed = scores + gumbel_noise(scores.shape, generator=local_gen, device=device)  # (Q, M)
-            key, cand = perturbed.topk(min(m, scores.shape[1]), dim=1)  # (Q, <=m)
-            cand = cand.masked_fill(~torch.isfinite(key), -1)
-            if cand.shape[1] < m:  # a shard smaller than m: pad so every shard sends m candidates
-                pad = m - cand.shape[1]
-                key = torch.nn.functional.pad(key, (0, pad), value=float("-inf"))
-                cand = torch.nn.functional.pad(cand, (0, pad), value=-1)
+        mask_rows, mask_slots, home_slots = self._masks(all_pos.to(device), seen)
+        scan = scan_table(
+            self.table, queries.to(device), scale, pos_score=all_pos_score.to(device), mask_rows=mask_rows,
+            mask_slots=mask_slots, home_slots=home_slots, num_samples=m,
+            replacement=self.cfg.cache_sample_with_replacement,
+            generator=generator_for(self.seed, rank, step, 0, device), block_size=self.cfg.cache_score_block_size,
+        )  # fmt: skip
+        local_lse, above, cand, key = (
+            scan.lse,
+            scan.above,
+            scan.slots,
+            scan.keys,
+        )  # (Q,), (Q,), (Q, m), (Q, m)
         cand_doc = torch.where(cand >= 0, self.table.doc_idx[cand.clamp(min=0)], torch.full_like(cand, -1))
-        del scores
         mine = slice(rank * batch, (rank + 1) * batch)
         lse = self._gather(local_lse)[:, mine]  # (S, B) shard log-sum-exps of my queries
         docs = self._gather(cand_doc)[:, mine]  # (S, B, m)
