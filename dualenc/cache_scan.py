@@ -23,6 +23,7 @@ class ScanResult:
     above: Tensor  # (Q,) unmasked slots whose score exceeds the query's positive score
     slots: Tensor  # (Q, m) local slots of the candidates, -1 = none
     keys: Tensor  # (Q, m) perturbed scores of the candidates (Gumbel-top-m merge keys; -inf = none)
+    mean: Tensor | None = None  # (Q, D) softmax-weighted mean of the unmasked embeddings (with_mean=True)
 
 
 @torch.no_grad()
@@ -39,6 +40,7 @@ def scan_table(
     replacement: bool,
     generator: torch.Generator,
     block_size: int = 65_536,
+    with_mean: bool = False,
 ) -> ScanResult:
     """Score ``queries`` against every slot of ``table`` in blocks and keep what sampling needs.
 
@@ -54,6 +56,7 @@ def scan_table(
         replacement: m independent Gumbel-max draws (True) or Gumbel-top-m (False).
         generator: the noise source (draws depend on it and on ``block_size`` only).
         block_size: slots scored at once; memory is O(Q · block_size).
+        with_mean: also return Σ_j softmax_j e_j over the unmasked slots (the gradient direction of cache-CE).
 
     Returns:
         ScanResult with shapes (Q,), (Q,), (Q, m), (Q, m).
@@ -64,6 +67,7 @@ def scan_table(
     keys = torch.full((num_queries, num_samples), float("-inf"), device=device)  # (Q, m)
     slots = torch.full((num_queries, num_samples), -1, dtype=torch.long, device=device)  # (Q, m)
     per_home = num_queries // len(home_slots) if home_slots else 0
+    mean = torch.zeros(num_queries, table.dim, device=device) if with_mean else None  # (Q, D)
     for start in range(0, table.num_slots, block_size):
         end = min(start + block_size, table.num_slots)
         block = scale * (queries @ table.emb[start:end].float().T)  # (Q, b)
@@ -73,7 +77,13 @@ def scan_table(
         for home, masked in enumerate(home_slots or []):
             local = masked[(masked >= start) & (masked < end)] - start
             block[home * per_home : (home + 1) * per_home, local] = float("-inf")
-        lse = torch.logaddexp(lse, torch.logsumexp(block, dim=1))  # (Q,)
+        block_lse = torch.logsumexp(block, dim=1)  # (Q,)
+        new_lse = torch.logaddexp(lse, block_lse)  # (Q,)
+        if mean is not None:  # running softmax-weighted mean, rescaled to the new normaliser
+            keep = torch.exp(lse - new_lse).nan_to_num(0.0)  # (Q,) old mass share (0 when both are -inf)
+            weights = torch.exp(block - new_lse[:, None]).nan_to_num(0.0)  # (Q, b)
+            mean = mean * keep[:, None] + weights @ table.emb[start:end].float()  # (Q, D)
+        lse = new_lse
         above += (block > pos_score[:, None]).sum(1)
         if replacement:
             for k in range(num_samples):  # draw k: running argmax of the perturbed scores
@@ -89,4 +99,4 @@ def scan_table(
             keys, order = merged_val.topk(num_samples, dim=1)  # (Q, m)
             slots = merged_idx.gather(1, order)
     slots = slots.masked_fill(~torch.isfinite(keys), -1)
-    return ScanResult(lse, above, slots, keys)
+    return ScanResult(lse, above, slots, keys, mean)

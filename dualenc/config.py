@@ -22,12 +22,13 @@ from typing import Any
 import yaml
 
 from dualenc import atomic
-from dualenc.config_sections import CacheConfig, DataConfig, LossConfig, ModelConfig, TrainConfig
+from dualenc.config_sections import CacheConfig, DataConfig, LossConfig, ModelConfig, SCEConfig, TrainConfig
 from dualenc.errors import InputError
 
 __all__ = [
     "RunConfig",
     "CacheConfig",
+    "SCEConfig",
     "DataConfig",
     "LossConfig",
     "ModelConfig",
@@ -48,6 +49,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    sce: SCEConfig = field(default_factory=SCEConfig)
 
     def __post_init__(self) -> None:
         self.loss.validate(self)

@@ -11,7 +11,7 @@ from typing import Any
 POOLINGS = ("cls", "mean")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_FORMATS = ("auto", "tevatron", "groups", "triples", "qrels")
-LOSSES = ("inbatch", "cache")
+LOSSES = ("inbatch", "cache", "cache_ce", "sce")
 CACHE_MODES = ("corpus", "stream")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TRACKERS = ("none", "tensorboard")
@@ -192,8 +192,11 @@ class LossConfig:
     """Which loss, and its temperature."""
 
     loss: str = field(
-        default="inbatch", metadata={"help": "inbatch: softmax CE over in-batch + hard negatives"}
-    )
+        default="inbatch",
+        metadata={"help": "inbatch: softmax CE over in-batch + hard negatives; cache: + negatives sampled from the "
+                  "negative cache (section cache); cache_ce: exact softmax over the whole cached table as constants; "
+                  "sce: Scalable CE over the cached table (section sce), the memory-light cache_ce"},
+    )  # fmt: skip
     temperature: float = field(default=1.0, metadata={"help": "scores are q.d / temperature (Tevatron)"})
     learn_temperature: bool = field(
         default=False, metadata={"help": "learn log(1/temperature), start at the above"}
@@ -212,13 +215,16 @@ class LossConfig:
 
     def validate(self, cfg: Any) -> None:
         """Checks that need other sections."""
-        if self.loss == "cache" and cfg.cache.cache_mode == "stream" and cfg.cache.cache_size < 1:
+        if self.loss != "inbatch" and cfg.cache.cache_mode == "stream" and cfg.cache.cache_size < 1:
             raise ValueError("cache_mode=stream needs cache_size >= 1")
+        if self.loss == "sce" and (cfg.cache.cache_mode != "corpus" or cfg.cache.cache_dtype != "float32"):
+            raise ValueError("loss=sce needs cache_mode=corpus (each positive must have a slot in the table) and "
+                             "cache_dtype=float32")  # fmt: skip
 
 
 @dataclass
 class CacheConfig:
-    """The negative cache (Lindgren et al., NeurIPS 2021; ALGORITHMS.md A1-A4). Used when loss=cache."""
+    """The negative cache (Lindgren et al., NeurIPS 2021; ALGORITHMS.md A1-A4). Used by the losses cache, cache_ce, sce."""
 
     cache_mode: str = field(
         default="corpus",
@@ -261,3 +267,28 @@ class CacheConfig:
         _positive("num_cache_negatives", self.num_cache_negatives)
         _positive("cache_fill_batch_size", self.cache_fill_batch_size)
         _positive("cache_score_block_size", self.cache_score_block_size)
+
+
+@dataclass
+class SCEConfig:
+    """Scalable Cross-Entropy over the cached table (Mezentsev et al., RecSys 2024; ALGORITHMS.md A5). loss=sce."""
+
+    sce_n_buckets: int = field(
+        default=0, metadata={"help": "n_b bucket centres per step; 0 = int(2 sqrt(queries))"}
+    )
+    sce_bucket_size_x: int = field(
+        default=0, metadata={"help": "b_x queries per bucket; 0 = int(2 sqrt(queries))"}
+    )
+    sce_bucket_size_y: int = field(
+        default=256, metadata={"help": "b_y table rows per bucket (paper grid 64-4096)"}
+    )
+    sce_mix: bool = field(default=False, metadata={"help": "Mix centres: random combinations of the queries"})
+    sce_block_size: int = field(
+        default=65_536, metadata={"help": "table rows scored at once when picking items"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("sce_n_buckets", "sce_bucket_size_x"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("sce_bucket_size_y", self.sce_bucket_size_y)
+        _positive("sce_block_size", self.sce_block_size)

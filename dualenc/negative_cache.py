@@ -46,6 +46,7 @@ class CacheDraw:
     weight: Tensor  # (B, m) w_k of the lumped logit: 1/#draws, 0 for missing draws
     rest_lse: Tensor  # (B,) log-sum-exp of the stale scaled scores of the unmasked cache
     pos_rank: Tensor  # (B,) 1 + number of unmasked slots whose stale score beats the live positive score
+    mean: Tensor | None = None  # (B, D) softmax-weighted mean of the unmasked cached embeddings (with_mean)
 
 
 def generator_for(seed: int, rank: int, step: int, stream: int, device: torch.device) -> torch.Generator:
@@ -119,12 +120,13 @@ class NegativeCache:
 
     @torch.no_grad()
     def sample(self, q_emb: Tensor, pos_score: Tensor, positives: Tensor, batch_docs: Tensor, scale: Tensor,
-               step: int, *, cross_device: bool) -> CacheDraw:  # fmt: skip
+               step: int, *, cross_device: bool, with_mean: bool = False) -> CacheDraw:  # fmt: skip
         """Draw ``num_cache_negatives`` per local query, exactly from the softmax over the whole (sharded) table.
 
         Shapes: q_emb (B, D), pos_score (B,) scaled live positive scores, positives (B, P) corpus rows padded with
         -1, batch_docs (N,) corpus rows of the local batch documents -> CacheDraw. With ``cache_inbatch`` the
         batch's documents (every process's when ``cross_device``) are removed from the cache's mass R.
+        ``with_mean`` also combines the shards' softmax-weighted mean embeddings (cache-CE's gradient).
         """
         acc, m, device = self.accelerator, self.cfg.num_cache_negatives, self.table.emb.device
         rank, world, batch = acc.process_index, acc.num_processes, q_emb.shape[0]
@@ -144,6 +146,7 @@ class NegativeCache:
             mask_slots=mask_slots, home_slots=home_slots, num_samples=m,
             replacement=self.cfg.cache_sample_with_replacement,
             generator=generator_for(self.seed, rank, step, 0, device), block_size=self.cfg.cache_score_block_size,
+            with_mean=with_mean,
         )  # fmt: skip
         local_lse, above, cand, key = (
             scan.lse,
@@ -173,7 +176,11 @@ class NegativeCache:
         valid = picked >= 0  # (B, m)
         weight = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)  # (B, m)
         pos_rank = 1 + self._gather(above)[:, mine].sum(0)  # (B,)
-        return CacheDraw(picked, weight, combine_lse(lse), pos_rank)
+        rest_lse, mean = combine_lse(lse), None
+        if with_mean:  # mix the shards' means by their share of the mass
+            share = torch.exp(lse - rest_lse[None]).nan_to_num(0.0)  # (S, B)
+            mean = (share[..., None] * self._gather(scan.mean)[:, mine]).sum(0)  # (B, D)
+        return CacheDraw(picked, weight, rest_lse, pos_rank, mean)
 
     def negative_texts(self, draw: CacheDraw) -> list[str]:
         """Texts of the valid draws, in row-major order of ``draw.doc_idx``."""

@@ -153,7 +153,9 @@ def blockwise_topk(
     return best_val, best_idx.gather(1, pos)
 
 
-def bucketed_ce(x: Tensor, w: Tensor, targets: Tensor, rows: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+def bucketed_ce(
+    x: Tensor, w: Tensor, targets: Tensor, rows: Tensor, items: Tensor, pos_logit: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-row SCE loss for given buckets: CE of each (bucket, row) pair, then the max over the row's buckets.
 
     Bucket k scores its rows ``rows[k]`` against its items ``items[k]``; an item equal to the row's own target
@@ -165,6 +167,8 @@ def bucketed_ce(x: Tensor, w: Tensor, targets: Tensor, rows: Tensor, items: Tens
         targets: target of each row, all in ``[0, C)`` (replace pad rows' targets by any valid index).
         rows: indices into ``x`` per bucket.
         items: indices into ``w`` per bucket.
+        pos_logit: (N,) the positive logit of each row, when it does not come from ``w`` (a live document
+            embedding against a table of stale ones); ``targets`` then only marks the item masked in each row.
 
     Returns:
         row_loss (N,): max over the buckets containing row i of its bucket CE, 0 for rows in no bucket;
@@ -177,7 +181,8 @@ def bucketed_ce(x: Tensor, w: Tensor, targets: Tensor, rows: Tensor, items: Tens
     flat_rows = rows.reshape(-1)  # (n_b * b_x,)
     # One gather for targets and bucket items: each gather's backward allocates a dense (C, D) gradient.
     w_sel = w.index_select(0, torch.cat([targets, items.reshape(-1)]))  # (N + n_b * b_y, D)
-    pos_logit = (x * w_sel[: x.shape[0]]).sum(-1)  # (N,)
+    if pos_logit is None:
+        pos_logit = (x * w_sel[: x.shape[0]]).sum(-1)  # (N,)
     xk = x.index_select(0, flat_rows).view(n_b, b_x, -1)  # (n_b, b_x, D)
     wk = w_sel[x.shape[0] :].view(n_b, items.shape[1], -1)  # (n_b, b_y, D)
     logits = xk @ wk.transpose(1, 2)  # (n_b, b_x, b_y)
@@ -311,8 +316,12 @@ class ScalableCE(nn.Module):
         *,
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        pos_logit: Tensor | None = None,
     ) -> LossOutput:
-        """SCE loss of one batch; centres come from ``generator`` (the global RNG when None)."""
+        """SCE loss of one batch; centres come from ``generator`` (the global RNG when None).
+
+        ``pos_logit`` (N,) replaces ``<x_i, w_{y_i}>`` as the appended positive logit (see :func:`bucketed_ce`).
+        """
         if mask is None and self.pad_item is not None:
             mask = targets != self.pad_item  # (N,)
         mask = check_inputs(x, w, targets, mask)  # (N,)
@@ -327,7 +336,9 @@ class ScalableCE(nn.Module):
         n_b, b_x, b_y = self.sizes(x.shape[0], num_real, w.shape[0])
         buckets = self.assign(x, w, mask, n_b, b_x, generator)
         safe_targets = targets.masked_fill(~mask, 0)  # (N,) pad rows may hold any target
-        row_loss, covered = bucketed_ce(x, w, safe_targets, buckets.rows, buckets.items)  # (N,), (N,)
+        row_loss, covered = bucketed_ce(
+            x, w, safe_targets, buckets.rows, buckets.items, pos_logit
+        )  # (N,), (N,)
         covered &= mask  # (N,) pad rows picked by an oversized b_x never count
         num_covered = int(covered.sum())
         loss = row_loss[covered].mean()  # ()

@@ -89,25 +89,40 @@ def cache_training_step(
     cache: NegativeCache,
     draw_step: int,
 ) -> LossOutput:
-    """``training_step`` plus negatives drawn from the negative cache, re-encoded with gradient (A3-A4).
+    """``training_step`` against the negative cache (A3-A4), by ``cfg.loss.loss``:
 
-    Shapes: as ``training_step``; m = num_cache_negatives drawn per query.
+    - ``cache``: + m negatives per query drawn from the table by Gumbel-max, re-encoded with gradient;
+    - ``cache_ce``: + the exact softmax over the whole table as constants (one lumped logit whose gradient is the
+      softmax-weighted mean of the stale embeddings: to the queries only);
+    - ``sce``: Scalable CE of the queries against the table (see dualenc/table_sce.py).
+
+    Shapes: as ``training_step``; m = num_cache_negatives.
     """
     q_emb, d_emb = module(batch["query"], batch["doc"])  # (B, D), (B*G, D)
     unwrapped = accelerator.unwrap_model(module)
     batch_size, group = q_emb.shape[0], d_emb.shape[0] // q_emb.shape[0]
     local_targets = torch.arange(batch_size, device=q_emb.device) * group  # (B,)
+    if cfg.loss.loss == "sce":
+        return _table_sce_step(unwrapped, q_emb, d_emb, batch, accelerator, cache, draw_step, local_targets)
     scale = unwrapped.loss.temperature().detach()
     pos_score = scale * (q_emb * d_emb[local_targets]).sum(-1)  # (B,)
     cross = cfg.loss.negatives_x_device and accelerator.num_processes > 1
-    draw = cache.sample(
-        q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, draw_step, cross_device=cross
-    )
-    neg_emb = q_emb.new_zeros(*draw.doc_idx.shape, q_emb.shape[1])  # (B, m, D)
-    texts = cache.negative_texts(draw)
-    if texts:  # the document tower outside DDP's forward: its gradients still reach the same parameters
-        features = unwrapped.encoder.tokenize_docs(texts).to(q_emb.device)
-        neg_emb[draw.doc_idx >= 0] = unwrapped.encoder.encode_docs(features).to(neg_emb.dtype)  # (n, D)
+    exact = cfg.loss.loss == "cache_ce"
+    draw = cache.sample(q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, draw_step,
+                        cross_device=cross, with_mean=exact)  # fmt: skip
+    if exact:  # one constant "negative": the softmax-weighted mean of the table, its weight P_R
+        neg_emb, weight, written = (
+            draw.mean.to(q_emb.dtype)[:, None],
+            torch.ones_like(draw.weight[:, :1]),
+            None,
+        )
+    else:
+        neg_emb = q_emb.new_zeros(*draw.doc_idx.shape, q_emb.shape[1])  # (B, m, D)
+        texts = cache.negative_texts(draw)
+        if texts:  # the document tower outside DDP's forward: its gradients still reach the same parameters
+            features = unwrapped.encoder.tokenize_docs(texts).to(q_emb.device)
+            neg_emb[draw.doc_idx >= 0] = unwrapped.encoder.encode_docs(features).to(neg_emb.dtype)  # (n, D)
+        weight, written = draw.weight, draw.doc_idx.flatten()  # (B, m), (B*m,)
     doc_idx, offset, d_all = batch["doc_idx"], 0, d_emb
     if cross:
         offset = accelerator.process_index * d_emb.shape[0]
@@ -117,13 +132,47 @@ def cache_training_step(
     mask = (
         false_negative_mask(doc_idx, batch["positives"], targets) if cfg.loss.mask_false_negatives else None
     )
-    output = unwrapped.loss(q_emb, d_all, targets=targets, mask=mask, neg_emb=neg_emb, neg_weight=draw.weight,
+    output = unwrapped.loss(q_emb, d_all, targets=targets, mask=mask, neg_emb=neg_emb, neg_weight=weight,
                             rest_lse=draw.rest_lse)  # fmt: skip
-    written = torch.cat([batch["doc_idx"], draw.doc_idx.flatten()])  # (B*G + B*m,)
-    cache.write_back(written, torch.cat([d_emb, neg_emb.flatten(0, 1)]), insert=torch.arange(d_emb.shape[0]))
+    if written is None:
+        cache.write_back(batch["doc_idx"], d_emb, insert=torch.arange(d_emb.shape[0]))
+    else:
+        cache.write_back(torch.cat([batch["doc_idx"], written]), torch.cat([d_emb, neg_emb.flatten(0, 1)]),
+                         insert=torch.arange(d_emb.shape[0]))  # fmt: skip
     output.logs["cache/pos_rank"] = draw.pos_rank.float().mean()
     output.logs["cache/draws"] = (draw.doc_idx >= 0).float().sum(1).mean()
     return output
+
+
+def _table_sce_step(
+    unwrapped, q_emb, d_emb, batch, accelerator, cache, draw_step, local_targets
+) -> LossOutput:
+    """loss=sce: Scalable CE of the live queries against the whole cached table (one process)."""
+    from dualenc.negative_cache import generator_for
+
+    if accelerator.num_processes > 1:
+        raise InputError("loss=sce runs on one process (SCE over a sharded table is not implemented); "
+                         "use loss=cache_ce or loss=cache with several processes")  # fmt: skip
+    target_slots = cache.table.locate(batch["doc_idx"][local_targets])  # (B,)
+    generator = generator_for(cache.seed, accelerator.process_index, draw_step, 2, q_emb.device)
+    output = unwrapped.loss(q_emb, d_emb[local_targets], target_slots=target_slots, table=cache.table.emb,
+                            generator=generator)  # fmt: skip
+    cache.write_back(batch["doc_idx"], d_emb, insert=torch.arange(d_emb.shape[0]))
+    return output
+
+
+def build_loss(cfg: RunConfig) -> nn.Module:
+    """The loss module of ``cfg.loss.loss`` (it owns the temperature)."""
+    if cfg.loss.loss == "sce":
+        from dualenc.table_sce import TableSCE
+
+        s = cfg.sce
+        return TableSCE(cfg.loss.temperature, cfg.loss.learn_temperature, n_buckets=s.sce_n_buckets or None,
+                        bucket_size_x=s.sce_bucket_size_x or None, bucket_size_y=s.sce_bucket_size_y, mix=s.sce_mix,
+                        block_size=s.sce_block_size)  # fmt: skip
+    if cfg.loss.loss in ("cache", "cache_ce"):
+        return CachedCE(cfg.loss.temperature, cfg.loss.learn_temperature, inbatch=cfg.cache.cache_inbatch)
+    return InBatchCE(cfg.loss.temperature, cfg.loss.learn_temperature)
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -193,11 +242,7 @@ def train(
         dataset, batch_size=cfg.train.per_device_train_batch_size, sampler=EpochSampler(len(dataset), seed=cfg.train.seed), drop_last=True,
         collate_fn=TrainCollator(model, data.corpus), num_workers=cfg.data.dataloader_num_workers,
     )  # fmt: skip
-    if cfg.loss.loss == "cache":
-        loss_fn = CachedCE(cfg.loss.temperature, cfg.loss.learn_temperature, inbatch=cfg.cache.cache_inbatch)
-    else:
-        loss_fn = InBatchCE(cfg.loss.temperature, cfg.loss.learn_temperature)
-    module = TrainingModule(model, loss_fn)
+    module = TrainingModule(model, build_loss(cfg))
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, cfg.train.weight_decay), lr=cfg.train.learning_rate
     )
@@ -220,7 +265,7 @@ def train(
     state = {"step": 0, "best_metric": None, "best_step": None}
     resume = resolve_resume(out, cfg.train.resume_from)
     cache = None
-    if cfg.loss.loss == "cache":
+    if cfg.loss.loss != "inbatch":
         from dualenc.negative_cache import NegativeCache
 
         cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=cfg.train.seed)

@@ -155,3 +155,141 @@ def test_stream_mode_trains_and_never_duplicates(tmp_path):
     logs = read_log(tmp_path / "run")
     assert logs[0]["cache/filled"] < 1.0 and logs[-1]["cache/filled"] == 1.0
     assert np.mean([r["loss"] for r in logs[-5:]]) < np.mean([r["loss"] for r in logs[:5]])
+
+
+def test_block_scan_equals_a_dense_computation():
+    """scan_table over blocks == dense logsumexp / softmax-mean / rank; Gumbel candidates never masked."""
+    from dualenc.cache import EmbeddingTable
+    from dualenc.cache_scan import scan_table
+
+    torch.manual_seed(0)
+    table = EmbeddingTable(50, 8)
+    table.emb.copy_(torch.randn(50, 8))
+    table.doc_idx.copy_(torch.arange(50))
+    table.doc_idx[[3, 17]] = -1  # empty slots
+    queries, scale = torch.randn(6, 8), 2.0
+    pos_score = torch.randn(6) * 3
+    mask_rows, mask_slots = torch.tensor([0, 0, 5]), torch.tensor([1, 40, 7])
+    home = [torch.tensor([2, 9]), torch.tensor([11])]  # queries 0-2 see slots 2, 9; queries 3-5 slot 11
+    dense = scale * queries @ table.emb.T  # (6, 50)
+    dense[:, [3, 17]] = float("-inf")
+    dense[mask_rows, mask_slots] = float("-inf")
+    dense[:3, [2, 9]] = float("-inf")
+    dense[3:, 11] = float("-inf")
+    for block in (7, 50):
+        for replacement in (True, False):
+            scan = scan_table(table, queries, scale, pos_score=pos_score, mask_rows=mask_rows, mask_slots=mask_slots,
+                              home_slots=home, num_samples=4, replacement=replacement,
+                              generator=torch.Generator().manual_seed(1), block_size=block, with_mean=True)  # fmt: skip
+            torch.testing.assert_close(scan.lse, torch.logsumexp(dense, 1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(scan.mean, dense.softmax(1) @ table.emb, atol=1e-5, rtol=1e-5)
+            assert torch.equal(scan.above, (dense > pos_score[:, None]).sum(1))
+            drawn = scan.slots[scan.slots >= 0]
+            rows = torch.arange(6)[:, None].expand_as(scan.slots)[scan.slots >= 0]
+            assert torch.isfinite(dense[rows, drawn]).all()  # only unmasked slots
+            if not replacement:
+                assert all(len(set(r.tolist())) == 4 for r in scan.slots)  # Gumbel-top-m: distinct
+
+
+def _one_process_cache(tmp_path, tiny_model_dir, overrides):
+    from accelerate import Accelerator
+
+    from dualenc.collate import GroupDataset, TrainCollator
+    from dualenc.config import load_config
+    from dualenc.encoder import DualEncoder
+    from dualenc.negative_cache import NegativeCache
+    from dualenc.train import TrainingModule, build_loss
+    from dualenc.train_data import load_train_data
+
+    write_triples(tmp_path / "triples.tsv", 12)
+    cfg = load_config(None, ["random_init=true", "train_group_size=2", "temperature=0.2", *overrides])
+    accelerator = Accelerator(cpu=True)
+    model = DualEncoder.from_pretrained(tiny_model_dir).eval()
+    data = load_train_data(str(tmp_path / "triples.tsv"), format="triples", cache_dir=str(tmp_path / "hf"))
+    cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=0)
+    cache.fill(model, tmp_path / "fill", batch_size=16)
+    with torch.no_grad():  # make the table stale, so "constants" and "live" differ
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = TrainCollator(model, data.corpus)([GroupDataset(data, 2, seed=0)[i] for i in range(4)])
+    module = TrainingModule(model, build_loss(cfg))
+    return cfg, accelerator, module, batch, cache
+
+
+def _dense_cache_ce(module, batch, table, inbatch: bool):
+    """Oracle: CE over [live batch documents (or only the positive), every table row as a constant], positives and
+    batch documents removed from the table part, by autograd of the dense logits."""
+    q, d = module.encoder(batch["query"], batch["doc"])  # (4, D), (8, D)
+    scale = module.loss.temperature()
+    targets = torch.arange(4) * 2
+    stale = scale * q @ table.emb.T.detach()  # (4, M)
+    for i in range(4):
+        stale[i, batch["positives"][i][batch["positives"][i] >= 0]] = float("-inf")
+        if inbatch:
+            stale[i, batch["doc_idx"]] = float("-inf")
+    if inbatch:
+        live = scale * q @ d.T  # (4, 8)
+        logits, target = torch.cat([live, stale], 1), targets
+    else:
+        live = scale * (q * d[targets]).sum(1, keepdim=True)  # (4, 1)
+        logits, target = torch.cat([live, stale], 1), torch.zeros(4, dtype=torch.long)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+@pytest.mark.parametrize("inbatch", [True, False])
+def test_cache_ce_equals_the_dense_softmax_over_the_table(tmp_path, tiny_model_dir, inbatch):
+    """loss=cache_ce (lumped logit, block scan) == dense CE over the table as constants: value and gradient."""
+    from dualenc.train import cache_training_step
+
+    cfg, acc, module, batch, cache = _one_process_cache(
+        tmp_path, tiny_model_dir, ["loss=cache_ce", f"cache_inbatch={inbatch}", "cache_score_block_size=7"]
+    )
+    table = cache.table.emb.clone()
+    out = cache_training_step(module, batch, acc, cfg, cache, draw_step=0)
+    grads = torch.autograd.grad(
+        out.loss, [p for p in module.encoder.parameters() if p.requires_grad], allow_unused=True
+    )
+    cache.table.emb.copy_(table)
+    dense = _dense_cache_ce(module, batch, cache.table, inbatch)
+    dense_grads = torch.autograd.grad(
+        dense, [p for p in module.encoder.parameters() if p.requires_grad], allow_unused=True
+    )
+    assert float(out.loss) == pytest.approx(float(dense), abs=1e-5)
+    for g, ref in zip(grads, dense_grads, strict=True):
+        if ref is None:
+            assert g is None or float(g.abs().max()) == 0
+        else:
+            torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_sce_with_full_coverage_equals_cache_ce(tmp_path, tiny_model_dir):
+    """loss=sce with one bucket holding every query and every slot == dense cache-CE without the in-batch part."""
+    from dualenc.train import cache_training_step
+
+    cfg, acc, module, batch, cache = _one_process_cache(
+        tmp_path, tiny_model_dir,
+        ["loss=sce", "sce_n_buckets=1", "sce_bucket_size_x=4", f"sce_bucket_size_y={len(cache_rows(tmp_path))}"],
+    )  # fmt: skip
+    table = cache.table.emb.clone()
+    out = cache_training_step(module, batch, acc, cfg, cache, draw_step=0)
+    assert float(out.logs["coverage"]) == 1.0
+    grads = torch.autograd.grad(
+        out.loss, [p for p in module.encoder.parameters() if p.requires_grad], allow_unused=True
+    )
+    cache.table.emb.copy_(table)
+    # SCE masks only the query's own target slot; with one positive per query that is the dense oracle's mask
+    dense = _dense_cache_ce(module, batch, cache.table, inbatch=False)
+    dense_grads = torch.autograd.grad(
+        dense, [p for p in module.encoder.parameters() if p.requires_grad], allow_unused=True
+    )
+    assert float(out.loss) == pytest.approx(float(dense), abs=1e-5)
+    for g, ref in zip(grads, dense_grads, strict=True):
+        if ref is not None:
+            torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4)
+
+
+def cache_rows(tmp_path):
+    """Corpus rows of the 12-triple test data (unique positives and negatives)."""
+    write_triples(tmp_path / "triples.tsv", 12)
+    rows = [line.split("\t") for line in (tmp_path / "triples.tsv").read_text().splitlines()]
+    return {text for _, pos, neg in rows for text in (pos, neg)}
