@@ -1,0 +1,131 @@
+"""Training-step time and peak memory of the msmarco_inbatch recipe's shape, fp32 vs bf16 autocast, side by side.
+
+    python bench/train_step.py                                    # CPU: 2-layer BERT, batch 8 x group 2 (smoke-sized)
+    python bench/train_step.py --device cuda --layers 12 --batch-size 64 --group-size 8   # the msmarco config, one GPU
+
+Runs the real training path (``TrainingModule`` + ``training_step`` + AdamW through ``Accelerator``) on random
+token ids with a randomly initialised BERT (hidden 768 = BERT-base width); each precision runs in a fresh
+subprocess. Memory: CUDA ``max_memory_allocated``; CPU: peak RSS above the post-setup baseline. Output: a table and
+``bench/results/train_step_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--batch-size", type=int, default=8, help="queries per step")
+    p.add_argument("--group-size", type=int, default=2, help="documents per query (train_group_size)")
+    p.add_argument("--query-len", type=int, default=32)
+    p.add_argument("--passage-len", type=int, default=128)
+    p.add_argument("--precisions", nargs="+", default=["no", "bf16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.out = args.out or REPO / "bench" / "results" / f"train_step_{args.device}.json"
+    return args
+
+
+def run_single(cfg: dict) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from cache_step import _memory_baseline, _memory_peak
+    from transformers import BertConfig, BertModel
+
+    from dualenc.config import load_config
+    from dualenc.encoder import DualEncoder, DualEncoderConfig, HFEncoder
+    from dualenc.losses import InBatchCE
+    from dualenc.train import TrainingModule, training_step
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(mixed_precision=cfg["precision"], cpu=cfg["device"] == "cpu")
+    device = accelerator.device
+    bert = BertModel(BertConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                                num_attention_heads=cfg["hidden"] // 64, intermediate_size=4 * cfg["hidden"]))  # fmt: skip
+    model = DualEncoder(HFEncoder(bert), None, None, DualEncoderConfig())
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    run_cfg = load_config(None, ["random_init=true", f"train_group_size={cfg['group_size']}"])
+    module = TrainingModule(model, InBatchCE(0.05))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    b, g = cfg["batch_size"], cfg["group_size"]
+
+    def tokens(n, length):
+        return {"input_ids": torch.randint(1000, 30000, (n, length), device=device),
+                "attention_mask": torch.ones(n, length, dtype=torch.long, device=device)}  # fmt: skip
+
+    batch = {"query": tokens(b, cfg["query_len"]), "doc": tokens(b * g, cfg["passage_len"]),
+             "doc_idx": torch.arange(b * g, device=device), "positives": torch.arange(b * g, device=device).view(b, g)[:, :1]}  # fmt: skip
+
+    def step():
+        out = training_step(module, batch, accelerator, run_cfg)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    baseline = _memory_baseline(device)
+    step()
+    peak = _memory_peak(device, baseline)
+    times = []
+    for _ in range(cfg["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {**cfg, "step_s": statistics.median(times), "peak_mib": peak / 2**20,
+            "docs_per_s": b * g / statistics.median(times)}  # fmt: skip
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.single:
+        print(json.dumps(run_single(json.loads(args.single))))
+        return {}
+    from dualenc.evaluate import format_table
+    from dualenc.report import environment_info
+
+    rows = []
+    for precision in args.precisions:
+        cfg = {k: v for k, v in vars(args).items() if k not in ("out", "single", "precisions")}
+        cfg["precision"] = precision
+        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(cfg)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"{precision} failed:\n{proc.stderr[-4000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    base = rows[0]["step_s"]
+    summary = [{"precision": r["precision"], "step_s": r["step_s"], "speedup": base / r["step_s"],
+                "peak_mib": r["peak_mib"], "docs_per_s": r["docs_per_s"]} for r in rows]  # fmt: skip
+    table = format_table(summary)
+    print(f"{args.layers}-layer BERT (hidden {args.hidden}), batch {args.batch_size} x group {args.group_size}, "
+          f"{args.query_len}/{args.passage_len} tokens, {args.device}\n{table}")  # fmt: skip
+    report = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table,
+              **environment_info(REPO)}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
