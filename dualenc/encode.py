@@ -132,10 +132,13 @@ def encode_collection(
     autocast_dtype: torch.dtype | None = None,
     storage_dtype: str = "float32",
     progress: bool = True,
+    model_id: str = "",
 ) -> Path:
     """Encode this process's shard of ``collection`` (a dataset with ``id``, ``text`` and optional ``title``).
 
     Resumable: rerunning with the same arguments continues an interrupted run (see module docstring).
+    ``model_id`` identifies the weights (e.g. :func:`model_fingerprint`): a finished or partial shard made with
+    another model is not reused; a finished one is re-encoded, a partial one is an error.
     Call :func:`write_collection_meta` once every shard is done (the CLI does it on the main process).
 
     Returns:
@@ -147,11 +150,23 @@ def encode_collection(
     out_dir.mkdir(parents=True, exist_ok=True)
     start, end = shard_bounds(len(collection), process_index, num_processes)
     emb_path, ids_path = shard_paths(out_dir, process_index, num_processes)
-    if emb_path.exists() and ids_path.exists():
-        logger.info("shard %s already encoded, skipping", emb_path.name)
-        return emb_path
-    settings = {"kind": kind, "chunk": chunk_size, "batch": batch_size, "dtype": storage_dtype}
+    settings = {
+        "kind": kind,
+        "chunk": chunk_size,
+        "batch": batch_size,
+        "dtype": storage_dtype,
+        "model": model_id,
+    }
     fingerprint = _fingerprint(collection, start, end, settings)
+    done_path = emb_path.with_suffix(".fingerprint")
+    if emb_path.exists() and ids_path.exists():
+        if not done_path.exists() or done_path.read_text().strip() == fingerprint:
+            logger.info("shard %s already encoded, skipping", emb_path.name)
+            return emb_path
+        logger.info(
+            "shard %s was encoded with other data, settings or weights: encoding again", emb_path.name
+        )
+        emb_path.unlink()
     partial_path = emb_path.with_suffix(".partial.npy")
     progress_path = emb_path.with_suffix(".progress.json")
     done = _resume_point(partial_path, progress_path, fingerprint)
@@ -189,6 +204,7 @@ def encode_collection(
     else:
         del emb
         atomic.write_lines(ids_path, ids)
+        atomic.write_text(done_path, fingerprint + "\n")
         os.replace(partial_path, emb_path)
     progress_path.unlink(missing_ok=True)
     return emb_path
@@ -208,6 +224,18 @@ def _resume_point(partial_path: Path, progress_path: Path, fingerprint: str) -> 
         )
     logger.info("resuming %s at row %d of %d", partial_path.name, state["done"], state["rows"])
     return int(state["done"])
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap identity of a model's current weights: a hash of every parameter's sum and sum of squares."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            values = param.detach().double()
+            digest.update(
+                f"{name}:{tuple(param.shape)}:{float(values.sum()):.12e}:{float((values * values).sum()):.12e}".encode()
+            )
+    return digest.hexdigest()[:16]
 
 
 def _model_dim(model) -> int:

@@ -80,13 +80,13 @@ class NegativeCache:
     # ------------------------------------------------------------------------------------------- filling
     def fill(self, model, work_dir: Path, *, batch_size: int) -> None:
         """Corpus mode: encode this process's shard of the corpus (no grad, resumable) and load it."""
-        from dualenc.encode import encode_collection
+        from dualenc.encode import encode_collection, model_fingerprint
 
         acc = self.accelerator
         path = encode_collection(
             model, self.corpus, work_dir, batch_size=batch_size, process_index=acc.process_index,
             num_processes=acc.num_processes, device=acc.device, progress=acc.is_local_main_process,
-            autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None,
+            autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None, model_id=model_fingerprint(model),
         )  # fmt: skip
         emb = torch.from_numpy(np.load(path))  # (M_local, D)
         rows = torch.arange(

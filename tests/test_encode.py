@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_collection
 
 from dualenc.data import read_collection
@@ -172,3 +173,21 @@ def test_kill_9_then_resume_is_identical(tiny_model_dir, tmp_path):
     assert got_ids == ref_ids.read_text().splitlines() == ids
     assert len(set(got_ids)) == len(got_ids) == 400
     assert not progress.exists() and not emb_path.with_suffix(".partial.npy").exists()
+
+
+def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
+    from dualenc.encode import model_fingerprint
+
+    write_collection(tmp_path / "c.tsv", 30)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    path = encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
+    first = np.load(path)
+    assert (
+        encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
+        == path
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
+    assert not np.allclose(np.load(path), first)  # re-encoded with the new weights
