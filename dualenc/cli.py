@@ -68,7 +68,7 @@ def cmd_encode(args) -> int:
         device=device,
         autocast_dtype=_amp_dtype(args.amp, device),
         storage_dtype=args.storage_dtype,
-        progress=state.is_local_main_process,
+        progress=state.is_local_main_process and not args.quiet,
     )
     state.wait_for_everyone()
     if state.is_main_process:
@@ -92,7 +92,7 @@ def cmd_index(args) -> int:
         args.factory,
         per_shard=args.per_shard,
         train_size=args.train_size,
-        progress=True,
+        progress=not args.quiet,
     )
     logger.info("wrote %s index to %s", args.factory, args.output)
     return 0
@@ -138,7 +138,7 @@ def cmd_retrieve(args) -> int:
         batch_size=args.batch_size,
         device=device,
         autocast_dtype=_amp_dtype(args.amp, device),
-        progress=True,
+        progress=not args.quiet,
     )
     run = search_vectors(
         list(topics["id"]),
