@@ -217,6 +217,8 @@ class LossConfig:
         """Checks that need other sections."""
         if self.loss != "inbatch" and cfg.cache.cache_mode == "stream" and cfg.cache.cache_size < 1:
             raise ValueError("cache_mode=stream needs cache_size >= 1")
+        if self.loss == "cache_ce" and cfg.cache.cache_candidates != "dense":
+            raise ValueError("loss=cache_ce is the exact softmax over every slot: use cache_candidates=dense")
         if self.loss == "sce" and (cfg.cache.cache_mode != "corpus" or cfg.cache.cache_dtype != "float32"):
             raise ValueError("loss=sce needs cache_mode=corpus (each positive must have a slot in the table) and "
                              "cache_dtype=float32")  # fmt: skip
@@ -255,6 +257,11 @@ class CacheConfig:
         default=True, metadata={"help": "stream mode: a sampled negative's write-back renews it"}
     )
     cache_fill_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when filling"})
+    cache_candidates: str = field(
+        default="dense",
+        metadata={"help": "dense: score every slot; sce: only the slots of SCE buckets (section sce: sce_n_buckets, "
+                  "sce_bucket_size_x, sce_bucket_size_y, sce_mix), for tables too large to score densely"},
+    )  # fmt: skip
     cache_score_block_size: int = field(
         default=65_536, metadata={"help": "slots scored at once when sampling (memory O(queries x block))"}
     )
@@ -262,6 +269,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _choice("cache_mode", self.cache_mode, CACHE_MODES)
         _choice("cache_dtype", self.cache_dtype, DTYPES)
+        _choice("cache_candidates", self.cache_candidates, ("dense", "sce"))
         if not 0 <= self.refresh_fraction <= 1:
             raise ValueError(f"refresh_fraction={self.refresh_fraction} must be in [0, 1]")
         _positive("num_cache_negatives", self.num_cache_negatives)

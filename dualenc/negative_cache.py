@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from dualenc.cache import EmbeddingTable
-from dualenc.cache_scan import scan_table
-from dualenc.config_sections import CacheConfig
+from dualenc.cache_scan import scan_candidates, scan_table
+from dualenc.config_sections import CacheConfig, SCEConfig
 from dualenc.data import doc_text
 from dualenc.encode import shard_bounds
 from dualenc.sampler import choose_shards, combine_lse, staleness
@@ -66,8 +66,11 @@ class NegativeCache:
         seed: run seed (generators are derived from it).
     """
 
-    def __init__(self, cfg: CacheConfig, corpus, accelerator, dim: int, *, seed: int):
+    def __init__(
+        self, cfg: CacheConfig, corpus, accelerator, dim: int, *, seed: int, sce: SCEConfig | None = None
+    ):
         self.cfg, self.corpus, self.accelerator, self.seed = cfg, corpus, accelerator, seed
+        self.sce = sce or SCEConfig()
         rank, world = accelerator.process_index, accelerator.num_processes
         if cfg.cache_mode == "corpus":
             start, end = shard_bounds(len(corpus), rank, world)
@@ -141,13 +144,20 @@ class NegativeCache:
                 seen = seen.flatten()[None].expand(world, -1)  # every query sees every process's documents
         all_pos_score = self._gather(pos_score.detach().float()).flatten()  # (Q,)
         mask_rows, mask_slots, home_slots = self._masks(all_pos.to(device), seen)
-        scan = scan_table(
-            self.table, queries.to(device), scale, pos_score=all_pos_score.to(device), mask_rows=mask_rows,
-            mask_slots=mask_slots, home_slots=home_slots, num_samples=m,
-            replacement=self.cfg.cache_sample_with_replacement,
+        common = dict(
+            pos_score=all_pos_score.to(device), mask_rows=mask_rows, mask_slots=mask_slots, home_slots=home_slots,
+            num_samples=m, replacement=self.cfg.cache_sample_with_replacement,
             generator=generator_for(self.seed, rank, step, 0, device), block_size=self.cfg.cache_score_block_size,
-            with_mean=with_mean,
         )  # fmt: skip
+        if self.cfg.cache_candidates == "sce":
+            default = max(1, int(2 * queries.shape[0] ** 0.5))
+            scan = scan_candidates(
+                self.table, queries.to(device), scale, num_buckets=self.sce.sce_n_buckets or default,
+                bucket_size_x=self.sce.sce_bucket_size_x or default, bucket_size_y=self.sce.sce_bucket_size_y,
+                mix=self.sce.sce_mix, **common,
+            )  # fmt: skip
+        else:
+            scan = scan_table(self.table, queries.to(device), scale, with_mean=with_mean, **common)
         local_lse, above, cand, key = (
             scan.lse,
             scan.above,

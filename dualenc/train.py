@@ -268,7 +268,9 @@ def train(
     if cfg.loss.loss != "inbatch":
         from dualenc.negative_cache import NegativeCache
 
-        cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=cfg.train.seed)
+        cache = NegativeCache(
+            cfg.cache, data.corpus, accelerator, model.dim, seed=cfg.train.seed, sce=cfg.sce
+        )
     if resume is not None:
         accelerator.load_state(str(resume))
         state = read_state(resume)

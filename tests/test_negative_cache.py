@@ -293,3 +293,41 @@ def cache_rows(tmp_path):
     write_triples(tmp_path / "triples.tsv", 12)
     rows = [line.split("\t") for line in (tmp_path / "triples.tsv").read_text().splitlines()]
     return {text for _, pos, neg in rows for text in (pos, neg)}
+
+
+def test_sce_candidates_full_coverage_equals_the_dense_scan_and_truncation_lowers_the_mass():
+    from dualenc.cache import EmbeddingTable
+    from dualenc.cache_scan import scan_candidates, scan_table
+
+    torch.manual_seed(3)
+    table = EmbeddingTable(40, 8)
+    table.emb.copy_(torch.randn(40, 8))
+    table.doc_idx.copy_(torch.arange(40))
+    table.doc_idx[5] = -1
+    queries, pos_score = torch.randn(6, 8), torch.randn(6)
+    common = dict(pos_score=pos_score, mask_rows=torch.tensor([0, 3]), mask_slots=torch.tensor([2, 9]),
+                  home_slots=[torch.tensor([1, 7])], num_samples=3, replacement=True)  # fmt: skip
+    dense = scan_table(table, queries, 1.5, generator=torch.Generator().manual_seed(0), **common)
+    full = scan_candidates(table, queries, 1.5, generator=torch.Generator().manual_seed(0), num_buckets=1,
+                           bucket_size_x=6, bucket_size_y=39, mix=False, **common)  # fmt: skip
+    torch.testing.assert_close(full.lse, dense.lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full.above, dense.above)
+    masked = {(0, 2), (3, 9)} | {(r, s) for r in range(6) for s in (1, 7, 5)}
+    for slots in (full.slots,):
+        assert all((r, int(s)) not in masked for r in range(6) for s in slots[r])
+    part = scan_candidates(table, queries, 1.5, generator=torch.Generator().manual_seed(0), num_buckets=3,
+                           bucket_size_x=2, bucket_size_y=8, mix=True, **common)  # fmt: skip
+    assert (part.lse <= dense.lse + 1e-6).all()  # a subset of the table's mass
+    covered = torch.isfinite(part.lse)
+    assert covered.any() and ((part.slots >= 0).all(1) == covered).all()
+
+
+def test_cache_training_with_sce_candidates_runs(tmp_path):
+    from dualenc.config import load_config
+    from dualenc.train import train
+
+    config = REPO / "recipes" / "configs" / "tiny_cache.yaml"
+    overrides = tiny_overrides(tmp_path, max_steps=10, cache_candidates="sce", sce_bucket_size_y=16)
+    train(load_config(config, overrides))
+    logs = read_log(tmp_path / "run")
+    assert len(logs) == 10 and all(row["cache/draws"] > 0 for row in logs)
