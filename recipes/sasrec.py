@@ -1,0 +1,265 @@
+"""Train SASRec with CE, SCE, BCE, gBCE or CE⁻ on a temporal split; select on validation, report test metrics.
+
+    python recipes/sasrec.py --config recipes/configs/sasrec/sasrec_sce.yaml [key=value ...] [--seeds 1235 37]
+    python recipes/sasrec.py --combine bench/results/sasrec_ml100k.json outputs/sasrec/*.json
+
+The SCE paper's protocol (Mezentsev et al., RecSys 2024; ALGORITHMS.md Part B 2.4-2.5): global temporal split
+at the 95th-percentile timestamp, full-catalog ranking without seen items, NDCG@10 / HR@10 / COV@10, model
+selection by validation NDCG@10 with early stopping. Per seed: fresh weights, batch order, negatives and SCE
+centres, each from its own seeded ``torch.Generator``; dropout uses the global RNG, seeded with the same seed.
+
+Memory on CPU is the resident set size: ``peak_rss_mib`` is ``resource.getrusage`` ``ru_maxrss`` (peak of the
+whole process so far, so it never goes down between seeds); ``peak_rss_run_mib`` is the kernel's VmHWM, reset
+through ``/proc/self/clear_refs`` at the start of each seed (Linux; null elsewhere). Both include Python,
+torch and the data. ``--help-config`` lists every ``key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dualenc import atomic
+from dualenc.errors import InputError
+from dualenc.recsys.config import SASRecConfig, describe_sasrec_config, load_sasrec_config
+from dualenc.recsys.data import (
+    PAD,
+    SequenceSplit,
+    batch_order,
+    filter_interactions,
+    read_interactions,
+    recbole_example_path,
+    temporal_split,
+    training_batch,
+)
+from dualenc.recsys.evaluate import evaluate
+from dualenc.recsys.sasrec import SASRec
+from dualenc.report import environment_info
+from dualenc.sampled_losses import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
+from dualenc.sce import ScalableCE, full_ce
+
+logger = logging.getLogger("sasrec")
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("NDCG@10", "HR@10", "COV@10")
+MEMORY_METHOD = ("CPU resident set size of this process: ru_maxrss (resource.getrusage, process lifetime) "
+                 "and VmHWM after a /proc/self/clear_refs reset at the start of each seed")  # fmt: skip
+
+
+def load_split(cfg: SASRecConfig) -> SequenceSplit:
+    """Read, filter and split the interactions named by the config."""
+    prefix = "recbole:"
+    path = (
+        recbole_example_path(cfg.data_path[len(prefix) :])
+        if cfg.data_path.startswith(prefix)
+        else cfg.data_path
+    )
+    inter = read_interactions(path, fmt=cfg.data_format, delimiter=cfg.delimiter)
+    if cfg.min_item_count > 1 or cfg.min_user_count > 1:
+        inter = filter_interactions(inter, cfg.min_item_count, cfg.min_user_count)
+    return temporal_split(inter, cfg.test_quantile)
+
+
+def batch_loss(cfg: SASRecConfig, model: SASRec, sce: ScalableCE, batch: tuple[Tensor, Tensor, Tensor],
+               generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+    """Next-item loss of one batch; every position with a non-pad target is a training example."""
+    inputs, targets, history = batch  # (B, L), (B, L), (B, H)
+    hidden = model(inputs)  # (B, L, D)
+    x, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (B*L, D), (B*L,)
+    mask, table, num_rows = y != PAD, model.item_table, model.item_table.shape[0]  # (B*L,), (C+1, D), C+1
+    if cfg.loss == "ce_minus":  # one negative set per sequence, shared by its positions
+        negatives = sample_unseen(history, num_rows, cfg.num_negatives, generator, pad_item=PAD)  # (B, n)
+        return ce_minus_loss(x, table, y, negatives, mask=mask), {}
+    x, y = x[mask], y[mask]  # (N, D), (N,) real positions only
+    if cfg.loss == "ce":
+        return full_ce(x, table[1:], y - 1), {}  # softmax over the C items, pad row left out
+    if cfg.loss == "sce":
+        out = sce(x, table, y, generator=generator)
+        return out.loss, {
+            "sce_coverage": float(out.logs["coverage"]),
+            "sce_n_buckets": float(out.logs["n_buckets"]),
+        }
+    if cfg.loss == "bce":  # fresh negatives per position, none from the user's history
+        seq_of_row = torch.arange(inputs.shape[0]).repeat_interleave(inputs.shape[1])[mask]  # (N,)
+        negatives = sample_unseen(history[seq_of_row], num_rows, cfg.num_negatives, generator, pad_item=PAD)
+        return bce_loss(x, table, y, negatives), {}
+    negatives = sample_uniform(len(y), num_rows, cfg.num_negatives, generator, pad_item=PAD)  # (N, n) gbce
+    return gbce_loss(x, table, y, negatives, t=cfg.gbce_t, num_items=num_rows - 1), {}
+
+
+def _vm_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def train_epoch(cfg: SASRecConfig, model: SASRec, optimizer: torch.optim.Optimizer, sce: ScalableCE,
+                sequences: list, gens: list[torch.Generator]) -> dict[str, float]:  # fmt: skip
+    """One shuffled pass over the training sequences; returns the epoch means of the loss and its logs."""
+    model.train()
+    losses, logs = [], []
+    for idx in batch_order(len(sequences), cfg.batch_size, gens[1]):
+        batch = training_batch([sequences[i] for i in idx.tolist()], cfg.maxlen)
+        loss, batch_logs = batch_loss(cfg, model, sce, batch, gens[2])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        logs.append(batch_logs)
+    return {"train_loss": statistics.fmean(losses)} | {
+        k: statistics.fmean(g[k] for g in logs) for k in logs[0]
+    }
+
+
+def train_seed(cfg: SASRecConfig, split: SequenceSplit, seed: int) -> dict:
+    """Train one model, keep the weights of the best validation NDCG@10, return its metrics and costs."""
+    torch.manual_seed(seed)  # dropout masks only; everything else has its own generator
+    gens = [torch.Generator().manual_seed(seed + offset) for offset in (0, 1_000_003, 2_000_006)]
+    model = SASRec(split.num_items, cfg.maxlen, cfg.hidden, cfg.num_blocks, cfg.num_heads, cfg.dropout,
+                   generator=gens[0])  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, cfg.adam_beta2))
+    sce = ScalableCE(cfg.n_buckets, cfg.bucket_size_x, cfg.bucket_size_y, mix=cfg.mix, pad_item=PAD)
+    sequences = [s for s in split.train if len(s) >= 2]
+
+    def scores(inputs: list, targets: Tensor) -> dict[str, float]:
+        return evaluate(model, inputs, targets, split.num_items, batch_size=cfg.eval_batch_size)
+
+    reset_ok, rss_start = _reset_peak_rss(), _vm_kib("VmRSS")
+    best, best_epoch, best_state, waited, history = -1.0, 0, None, 0, []
+    start = time.perf_counter()
+    for epoch in range(1, cfg.max_epochs + 1):
+        row = {"epoch": epoch} | train_epoch(cfg, model, optimizer, sce, sequences, gens)
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+            row["valid_NDCG@10"] = scores(split.valid_inputs, split.valid_targets)["NDCG@10"]
+            waited += 1
+            if row["valid_NDCG@10"] > best:
+                best, best_epoch, best_state, waited = (
+                    row["valid_NDCG@10"],
+                    epoch,
+                    copy.deepcopy(model.state_dict()),
+                    0,
+                )
+        history.append(row)
+        logger.info(
+            "seed %d epoch %d %s", seed, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"}
+        )
+        if waited >= cfg.patience:
+            break
+    train_s = time.perf_counter() - start
+    model.load_state_dict(best_state)
+    hwm = _vm_kib("VmHWM") if reset_ok else None
+    return {"seed": seed, "epochs": len(history), "best_epoch": best_epoch, "train_s": train_s,
+            "s_per_epoch": train_s / len(history), "valid": scores(split.valid_inputs, split.valid_targets),
+            "test": scores(split.test_inputs, split.test_targets),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_run_mib": hwm / 1024 if hwm else None,
+            "rss_start_mib": rss_start / 1024 if rss_start else None, "history": history}  # fmt: skip
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation (n - 1; 0 for one seed) of the test metrics and the costs."""
+    values = {f"test_{m}": [r["test"][m] for r in runs] for m in METRICS}
+    values |= {key: [r[key] for r in runs] for key in ("train_s", "epochs", "peak_rss_mib")}
+    std = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return {"mean": {k: statistics.fmean(v) for k, v in values.items()}, "std": std}
+
+
+def print_table(name: str, runs: list[dict], summary: dict) -> None:
+    """One row per seed and a mean ± std row: epochs, best epoch, valid/test metrics, memory, time."""
+    head = ["run", "seed", "epochs", "best", "val NDCG@10", *METRICS, "peak RSS MiB", "train s"]
+    rows = [[name, r["seed"], r["epochs"], r["best_epoch"], f"{r['valid']['NDCG@10']:.4f}",
+             *(f"{r['test'][m]:.4f}" for m in METRICS), f"{r['peak_rss_mib']:.0f}", f"{r['train_s']:.0f}"]
+            for r in runs]  # fmt: skip
+    mean, std = summary["mean"], summary["std"]
+    cells = [f"{mean['test_' + m]:.4f}±{std['test_' + m]:.4f}" for m in METRICS]
+    rows.append([name, "mean", f"{mean['epochs']:.1f}", "", "", *cells, f"{mean['peak_rss_mib']:.0f}",
+                 f"{mean['train_s']:.0f}"])  # fmt: skip
+    widths = [max(len(str(row[c])) for row in [head, *rows]) + 2 for c in range(len(head))]
+    for row in [head, *rows]:
+        print("".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def run(cfg: SASRecConfig, seeds: Sequence[int]) -> dict:
+    """Train every seed, print the table, write and return the results JSON."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    split = load_split(cfg)
+    logger.info("data %s", split.stats())
+    runs = [train_seed(cfg, split, seed) for seed in seeds]
+    summary = summarise(runs)
+    print_table(cfg.name, runs, summary)
+    result = {"name": cfg.name, "config": dataclasses.asdict(cfg), "seeds": list(seeds),
+              "dataset": split.stats(), "memory_method": MEMORY_METHOD, **environment_info(REPO), **summary,
+              "per_seed": runs}  # fmt: skip
+    out = Path(cfg.output_json or f"outputs/sasrec/{cfg.name}.json")
+    atomic.write_json(out, result)
+    logger.info("wrote %s", out)
+    return result
+
+
+def combine(out: str, inputs: Sequence[str]) -> dict:
+    """Gather JSON files into one ``{"runs": {name: result}}`` file (name: the run's, else the file's stem)."""
+    runs = {}
+    for path in inputs:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+        runs[result.get("name") or Path(path).stem] = result
+    atomic.write_json(out, {"runs": runs})
+    return {"runs": runs}
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML recipe (recipes/configs/sasrec/*.yaml)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="train one model per seed (default: the config's seed)"
+    )
+    parser.add_argument(
+        "--combine", metavar="OUT_JSON", help="merge the result JSON files given as arguments"
+    )
+    parser.add_argument("--help-config", action="store_true", help="list every config key with help text")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides (with --combine: result JSON files)"
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value may come anywhere
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides + args.overrides
+    if args.help_config:
+        print(describe_sasrec_config())
+        return None
+    if args.combine:
+        return combine(args.combine, args.overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_sasrec_config(args.config, args.overrides)
+        return run(cfg, args.seeds or [cfg.seed])
+    except InputError as err:
+        print(f"sasrec: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+if __name__ == "__main__":
+    main()
