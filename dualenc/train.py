@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from dualenc import atomic
 from dualenc.checkpoint import load_process_state, read_state, resolve_resume, save_checkpoint
 from dualenc.collate import GroupDataset, TrainCollator
 from dualenc.config import RunConfig, config_to_dict
@@ -225,6 +227,7 @@ def train(
         model: a ready ``DualEncoder`` (e.g. with custom towers) to train instead of building one from
             ``cfg.model``. Custom towers are saved as a ``model.safetensors`` state dict.
     """
+    started = time.perf_counter()
     accelerator = accelerator or make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     set_seed(cfg.train.seed)
@@ -333,9 +336,7 @@ def train(
             step += 1
             bar.update(1)
             if step % cfg.train.logging_steps == 0 or step == total_steps:
-                logs = _step_logs(
-                    accelerator, output, scheduler, grad_norm, time.perf_counter() - tick, epoch
-                )
+                logs = _step_logs(accelerator, output, scheduler, grad_norm, tick, started, epoch)
                 log.write(step, logs)
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -356,24 +357,57 @@ def train(
     final = out / "final_model"
     if accelerator.is_main_process:
         save_trained_model(accelerator.unwrap_model(module).encoder, final)
+        summary = {
+            "steps": step,
+            "best_step": state["best_step"],
+            "best_metric": state["best_metric"],
+            "eval_measure": cfg.train.eval_measure,
+            "wall_s": time.perf_counter() - started,
+            "peak_rss_gib": _peak_rss_gib(),
+            "resumed_from": None if resume is None else str(resume),
+        }
+        if torch.cuda.is_available():
+            summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        atomic.write_json(out / "train_summary.json", summary)  # wall_s: this session only
     accelerator.wait_for_everyone()
     accelerator.end_training()
     best = out / "best_model" if state["best_step"] is not None else None
     return TrainResult(step, str(final), None if best is None else str(best), state["best_metric"], logs)
 
 
-def _step_logs(accelerator, output: LossOutput, scheduler, grad_norm, step_time: float, epoch: int) -> dict:
-    """Loss logs averaged over processes, plus learning rate, gradient norm, step time and peak memory."""
+def _step_logs(
+    accelerator, output: LossOutput, scheduler, grad_norm, tick: float, started: float, epoch: int
+) -> dict:
+    """Loss logs averaged over processes, plus learning rate, gradient norm, times and peak memory.
+
+    ``step_time_s`` is the last optimizer step, ``elapsed_s`` the wall time since ``train()`` began in this
+    session (data loading, cache fill and dev evaluations included); ``peak_rss_gib`` is the main process's
+    resident-set high-water mark (``ru_maxrss``), ``peak_mem_gib`` the CUDA allocator's peak.
+    """
+    now = time.perf_counter()
     names = sorted(output.logs)
     values = torch.stack([output.logs[n].detach().float() for n in names])  # (K,)
     values = accelerator.reduce(values, reduction="mean")
     logs = {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
-    logs.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=step_time)
+    logs.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=now - tick, elapsed_s=now - started)
+    rss = _peak_rss_gib()
+    if rss is not None:
+        logs["peak_rss_gib"] = rss
     if grad_norm is not None:
         logs["grad_norm"] = float(grad_norm)
     if torch.cuda.is_available():
         logs["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return logs
+
+
+def _peak_rss_gib() -> float | None:
+    """This process's resident-set high-water mark in GiB (``ru_maxrss``), None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    scale = 2**30 if sys.platform == "darwin" else 2**20  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _evaluate_and_keep_best(
