@@ -21,6 +21,9 @@ DATA=${DUALENC_DATA:-../shared/data}
 mkdir -p "$OUT"
 [ -f "$OUT/zeroshot.json" ] || python eval/beir_scifact.py --model "$MODEL" --label "zero-shot" \
   --work-dir "$OUT/zeroshot" --output-json "$OUT/zeroshot.json"
+[ -f "$OUT/zeroshot_dev.json" ] || python eval/beir_scifact.py --model "$MODEL" --label "zero-shot (dev)" \
+  --topics outputs/scifact/queries.dev.tsv --qrels outputs/scifact/qrels.dev.txt \
+  --work-dir "$OUT/zeroshot" --output-json "$OUT/zeroshot_dev.json"   # reuses the corpus embeddings
 runs=()
 for seed in $SEEDS; do
   for loss in $LOSSES; do
@@ -34,5 +37,5 @@ for seed in $SEEDS; do
     runs+=("$loss=$run")
   done
 done
-python eval/compare_training.py --zero-shot "$OUT/zeroshot.json" --out "$OUT/compare.json" \
+python eval/compare_training.py --zero-shot "$OUT/zeroshot.json" --zero-shot-dev "$OUT/zeroshot_dev.json" --out "$OUT/compare.json" \
   --plot "$OUT/compare.png" "${runs[@]}"

@@ -1,0 +1,186 @@
+"""Compare training runs: test measures, best dev score, wall time, memory, and training curves.
+
+    python eval/compare_training.py --zero-shot outputs/scifact_compare/zeroshot.json \\
+        --out outputs/scifact_compare/compare.json --plot outputs/scifact_compare/compare.png \\
+        inbatch=outputs/scifact_compare/inbatch_s42 cache=outputs/scifact_compare/cache_s42 ...
+
+Each ``NAME=RUN_DIR`` is a ``recipes/train.py`` output directory holding ``train_log.jsonl``,
+``train_summary.json`` and ``test.json`` (the eval script's report on its best model; ``--test-report`` names
+another file). Runs sharing a NAME (several seeds) are also summarised as mean ± sample std. Prints two tables
+(per run, per name), writes JSON and a PNG: training loss and dev measure against the optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dualenc import atomic
+from dualenc.errors import InputError
+from dualenc.evaluate import format_table
+from dualenc.report import environment_info
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError("file not found", path=path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"not JSON: {err.msg}", path=path, line=err.lineno) from None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a ``train_log.jsonl``, in file order."""
+    if not path.is_file():
+        raise InputError("file not found", path=path)
+    records = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise InputError(f"not JSON: {err.msg}", path=path, line=line_no) from None
+    return records
+
+
+def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
+    """One run's numbers: test measures of its best model, best dev score, time, memory, curves."""
+    summary = _read_json(run_dir / "train_summary.json")
+    test = _read_json(run_dir / test_report)
+    log = read_log(run_dir / "train_log.jsonl")
+    measure = summary["eval_measure"]
+    losses = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    dev = [(r["step"], r[f"dev/{measure}"]) for r in log if f"dev/{measure}" in r]
+    step_times = [r["step_time_s"] for r in log if "step_time_s" in r]
+    return {
+        "name": name,
+        "run_dir": str(run_dir),
+        "test": test["measures"],
+        "test_commit": test.get("commit"),
+        "eval_measure": measure,
+        "best_dev": summary["best_metric"],
+        "best_step": summary["best_step"],
+        "steps": summary["steps"],
+        "wall_s": summary["wall_s"],
+        "peak_rss_gib": summary.get("peak_rss_gib"),
+        "peak_mem_gib": summary.get("peak_mem_gib"),
+        "median_step_s": statistics.median(step_times) if step_times else None,
+        "curves": {"loss": losses, "dev": dev},
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(runs: list[dict], measures: Sequence[str]) -> list[dict]:
+    """Mean and sample std of the test measures per name (seeds), with mean time and memory."""
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        group = [r for r in runs if r["name"] == name]
+        row: dict = {"name": name, "seeds": len(group)}
+        for m in measures:
+            mean, std = _mean_std([r["test"][m] for r in group])
+            row[m], row[f"{m} std"] = mean, std
+        row["wall_s"] = statistics.fmean(r["wall_s"] for r in group)
+        rss = [r["peak_rss_gib"] for r in group if r["peak_rss_gib"] is not None]
+        row["peak_rss_gib"] = max(rss) if rss else None
+        rows.append(row)
+    return rows
+
+
+def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measure: str) -> bool:
+    """Training loss and dev measure against the step, one line per run; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        label = f"{run['name']} ({Path(run['run_dir']).name})"
+        for ax, key in ((ax_loss, "loss"), (ax_dev, "dev")):
+            points = run["curves"][key]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o" if key == "dev" else None, label=label)
+    if zero_shot_dev is not None:
+        ax_dev.axhline(zero_shot_dev, color="grey", linestyle="--", label="before training")
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss (each over its own negatives)")
+    ax_dev.set(xlabel="optimizer step", ylabel=f"dev {measure}")
+    for ax in (ax_loss, ax_dev):
+        ax.grid(True, alpha=0.3)
+    ax_dev.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="NAME=RUN_DIR (repeat a NAME for several seeds)")
+    p.add_argument("--zero-shot", default=None, help="eval report of the model before training (a row)")
+    p.add_argument(
+        "--zero-shot-dev", default=None, help="eval report of that model on the dev set (plot line)"
+    )
+    p.add_argument("--test-report", default="test.json", help="eval report inside each run dir")
+    p.add_argument("--out", required=True, type=Path, help="JSON output")
+    p.add_argument("--plot", default=None, type=Path, help="PNG of the training curves")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        runs = []
+        for spec in args.runs:
+            name, sep, run_dir = spec.partition("=")
+            if not sep or not name or not run_dir:
+                raise InputError(f"expected NAME=RUN_DIR, got {spec!r}")
+            runs.append(summarise_run(name, Path(run_dir), args.test_report))
+        zero = _read_json(Path(args.zero_shot)) if args.zero_shot else None
+    except InputError as err:
+        print(f"compare_training: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    measures = list(runs[0]["test"])
+    dev_measure = runs[0]["eval_measure"]
+    zero_dev = _read_json(Path(args.zero_shot_dev))["measures"][dev_measure] if args.zero_shot_dev else None
+    per_run = [
+        {"run": Path(r["run_dir"]).name, **{f"test {m}": r["test"][m] for m in measures},
+         f"best dev {dev_measure}": r["best_dev"], "best step": r["best_step"], "steps": r["steps"],
+         "wall s": r["wall_s"], "median step s": r["median_step_s"], "peak RSS GiB": r["peak_rss_gib"]}
+        for r in runs
+    ]  # fmt: skip
+    if zero is not None:
+        per_run.insert(0, {"run": "zero-shot", **{f"test {m}": zero["measures"][m] for m in measures}})
+    table = format_table(per_run)
+    by_name = aggregate(runs, measures)
+    name_table = format_table(by_name)
+    print(table, "\n", name_table, sep="\n")
+    result = {
+        "runs": runs,
+        "by_name": by_name,
+        "zero_shot": None if zero is None else {"measures": zero["measures"], "commit": zero.get("commit")},
+        "table": table,
+        "name_table": name_table,
+        **environment_info(Path(__file__).parent),
+    }
+    atomic.write_json(args.out, result)
+    if args.plot is not None and plot_curves(runs, zero_dev, args.plot, dev_measure):
+        print(f"plot: {args.plot}")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""eval/compare_training.py: per-run and per-name (seed mean ± std) summaries of training runs, clear errors."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import statistics
+from pathlib import Path
+
+import pytest
+
+from dualenc.errors import InputError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "compare_training.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    return runpy.run_path(str(SCRIPT))
+
+
+def _make_run(root: Path, name: str, ndcg: float, wall: float, steps=(5, 10)) -> Path:
+    run = root / name
+    run.mkdir()
+    log = [{"step": s, "loss": 2.0 / s, "step_time_s": 0.5 * s} for s in steps]
+    log += [{"step": steps[-1], "dev/nDCG@10": ndcg - 0.1}]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    summary = {"steps": steps[-1], "best_step": steps[-1], "best_metric": ndcg - 0.1, "eval_measure": "nDCG@10",
+               "wall_s": wall, "peak_rss_gib": 1.5}  # fmt: skip
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    (run / "test.json").write_text(json.dumps({"measures": {"nDCG@10": ndcg, "R@100": 0.9}, "commit": "abc"}))
+    return run
+
+
+def test_tables_json_and_seed_aggregate(compare, tmp_path, capsys):
+    a1 = _make_run(tmp_path, "a_s1", 0.70, 100.0)
+    a2 = _make_run(tmp_path, "a_s2", 0.66, 120.0)
+    b1 = _make_run(tmp_path, "b_s1", 0.60, 50.0)
+    zero = tmp_path / "zero.json"
+    zero.write_text(json.dumps({"measures": {"nDCG@10": 0.645, "R@100": 0.925}}))
+    out = tmp_path / "cmp.json"
+    result = compare["main"]([f"a={a1}", f"a={a2}", f"b={b1}", "--zero-shot", str(zero), "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == result["table"]
+    a = next(r for r in result["by_name"] if r["name"] == "a")
+    assert a["seeds"] == 2
+    assert a["nDCG@10"] == pytest.approx(0.68)
+    assert a["nDCG@10 std"] == pytest.approx(statistics.stdev([0.70, 0.66]))
+    assert a["wall_s"] == pytest.approx(110.0)
+    b = next(r for r in result["by_name"] if r["name"] == "b")
+    assert b["nDCG@10 std"] is None  # one seed: no spread
+    first = result["runs"][0]
+    assert first["median_step_s"] == pytest.approx(3.75)  # median of 2.5 and 5.0
+    assert [tuple(p) for p in first["curves"]["loss"]] == [(5, 0.4), (10, 0.2)]
+    printed = capsys.readouterr().out
+    assert "zero-shot" in printed and "0.6450" in printed and "a_s2" in printed
+
+
+def test_plot_is_written(compare, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = _make_run(tmp_path, "r", 0.7, 10.0)
+    zero_dev = tmp_path / "zero_dev.json"
+    zero_dev.write_text(json.dumps({"measures": {"nDCG@10": 0.5}}))
+    png = tmp_path / "c.png"
+    compare["main"]([f"r={run}", "--out", str(tmp_path / "c.json"), "--plot", str(png),
+                     "--zero-shot-dev", str(zero_dev)])  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_name_the_file_and_line(compare, tmp_path, capsys):
+    run = _make_run(tmp_path, "r", 0.7, 10.0)
+    with open(run / "train_log.jsonl", "a") as fh:
+        fh.write("{not json\n")
+    with pytest.raises(SystemExit) as exc:
+        compare["main"]([f"r={run}", "--out", str(tmp_path / "c.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "train_log.jsonl:4" in err and "not JSON" in err
+    with pytest.raises(SystemExit):
+        compare["main"]([f"{run}", "--out", str(tmp_path / "c.json")])
+    assert "expected NAME=RUN_DIR" in capsys.readouterr().err
+    (run / "test.json").unlink()
+    with pytest.raises(InputError, match="test.json"):
+        compare["summarise_run"]("r", run, "test.json")
