@@ -28,6 +28,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def child_env() -> dict:
+    """This environment with the repository first on PYTHONPATH (what was there is kept)."""
+    import os
+
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -222,7 +232,7 @@ def main(argv=None) -> dict:
             cfg = {k: v for k, v in vars(args).items() if k not in ("out", "single", "quick", "table_sizes")}
             cfg.update(variant=variant, table_size=size)
             proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(cfg)], capture_output=True,
-                                  text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                                  text=True, env=child_env())  # fmt: skip
             if proc.returncode != 0:
                 raise SystemExit(f"{variant} @ {size:g} failed:\n{proc.stderr[-4000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -230,8 +240,8 @@ def main(argv=None) -> dict:
 
 
 def report(args, rows: list[dict]) -> dict:
-    from dualenc.evaluate import format_table
     from dualenc.report import environment_info
+    from dualenc.table import format_table
 
     table, b, m = [], args.batch_size, args.num_negatives
     for size in args.table_sizes:

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: all)")
     p.add_argument("--out", default="bench/results/index_recall_cpu.json")
     args = p.parse_args(argv)
-    from dualenc.evaluate import format_table
     from dualenc.report import environment_info
+    from dualenc.table import format_table
 
     corpus, queries = _load(args.corpus), _load(args.queries)
     rows = measure(corpus, queries, args.factories, args.k, args.threads)

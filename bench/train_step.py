@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -101,15 +100,17 @@ def main(argv=None) -> dict:
     if args.single:
         print(json.dumps(run_single(json.loads(args.single))))
         return {}
-    from dualenc.evaluate import format_table
+    from cache_step import child_env
+
     from dualenc.report import environment_info
+    from dualenc.table import format_table
 
     rows = []
     for precision in args.precisions:
         cfg = {k: v for k, v in vars(args).items() if k not in ("out", "single", "precisions")}
         cfg["precision"] = precision
         proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(cfg)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+                              env=child_env())  # fmt: skip
         if proc.returncode != 0:
             raise SystemExit(f"{precision} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -27,13 +27,11 @@ from transformers import get_scheduler
 
 from dualenc import atomic
 from dualenc.checkpoint import load_process_state, read_state, resolve_resume, save_checkpoint
-from dualenc.collate import GroupDataset, TrainCollator
 from dualenc.config import RunConfig, config_to_dict
 from dualenc.distributed import all_gather_with_grad
 from dualenc.encoder import DualEncoder
 from dualenc.errors import InputError
 from dualenc.losses import CachedCE, InBatchCE, LossOutput, false_negative_mask
-from dualenc.train_data import TrainData, load_train_data
 from dualenc.train_setup import (
     DevSet,
     EpochSampler,
@@ -47,6 +45,7 @@ from dualenc.train_setup import (
 
 if TYPE_CHECKING:
     from dualenc.negative_cache import NegativeCache
+    from dualenc.train_data import TrainData
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +226,9 @@ def train(
         model: a ready ``DualEncoder`` (e.g. with custom towers) to train instead of building one from
             ``cfg.model``. Custom towers are saved as a ``model.safetensors`` state dict.
     """
+    from dualenc.collate import GroupDataset, TrainCollator  # datasets/pyarrow: only where data is loaded
+    from dualenc.train_data import load_train_data
+
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(cfg)
     out = Path(cfg.train.output_dir)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from dualenc import atomic
 from dualenc.errors import InputError
-from dualenc.evaluate import format_table
 from dualenc.report import environment_info
+from dualenc.table import format_table
 
 
 def _read_json(path: Path) -> dict:

@@ -1,8 +1,14 @@
-"""Benchmarks stay runnable: each bench script's smallest configuration, end to end, JSON keys checked."""
+"""Benchmarks stay runnable: each bench script's smallest configuration, end to end, JSON keys checked.
+
+They run with ``datasets``, ``faiss``, ``ir_measures`` and ``pyarrow`` made unimportable, as on the lent GPU
+machine (torch, transformers and accelerate only): a bench that needs them there would fail after the machine
+was paid for.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +16,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+GPU_MACHINE_BLOCKER = """
+import importlib.abc, sys
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"datasets", "faiss", "ir_measures", "pyarrow"}:
+            raise ImportError(f"{name} is not installed on the GPU machine")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
 def _run(script: str, args: list[str], out: Path) -> dict:
+    """Run a bench script (its child processes inherit PYTHONPATH, hence the blocker)."""
+    site = out.parent / "gpu_machine_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def test_the_blocker_blocks(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
+    proc = subprocess.run([sys.executable, "-c", "import ir_measures"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+    assert proc.returncode != 0 and "not installed on the GPU machine" in proc.stderr
 
 
 def test_cache_step_bench_quick(tmp_path):
@@ -32,3 +65,8 @@ def test_train_step_bench_small(tmp_path):
     report = _run("train_step.py", args, tmp_path / "train.json")
     assert [r["precision"] for r in report["rows"]] == ["no", "bf16"]
     assert all(r["step_s"] > 0 and r["peak_mib"] >= 0 for r in report["rows"])
+
+
+def test_loss_memory_bench_quick_without_data_libraries(tmp_path):
+    report = _run("loss_memory.py", ["--quick", "--losses", "ce", "sce"], tmp_path / "loss.json")
+    assert [r["status"] for r in report["rows"]] == ["ok", "ok"]
