@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dualenc import atomic
-from dualenc.data import doc_text
 from dualenc.embeddings import shard_paths, write_meta, write_shard
 from dualenc.errors import InputError
 
@@ -113,6 +112,8 @@ def _fingerprint(collection, start: int, end: int, settings: dict) -> str:
 
 
 def _collection_texts(collection, start: int, end: int) -> tuple[list[str], list[str]]:
+    from dualenc.data import doc_text  # datasets: only where a collection is read
+
     part = collection[start:end]
     titles = part.get("title") or [""] * (end - start)
     return list(part["id"]), [doc_text(t, x) for t, x in zip(titles, part["text"], strict=True)]

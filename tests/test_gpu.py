@@ -1,0 +1,133 @@
+"""CUDA parity: the GPU paths of the table, the scan, the sampler, SCE and encoding equal their CPU oracles.
+
+Marked ``gpu`` and skipped without CUDA. They need only torch and transformers (no datasets, faiss or
+ir-measures), so they run on the lent GPU machine through ``scripts/gpu_checks.sh``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualenc.cache import EmbeddingTable
+from dualenc.cache_scan import scan_table
+from dualenc.sampler import gumbel_max_sample
+from dualenc.sce import ScalableCE, full_ce
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def _table(device: str, size: int = 3000, dim: int = 16, dtype=torch.float32) -> EmbeddingTable:
+    gen = torch.Generator().manual_seed(0)
+    table = EmbeddingTable(size, dim, dtype=dtype, device=device)
+    emb = torch.nn.functional.normalize(torch.randn(size, dim, generator=gen), dim=1)  # (M, D) on CPU
+    table.fill_corpus(emb.to(device=device, dtype=dtype), torch.arange(size, device=device))
+    table.doc_idx[7::50] = -1  # some empty slots
+    return table
+
+
+def _scan(table: EmbeddingTable, queries: torch.Tensor, device: str, *, with_mean: bool, block: int):
+    q = queries.to(device)  # (Q, D)
+    return scan_table(
+        table, q, 5.0, pos_score=torch.full((q.shape[0],), 2.0, device=device),
+        mask_rows=torch.arange(q.shape[0], device=device), mask_slots=torch.arange(q.shape[0], device=device) * 3,
+        home_slots=None, num_samples=2, replacement=True,
+        generator=torch.Generator(device=device).manual_seed(1), block_size=block, with_mean=with_mean,
+    )  # fmt: skip
+
+
+def test_table_scan_statistics_equal_cpu():
+    """Log-sum-exp, positive rank and softmax mean over the masked table: CUDA (other block size) = CPU."""
+    queries = torch.randn(12, 16, generator=torch.Generator().manual_seed(2))  # (Q, D)
+    cpu = _scan(_table("cpu"), queries, "cpu", with_mean=True, block=1000)
+    cuda = _scan(_table("cuda"), queries, "cuda", with_mean=True, block=777)
+    torch.testing.assert_close(cuda.lse.cpu(), cpu.lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cuda.mean.cpu(), cpu.mean, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cuda.above.cpu(), cpu.above)
+    drawn = cuda.slots.cpu()  # (Q, m)
+    table = _table("cpu")
+    assert bool((table.doc_idx[drawn] >= 0).all()), "an empty slot was drawn"
+    assert not bool((drawn == (torch.arange(12) * 3)[:, None]).any()), "a masked positive was drawn"
+
+
+def test_bfloat16_table_scan_is_close_to_float32():
+    queries = torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    exact = _scan(_table("cuda"), queries, "cuda", with_mean=False, block=1024)
+    bf16 = _scan(_table("cuda", dtype=torch.bfloat16), queries, "cuda", with_mean=False, block=1024)
+    torch.testing.assert_close(bf16.lse, exact.lse, rtol=0, atol=0.05)
+
+
+def test_gumbel_max_frequencies_on_cuda_are_softmax():
+    scores = torch.tensor([1.0, 0.5, -1.0, 2.0, 0.0], device="cuda")
+    n = 400_000
+    draws = gumbel_max_sample(
+        scores.expand(n, -1), 1, generator=torch.Generator(device="cuda").manual_seed(0)
+    )  # (n, 1)
+    freq = torch.bincount(draws.flatten(), minlength=5).double().cpu() / n
+    torch.testing.assert_close(freq, torch.softmax(scores.double().cpu(), 0), rtol=0, atol=3e-3)
+
+
+def test_table_operations_equal_cpu():
+    """A random stream of inserts, refreshes and ticks leaves identical buffers on CUDA and CPU."""
+    tables = {dev: EmbeddingTable(64, 4, device=dev) for dev in ("cpu", "cuda")}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        rows = torch.randint(0, 200, (10,), generator=gen)  # (n,) corpus rows, with repeats
+        emb = torch.randn(10, 4, generator=gen)  # (n, D)
+        refresh = torch.randint(0, 64, (5,), generator=gen)  # (r,) slots, with repeats
+        fresh = torch.randn(5, 4, generator=gen)
+        for dev, table in tables.items():
+            table.write(refresh.to(dev), fresh.to(dev))
+            table.insert(rows.to(dev), emb.to(dev))
+            table.tick()
+    cpu, cuda = (tables[d].state_dict() for d in ("cpu", "cuda"))
+    for key in cpu:
+        assert torch.equal(cuda[key].cpu(), cpu[key]), key
+    probe = torch.arange(200)
+    assert torch.equal(tables["cuda"].locate(probe.cuda()).cpu(), tables["cpu"].locate(probe))
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_scalable_ce_on_cuda_equals_cpu(mix):
+    """Same centres (drawn from one CPU generator): value and gradients equal in float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen, dtype=torch.float64)  # (N, D)
+    w = torch.randn(500, 8, generator=gen, dtype=torch.float64)  # (C, D)
+    targets = torch.randint(0, 500, (64,), generator=gen)  # (N,)
+    results = {}
+    for dev in ("cpu", "cuda"):
+        xd, wd = x.to(dev).requires_grad_(), w.to(dev).requires_grad_()
+        loss = ScalableCE(bucket_size_y=32, mix=mix, block_size=100)(
+            xd, wd, targets.to(dev), generator=torch.Generator().manual_seed(5)
+        ).loss
+        loss.backward()
+        results[dev] = (loss.detach().cpu(), xd.grad.cpu(), wd.grad.cpu())
+    for got, want in zip(results["cuda"], results["cpu"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_full_coverage_sce_equals_full_ce_on_cuda():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 8, generator=gen, dtype=torch.float64, device="cpu").cuda()
+    w = torch.randn(40, 8, generator=gen, dtype=torch.float64, device="cpu").cuda()
+    targets = torch.randint(0, 40, (16,), generator=gen).cuda()
+    sce = ScalableCE(n_buckets=1, bucket_size_x=16, bucket_size_y=40)(x, w, targets).loss
+    torch.testing.assert_close(sce, full_ce(x, w, targets), rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_autocast_encoding_is_close_to_fp32(tiny_model_dir):
+    from dualenc.encode import encode_texts
+    from dualenc.encoder import DualEncoder
+
+    texts = ["dense passage retrieval", "negative cache table", "scalable softmax bucket", "the a of"]
+    model = DualEncoder.from_pretrained(tiny_model_dir)
+    ref = torch.from_numpy(encode_texts(model.eval(), texts, batch_size=2))  # (4, D) fp32 on CPU
+    model = model.to("cuda")
+    got = torch.from_numpy(
+        encode_texts(model, texts, batch_size=3, device="cuda", autocast_dtype=torch.bfloat16)
+    )
+    cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=1)  # (4,)
+    assert bool((cos > 0.99).all()), cos
