@@ -70,3 +70,19 @@ def test_train_step_bench_small(tmp_path):
 def test_loss_memory_bench_quick_without_data_libraries(tmp_path):
     report = _run("loss_memory.py", ["--quick", "--losses", "ce", "sce"], tmp_path / "loss.json")
     assert [r["status"] for r in report["rows"]] == ["ok", "ok"]
+
+
+def test_gpu_checks_script_smoke_on_cpu(tmp_path):
+    """scripts/gpu_checks.sh (what a GPU-lent session runs) in its CPU smoke mode, data libraries blocked."""
+    site = tmp_path / "gpu_machine_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
+    out = tmp_path / "gpu"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(out),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh")], capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "0 failed step(s)" in proc.stdout
+    for name in ("loss_memory_cpu.json", "cache_step_cpu.json", "train_step_cpu.json"):
+        assert json.loads((out / name).read_text())["rows"], name
