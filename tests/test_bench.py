@@ -26,15 +26,18 @@ sys.meta_path.insert(0, _Absent())
 """
 
 
-def _run(script: str, args: list[str], out: Path) -> dict:
-    """Run a bench script (its child processes inherit PYTHONPATH, hence the blocker)."""
-    site = out.parent / "gpu_machine_site"
+def _gpu_machine_env(tmp: Path, **extra: str) -> dict:
+    """This environment plus a sitecustomize that blocks the data libraries (child processes inherit it)."""
+    site = tmp / "gpu_machine_site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-    }
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def _run(script: str, args: list[str], out: Path) -> dict:
+    """Run a bench script as it would run on the GPU machine."""
+    env = _gpu_machine_env(out.parent)
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,11 +45,8 @@ def _run(script: str, args: list[str], out: Path) -> dict:
 
 
 def test_the_blocker_blocks(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
     proc = subprocess.run([sys.executable, "-c", "import ir_measures"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(site)})  # fmt: skip
+                          env=_gpu_machine_env(tmp_path))  # fmt: skip
     assert proc.returncode != 0 and "not installed on the GPU machine" in proc.stderr
 
 
@@ -74,12 +74,8 @@ def test_loss_memory_bench_quick_without_data_libraries(tmp_path):
 
 def test_gpu_checks_script_smoke_on_cpu(tmp_path):
     """scripts/gpu_checks.sh (what a GPU-lent session runs) in its CPU smoke mode, data libraries blocked."""
-    site = tmp_path / "gpu_machine_site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
     out = tmp_path / "gpu"
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "OUT": str(out),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = _gpu_machine_env(tmp_path, DEVICE="cpu", QUICK="1", OUT=str(out))
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh")], capture_output=True, text=True,
                           timeout=600, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
