@@ -7,7 +7,8 @@
 Each ``NAME=RUN_DIR`` is a ``recipes/train.py`` output directory holding ``train_log.jsonl``,
 ``train_summary.json`` and ``test.json`` (the eval script's report on its best model; ``--test-report`` names
 another file). Runs sharing a NAME (several seeds) are also summarised as mean ± sample std. Prints two tables
-(per run, per name), writes JSON and a PNG: training loss and dev measure against the optimizer step.
+(per run, per name), writes JSON and a PNG: training loss, dev measure and, for cache runs, the staleness of the
+refreshed table slots against the optimizer step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dualenc import atomic
 from dualenc.errors import InputError
 from dualenc.report import environment_info
 from dualenc.table import format_table
+
+STALENESS = "cache/staleness_refresh"  # ||e_cached - e_fresh||^2 / ||e_fresh||^2 of the refreshed slots
 
 
 def _read_json(path: Path) -> dict:
@@ -57,6 +60,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
     measure = summary["eval_measure"]
     losses = [(r["step"], r["loss"]) for r in log if "loss" in r]
     dev = [(r["step"], r[f"dev/{measure}"]) for r in log if f"dev/{measure}" in r]
+    stale = [(r["step"], r[STALENESS]) for r in log if STALENESS in r]
     step_times = [r["step_time_s"] for r in log if "step_time_s" in r]
     return {
         "name": name,
@@ -71,7 +75,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
         "peak_rss_gib": summary.get("peak_rss_gib"),
         "peak_mem_gib": summary.get("peak_mem_gib"),
         "median_step_s": statistics.median(step_times) if step_times else None,
-        "curves": {"loss": losses, "dev": dev},
+        "curves": {"loss": losses, "dev": dev, "staleness": stale},
     }
 
 
@@ -96,7 +100,8 @@ def aggregate(runs: list[dict], measures: Sequence[str]) -> list[dict]:
 
 
 def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measure: str) -> bool:
-    """Training loss and dev measure against the step, one line per run; False without matplotlib."""
+    """Training loss, dev measure (and cache staleness) against the step, one line per run; False without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -105,20 +110,22 @@ def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measu
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = ["loss", "dev"] + (["staleness"] if any(r["curves"]["staleness"] for r in runs) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for run in runs:
         label = f"{run['name']} ({Path(run['run_dir']).name})"
-        for ax, key in ((ax_loss, "loss"), (ax_dev, "dev")):
+        for ax, key in zip(axes, panels, strict=True):
             points = run["curves"][key]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o" if key == "dev" else None, label=label)
     if zero_shot_dev is not None:
-        ax_dev.axhline(zero_shot_dev, color="grey", linestyle="--", label="before training")
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss (each over its own negatives)")
-    ax_dev.set(xlabel="optimizer step", ylabel=f"dev {measure}")
-    for ax in (ax_loss, ax_dev):
+        axes[1].axhline(zero_shot_dev, color="grey", linestyle="--", label="before training")
+    labels = {"loss": "training loss (each over its own negatives)", "dev": f"dev {measure}",
+              "staleness": "table staleness of refreshed slots"}  # fmt: skip
+    for ax, key in zip(axes, panels, strict=True):
+        ax.set(xlabel="optimizer step", ylabel=labels[key])
         ax.grid(True, alpha=0.3)
-    ax_dev.legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
