@@ -110,6 +110,14 @@ def test_dev_evaluation_keeps_the_best_model(tmp_path):
     best = max(dev, key=lambda row: row["dev/RR@10"])
     assert result.best_metric == pytest.approx(best["dev/RR@10"])
     assert (tmp_path / "run" / "best_model" / "dualenc_config.json").exists()
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["best_step"] == best["step"]
+    assert summary["best_metric"] == pytest.approx(best["dev/RR@10"]) and summary["eval_measure"] == "RR@10"
+    timed = [row for row in read_log(tmp_path / "run") if "loss" in row]
+    elapsed = [row["elapsed_s"] for row in timed]
+    assert elapsed == sorted(elapsed) and 0 < elapsed[-1] <= summary["wall_s"]
+    assert all(0 < row["step_time_s"] <= row["elapsed_s"] for row in timed)
+    assert summary["peak_rss_gib"] >= timed[-1]["peak_rss_gib"] > 0.05  # a process holding torch + BERT
 
 
 # ---------------------------------------------------------------- 2 processes (gloo) == 1 process, same global batch
