@@ -112,14 +112,19 @@ def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measu
         return False
     panels = ["loss", "dev"] + (["staleness"] if any(r["curves"]["staleness"] for r in runs) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(r["name"] for r in runs))  # one colour per name, one line style per seed
     for run in runs:
         label = f"{run['name']} ({Path(run['run_dir']).name})"
+        colour = colours[names.index(run["name"]) % len(colours)]
+        style = ["-", "--", ":", "-."][[r for r in runs if r["name"] == run["name"]].index(run) % 4]
         for ax, key in zip(axes, panels, strict=True):
             points = run["curves"][key]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o" if key == "dev" else None, label=label)
+                ax.plot(*zip(*points, strict=True), marker="o" if key == "dev" else None, label=label,
+                        color=colour, linestyle=style)  # fmt: skip
     if zero_shot_dev is not None:
-        axes[1].axhline(zero_shot_dev, color="grey", linestyle="--", label="before training")
+        axes[1].axhline(zero_shot_dev, color="grey", linewidth=3, alpha=0.5, label="before training")
     labels = {"loss": "training loss (each over its own negatives)", "dev": f"dev {measure}",
               "staleness": "table staleness of refreshed slots"}  # fmt: skip
     for ax, key in zip(axes, panels, strict=True):
