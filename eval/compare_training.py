@@ -6,9 +6,10 @@
 
 Each ``NAME=RUN_DIR`` is a ``recipes/train.py`` output directory holding ``train_log.jsonl``,
 ``train_summary.json`` and ``test.json`` (the eval script's report on its best model; ``--test-report`` names
-another file). Runs sharing a NAME (several seeds) are also summarised as mean ± sample std. Prints two tables
-(per run, per name), writes JSON and a PNG: training loss, dev measure and, for cache runs, the staleness of the
-refreshed table slots against the optimizer step.
+another file). Runs sharing a NAME (several seeds) are also summarised as mean ± sample std. Prints a table per
+run, one per name, and paired significance tests of each name against a baseline on the test queries
+(per-query scores averaged over seeds; randomization test and paired t-test). Writes JSON and a PNG: training
+loss, dev measure and, for cache runs, the staleness of the refreshed table slots, against the optimizer step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from dualenc import atomic
 from dualenc.errors import InputError
@@ -65,6 +68,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
     return {
         "name": name,
         "run_dir": str(run_dir),
+        "test_report": str(run_dir / test_report),
         "test": test["measures"],
         "test_commit": test.get("commit"),
         "eval_measure": measure,
@@ -77,6 +81,61 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
         "median_step_s": statistics.median(step_times) if step_times else None,
         "curves": {"loss": losses, "dev": dev, "staleness": stale},
     }
+
+
+def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
+    """Per-query ``measure`` of the run an eval report points at, scored against the report's qrels."""
+    from dualenc.data import read_qrels
+    from dualenc.evaluate import evaluate_per_query
+    from dualenc.runs import read_run
+
+    report = _read_json(Path(report_path))
+    if "run_file" not in report or "qrels" not in report.get("config", {}):
+        raise InputError("not an eval report (no run_file / config.qrels): per-query scores need them",
+                         path=report_path)  # fmt: skip
+    qrels, run = read_qrels(report["config"]["qrels"]), read_run(report["run_file"])
+    return {qid: values[measure] for qid, values in evaluate_per_query(qrels, run, [measure]).items()}
+
+
+def paired_randomization_pvalue(a: np.ndarray, b: np.ndarray, *, num_resamples: int = 10_000) -> float:
+    """Two-sided paired randomization (sign-flip) test of mean(a - b) = 0, the IR default for comparing systems
+    on the same queries (Smucker, Allan, Carterette, CIKM 2007); exact when 2^n <= ``num_resamples``."""
+    from scipy import stats
+
+    result = stats.permutation_test(
+        (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples", vectorized=True,
+        n_resamples=num_resamples, alternative="two-sided", random_state=0,
+    )  # fmt: skip
+    return float(result.pvalue)
+
+
+def paired_comparison(runs: list[dict], baseline: str, measure: str) -> list[dict]:
+    """Each name against ``baseline`` on the test queries: per-query scores averaged over seeds, mean
+    difference, queries better / worse, randomization-test and paired t-test p-values."""
+    from scipy import stats
+
+    per_name: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        seeds = [per_query_scores(r["test_report"], measure) for r in runs if r["name"] == name]
+        if any(s.keys() != seeds[0].keys() for s in seeds):
+            raise InputError(f"the runs of {name!r} were scored on different queries")
+        per_name[name] = {q: statistics.fmean(s[q] for s in seeds) for q in seeds[0]}
+    if baseline not in per_name:
+        raise InputError(f"baseline {baseline!r} is not one of the runs' names {sorted(per_name)}")
+    queries = sorted(per_name[baseline])
+    base = np.array([per_name[baseline][q] for q in queries])  # (Q,)
+    rows = []
+    for name, scores in per_name.items():
+        if name == baseline:
+            continue
+        if scores.keys() != per_name[baseline].keys():
+            raise InputError(f"{name!r} and {baseline!r} were scored on different queries")
+        other = np.array([scores[q] for q in queries])  # (Q,)
+        rows.append({"name": name, "vs": baseline, "measure": measure, "queries": len(queries),
+                     "mean diff": float((other - base).mean()), "better": int((other > base).sum()),
+                     "worse": int((other < base).sum()), "p randomization": paired_randomization_pvalue(other, base),
+                     "p paired t": float(stats.ttest_rel(other, base).pvalue)})  # fmt: skip
+    return rows
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -148,6 +207,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--test-report", default="test.json", help="eval report inside each run dir")
     p.add_argument("--out", required=True, type=Path, help="JSON output")
     p.add_argument("--plot", default=None, type=Path, help="PNG of the training curves")
+    p.add_argument("--baseline", default=None, help="NAME the others are tested against (default: the first)")
+    p.add_argument("--no-tests", action="store_true", help="skip the paired significance tests")
     return p.parse_args(argv)
 
 
@@ -178,13 +239,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table = format_table(per_run)
     by_name = aggregate(runs, measures)
     name_table = format_table(by_name)
-    print(table, "\n", name_table, sep="\n")
+    paired, paired_table = [], ""
+    if not args.no_tests and len({r["name"] for r in runs}) > 1:
+        try:
+            paired = paired_comparison(runs, args.baseline or runs[0]["name"], measures[0])
+        except InputError as err:
+            print(f"compare_training: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+        except ImportError:
+            print("scipy is not installed: no significance tests (pip install scipy)", file=sys.stderr)
+        paired_table = format_table(paired)
+    print(table, "\n", name_table, "\n", paired_table, sep="\n")
     result = {
         "runs": runs,
         "by_name": by_name,
         "zero_shot": None if zero is None else {"measures": zero["measures"], "commit": zero.get("commit")},
         "table": table,
         "name_table": name_table,
+        "paired": paired,
+        "paired_table": paired_table,
         **environment_info(Path(__file__).parent),
     }
     atomic.write_json(args.out, result)

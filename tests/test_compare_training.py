@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import runpy
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dualenc.errors import InputError
@@ -39,7 +41,9 @@ def test_tables_json_and_seed_aggregate(compare, tmp_path, capsys):
     zero = tmp_path / "zero.json"
     zero.write_text(json.dumps({"measures": {"nDCG@10": 0.645, "R@100": 0.925}}))
     out = tmp_path / "cmp.json"
-    result = compare["main"]([f"a={a1}", f"a={a2}", f"b={b1}", "--zero-shot", str(zero), "--out", str(out)])
+    result = compare["main"](
+        [f"a={a1}", f"a={a2}", f"b={b1}", "--zero-shot", str(zero), "--out", str(out), "--no-tests"]
+    )
     assert json.loads(out.read_text())["table"] == result["table"]
     a = next(r for r in result["by_name"] if r["name"] == "a")
     assert a["seeds"] == 2
@@ -81,3 +85,59 @@ def test_errors_name_the_file_and_line(compare, tmp_path, capsys):
     (run / "test.json").unlink()
     with pytest.raises(InputError, match="test.json"):
         compare["summarise_run"]("r", run, "test.json")
+
+
+def _exact_sign_flip_pvalue(diff: np.ndarray) -> float:
+    """Every one of the 2^n sign patterns: P(|mean of flipped diff| >= |observed mean|)."""
+    observed = abs(diff.mean())
+    flips = np.array(list(itertools.product([-1.0, 1.0], repeat=diff.size)))  # (2^n, n)
+    return float(np.mean(np.abs((flips * diff).mean(1)) >= observed - 1e-12))
+
+
+def test_randomization_test_equals_exact_enumeration(compare):
+    rng = np.random.default_rng(0)
+    a, b = rng.random(10), rng.random(10)
+    b[:6] -= 0.3  # a real difference on most queries
+    exact = _exact_sign_flip_pvalue(a - b)
+    assert compare["paired_randomization_pvalue"](a, b, num_resamples=5000) == pytest.approx(exact, abs=1e-12)
+    assert compare["paired_randomization_pvalue"](a, a) == 1.0
+
+
+def _scored_run(root: Path, name: str, ranks: dict[str, int], qrels: Path) -> Path:
+    """A run dir whose test report points at a TREC run putting each query's relevant doc at ``ranks[q]``."""
+    run = _make_run(root, name, 0.5, 10.0)
+    lines = []
+    for qid, rank in ranks.items():
+        docs = [f"x{i}" for i in range(1, 6)]
+        docs.insert(rank - 1, f"rel{qid}")
+        lines += [f"{qid} Q0 {d} {r} {10 - r} t" for r, d in enumerate(docs, start=1)]
+    (run / "run.trec").write_text("\n".join(lines) + "\n")
+    report = {"measures": {"RR@10": 0.0}, "config": {"qrels": str(qrels)}, "run_file": str(run / "run.trec")}
+    (run / "test.json").write_text(json.dumps(report))
+    return run
+
+
+def test_paired_comparison_against_hand_computed_reciprocal_ranks(compare, tmp_path):
+    queries = [f"q{i}" for i in range(8)]
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("".join(f"{q} 0 rel{q} 1\n" for q in queries))
+    base = _scored_run(tmp_path, "base", {q: 2 for q in queries}, qrels)  # RR 1/2 everywhere
+    better = {q: (1 if i < 6 else 3) for i, q in enumerate(queries)}  # RR 1 on six queries, 1/3 on two
+    seed_a = _scored_run(tmp_path, "a1", better, qrels)
+    seed_b = _scored_run(tmp_path, "a2", {q: 1 for q in queries}, qrels)  # RR 1 everywhere
+    runs = [
+        compare["summarise_run"](n, d, "test.json") for n, d in (("base", base), ("a", seed_a), ("a", seed_b))
+    ]
+    (row,) = compare["paired_comparison"](runs, "base", "RR@10")
+    per_query = np.array([(1 + 1) / 2] * 6 + [(1 / 3 + 1) / 2] * 2)  # the two seeds averaged per query
+    diff = per_query - 0.5
+    assert row["mean diff"] == pytest.approx(diff.mean())
+    assert (row["better"], row["worse"], row["queries"]) == (8, 0, 8)
+    assert row["p randomization"] == pytest.approx(_exact_sign_flip_pvalue(diff), abs=1e-12)
+    with pytest.raises(InputError, match="baseline 'nope'"):
+        compare["paired_comparison"](runs, "nope", "RR@10")
+    bare = _make_run(tmp_path, "bare", 0.5, 1.0)  # its test.json has no run_file
+    with pytest.raises(InputError, match="not an eval report"):
+        compare["paired_comparison"](
+            [runs[0], compare["summarise_run"]("b", bare, "test.json")], "base", "RR@10"
+        )
