@@ -283,6 +283,8 @@ def train(
             cache.table.load_state_dict(load_process_state(resume, accelerator, "cache"))
         log.truncate_after(state["step"])
         logger.info("resumed from %s at step %d", resume, state["step"])
+    # the training clock continues from the checkpoint: elapsed_s counts the sessions that made this model
+    clock_origin = started - state.get("elapsed_s", 0.0)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -338,7 +340,7 @@ def train(
             step += 1
             bar.update(1)
             if step % cfg.train.logging_steps == 0 or step == total_steps:
-                logs = _step_logs(accelerator, output, scheduler, grad_norm, tick, started, epoch)
+                logs = _step_logs(accelerator, output, scheduler, grad_norm, tick, clock_origin, epoch)
                 log.write(step, logs)
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -347,6 +349,7 @@ def train(
             ):
                 _evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
             state["step"] = step
+            state["elapsed_s"] = time.perf_counter() - clock_origin
             if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == total_steps:
                 per_process = {"cache": cache.table.state_dict()} if cache is not None else None
                 save_checkpoint(
@@ -364,13 +367,14 @@ def train(
             "best_step": state["best_step"],
             "best_metric": state["best_metric"],
             "eval_measure": cfg.train.eval_measure,
-            "wall_s": time.perf_counter() - started,
+            "wall_s": time.perf_counter() - clock_origin,
+            "session_wall_s": time.perf_counter() - started,
             "peak_rss_gib": _peak_rss_gib(),
             "resumed_from": None if resume is None else str(resume),
         }
         if torch.cuda.is_available():
             summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        atomic.write_json(out / "train_summary.json", summary)  # wall_s: this session only
+        atomic.write_json(out / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     best = out / "best_model" if state["best_step"] is not None else None
@@ -378,12 +382,12 @@ def train(
 
 
 def _step_logs(
-    accelerator, output: LossOutput, scheduler, grad_norm, tick: float, started: float, epoch: int
+    accelerator, output: LossOutput, scheduler, grad_norm, tick: float, clock_origin: float, epoch: int
 ) -> dict:
     """Loss logs averaged over processes, plus learning rate, gradient norm, times and peak memory.
 
-    ``step_time_s`` is the last optimizer step, ``elapsed_s`` the wall time since ``train()`` began in this
-    session (data loading, cache fill and dev evaluations included); ``peak_rss_gib`` is the main process's
+    ``step_time_s`` is the last optimizer step, ``elapsed_s`` the wall time of training so far (data loading, cache
+    fill and dev evaluations included), continued across resumes from the checkpoint's ``elapsed_s``; ``peak_rss_gib`` is the main process's
     resident-set high-water mark (``ru_maxrss``), ``peak_mem_gib`` the CUDA allocator's peak.
     """
     now = time.perf_counter()
@@ -391,7 +395,7 @@ def _step_logs(
     values = torch.stack([output.logs[n].detach().float() for n in names])  # (K,)
     values = accelerator.reduce(values, reduction="mean")
     logs = {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
-    logs.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=now - tick, elapsed_s=now - started)
+    logs.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=now - tick, elapsed_s=now - clock_origin)
     rss = _peak_rss_gib()
     if rss is not None:
         logs["peak_rss_gib"] = rss
