@@ -395,7 +395,9 @@ def _step_logs(
     values = torch.stack([output.logs[n].detach().float() for n in names])  # (K,)
     values = accelerator.reduce(values, reduction="mean")
     logs = {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
-    logs.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=now - tick, elapsed_s=now - clock_origin)
+    logs.update(
+        lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=now - tick, elapsed_s=now - clock_origin
+    )
     rss = _peak_rss_gib()
     if rss is not None:
         logs["peak_rss_gib"] = rss

@@ -201,7 +201,9 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     summary = json.loads((killed_dir / "train_summary.json").read_text())
     checkpoint_state = json.loads((Path(summary["resumed_from"]) / "trainer_state.json").read_text())
     assert checkpoint_state["step"] >= 8 and checkpoint_state["elapsed_s"] >= 0.15 * checkpoint_state["step"]
-    assert summary["wall_s"] - summary["session_wall_s"] == pytest.approx(checkpoint_state["elapsed_s"], abs=0.05)
+    assert summary["wall_s"] - summary["session_wall_s"] == pytest.approx(
+        checkpoint_state["elapsed_s"], abs=0.05
+    )
     elapsed = [row["elapsed_s"] for row in read_log(killed_dir) if "loss" in row]
     assert elapsed == sorted(elapsed) and elapsed[-1] <= summary["wall_s"]
     ref_model = DualEncoder.from_pretrained(tmp_path / "ref" / "final_model")
