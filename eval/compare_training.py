@@ -75,12 +75,22 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
         "best_dev": summary["best_metric"],
         "best_step": summary["best_step"],
         "steps": summary["steps"],
-        "wall_s": summary["wall_s"],
+        "wall_s": _run_wall_s(summary, run_dir),
         "peak_rss_gib": summary.get("peak_rss_gib"),
         "peak_mem_gib": summary.get("peak_mem_gib"),
         "median_step_s": statistics.median(step_times) if step_times else None,
         "curves": {"loss": losses, "dev": dev, "staleness": stale},
     }
+
+
+def _run_wall_s(summary: dict, run_dir: Path) -> float | None:
+    """The run's training wall time, or None when unknown: a resumed run whose summary predates
+    ``session_wall_s`` holds the last session's time only."""
+    if summary.get("resumed_from") and "session_wall_s" not in summary:
+        print(f"{run_dir}: resumed, and its train_summary.json holds the last session's wall time only: "
+              "left out of the wall-time figures", file=sys.stderr)  # fmt: skip
+        return None
+    return summary["wall_s"]
 
 
 def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
@@ -151,7 +161,8 @@ def aggregate(runs: list[dict], measures: Sequence[str]) -> list[dict]:
         for m in measures:
             mean, std = _mean_std([r["test"][m] for r in group])
             row[m], row[f"{m} std"] = mean, std
-        row["wall_s"] = statistics.fmean(r["wall_s"] for r in group)
+        walls = [r["wall_s"] for r in group if r["wall_s"] is not None]
+        row["wall_s"] = statistics.fmean(walls) if walls else None
         rss = [r["peak_rss_gib"] for r in group if r["peak_rss_gib"] is not None]
         row["peak_rss_gib"] = max(rss) if rss else None
         rows.append(row)

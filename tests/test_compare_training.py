@@ -34,6 +34,24 @@ def _make_run(root: Path, name: str, ndcg: float, wall: float, steps=(5, 10)) ->
     return run
 
 
+def test_wall_time_of_a_resumed_run_with_session_time_only_is_left_out(compare, tmp_path, capsys):
+    full = _make_run(tmp_path, "a_s1", 0.70, 100.0)
+    partial = _make_run(tmp_path, "a_s2", 0.66, 30.0)
+    summary = json.loads((partial / "train_summary.json").read_text())
+    (partial / "train_summary.json").write_text(json.dumps({**summary, "resumed_from": "ckpt"}))
+    resumed = _make_run(tmp_path, "b_s1", 0.60, 90.0)  # written by a dualenc that carries the clock over
+    summary = json.loads((resumed / "train_summary.json").read_text())
+    (resumed / "train_summary.json").write_text(
+        json.dumps({**summary, "resumed_from": "ckpt", "session_wall_s": 20.0})
+    )
+    result = compare["main"](
+        [f"a={full}", f"a={partial}", f"b={resumed}", "--no-tests", "--out", str(tmp_path / "c.json")]
+    )
+    assert [r["wall_s"] for r in result["runs"]] == [100.0, None, 90.0]
+    assert [r["wall_s"] for r in result["by_name"]] == [100.0, 90.0]
+    assert "a_s2: resumed" in capsys.readouterr().err
+
+
 def test_tables_json_and_seed_aggregate(compare, tmp_path, capsys):
     a1 = _make_run(tmp_path, "a_s1", 0.70, 100.0)
     a2 = _make_run(tmp_path, "a_s2", 0.66, 120.0)
