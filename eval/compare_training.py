@@ -10,6 +10,8 @@ another file). Runs sharing a NAME (several seeds) are also summarised as mean Â
 run, one per name, and paired significance tests of each name against a baseline on the test queries
 (per-query scores averaged over seeds; randomization test and paired t-test). Writes JSON and a PNG: training
 loss, dev measure and, for cache runs, the staleness of the refreshed table slots, against the optimizer step.
+Where the eval report's work dir still holds the corpus embeddings, "doc mean cos" is their mean pairwise cosine
+(how crowded the trained model's document space is).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
         "peak_rss_gib": summary.get("peak_rss_gib"),
         "peak_mem_gib": summary.get("peak_mem_gib"),
         "median_step_s": statistics.median(step_times) if step_times else None,
+        "doc_mean_cos": corpus_mean_cosine(test),
         "curves": {"loss": losses, "dev": dev, "staleness": stale},
     }
 
@@ -91,6 +94,33 @@ def _run_wall_s(summary: dict, run_dir: Path) -> float | None:
               "left out of the wall-time figures", file=sys.stderr)  # fmt: skip
         return None
     return summary["wall_s"]
+
+
+def mean_pairwise_cosine(emb: np.ndarray, block_rows: int = 65_536) -> float:
+    """Mean cosine similarity over the n(n-1) ordered pairs of distinct rows of ``emb`` (n, D), in O(n D) memory:
+    (||sum_i u_i||^2 - n) / (n (n - 1)) with u_i = e_i / ||e_i||. Near 0: the embeddings spread over the
+    sphere; near 1: crowded into a narrow cone (the anisotropy of Ethayarajh, EMNLP 2019)."""
+    n = emb.shape[0]
+    if n < 2:
+        raise ValueError("the mean pairwise cosine needs at least 2 rows")
+    total = np.zeros(emb.shape[1], dtype=np.float64)  # (D,)
+    for start in range(0, n, block_rows):
+        rows = np.asarray(emb[start : start + block_rows], dtype=np.float64)  # (b, D)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)  # (b, 1)
+        if (norms == 0).any():
+            raise ValueError(f"row {start + int(np.argmin(norms[:, 0]))} is the zero vector: no cosine")
+        total += (rows / norms).sum(axis=0)
+    return float((total @ total - n) / (n * (n - 1)))
+
+
+def corpus_mean_cosine(report: dict) -> float | None:
+    """Mean pairwise cosine of the corpus embeddings an eval report left in ``<work_dir>/corpus``, if any."""
+    from dualenc.embeddings import load_embeddings
+
+    corpus = Path(report.get("config", {}).get("work_dir", "")) / "corpus"
+    if not report.get("config", {}).get("work_dir") or not (corpus / "meta.json").is_file():
+        return None
+    return mean_pairwise_cosine(np.concatenate([shard.emb for shard in load_embeddings(corpus)]))
 
 
 def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
@@ -165,6 +195,8 @@ def aggregate(runs: list[dict], measures: Sequence[str]) -> list[dict]:
         row["wall_s"] = statistics.fmean(walls) if walls else None
         rss = [r["peak_rss_gib"] for r in group if r["peak_rss_gib"] is not None]
         row["peak_rss_gib"] = max(rss) if rss else None
+        cosines = [r["doc_mean_cos"] for r in group if r["doc_mean_cos"] is not None]
+        row["doc_mean_cos"] = statistics.fmean(cosines) if cosines else None
         rows.append(row)
     return rows
 
@@ -242,11 +274,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     per_run = [
         {"run": Path(r["run_dir"]).name, **{f"test {m}": r["test"][m] for m in measures},
          f"best dev {dev_measure}": r["best_dev"], "best step": r["best_step"], "steps": r["steps"],
-         "wall s": r["wall_s"], "median step s": r["median_step_s"], "peak RSS GiB": r["peak_rss_gib"]}
+         "wall s": r["wall_s"], "median step s": r["median_step_s"], "peak RSS GiB": r["peak_rss_gib"],
+         "doc mean cos": r["doc_mean_cos"]}
         for r in runs
     ]  # fmt: skip
     if zero is not None:
-        per_run.insert(0, {"run": "zero-shot", **{f"test {m}": zero["measures"][m] for m in measures}})
+        per_run.insert(0, {"run": "zero-shot", **{f"test {m}": zero["measures"][m] for m in measures},
+                           "doc mean cos": corpus_mean_cosine(zero)})  # fmt: skip
     table = format_table(per_run)
     by_name = aggregate(runs, measures)
     name_table = format_table(by_name)
@@ -264,7 +298,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = {
         "runs": runs,
         "by_name": by_name,
-        "zero_shot": None if zero is None else {"measures": zero["measures"], "commit": zero.get("commit")},
+        "zero_shot": None
+        if zero is None
+        else {
+            "measures": zero["measures"],
+            "commit": zero.get("commit"),
+            "doc_mean_cos": corpus_mean_cosine(zero),
+        },  # fmt: skip
         "table": table,
         "name_table": name_table,
         "paired": paired,

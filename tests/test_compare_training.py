@@ -159,3 +159,35 @@ def test_paired_comparison_against_hand_computed_reciprocal_ranks(compare, tmp_p
         compare["paired_comparison"](
             [runs[0], compare["summarise_run"]("b", bare, "test.json")], "base", "RR@10"
         )
+
+
+def test_mean_pairwise_cosine_equals_brute_force(compare):
+    rng = np.random.default_rng(0)
+    emb = (
+        rng.normal(size=(37, 5)) * rng.uniform(0.1, 3.0, size=(37, 1)) + 0.7
+    )  # unnormalised, a shared offset
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cos = unit @ unit.T  # (37, 37)
+    expected = (cos.sum() - np.trace(cos)) / (37 * 36)
+    assert compare["mean_pairwise_cosine"](emb, block_rows=8) == pytest.approx(expected, abs=1e-12)
+    assert compare["mean_pairwise_cosine"](np.tile([[1.0, 2.0]], (4, 1))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="row 2 is the zero vector"):
+        compare["mean_pairwise_cosine"](np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+
+
+def test_doc_mean_cos_from_the_eval_reports_corpus_embeddings(compare, tmp_path):
+    from dualenc.embeddings import write_meta, write_shard
+
+    run = _make_run(tmp_path, "a_s1", 0.70, 100.0)
+    work = tmp_path / "a_s1" / "eval"
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)  # cosines 0, 1/√2, 1/√2
+    for index, rows in enumerate([emb[:2], emb[2:]]):
+        write_shard(work / "corpus", index, 2, [f"d{index}{i}" for i in range(len(rows))], rows)
+    write_meta(work / "corpus", {"dim": 2, "num_shards": 2, "count": 3})
+    report = json.loads((run / "test.json").read_text())
+    (run / "test.json").write_text(json.dumps({**report, "config": {"work_dir": str(work)}}))
+    plain = _make_run(tmp_path, "b_s1", 0.60, 50.0)  # no work dir: no figure
+    result = compare["main"]([f"a={run}", f"b={plain}", "--no-tests", "--out", str(tmp_path / "c.json")])
+    assert result["runs"][0]["doc_mean_cos"] == pytest.approx(2 / 3 * 2**-0.5, abs=1e-7)
+    assert result["runs"][1]["doc_mean_cos"] is None
+    assert result["by_name"][0]["doc_mean_cos"] == pytest.approx(2 / 3 * 2**-0.5, abs=1e-7)
