@@ -232,7 +232,8 @@ def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measu
     for ax, key in zip(axes, panels, strict=True):
         ax.set(xlabel="optimizer step", ylabel=labels[key])
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+    handles, labels_ = axes[1].get_legend_handles_labels()  # every run has a dev curve; outside the panels
+    axes[-1].legend(handles, labels_, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
