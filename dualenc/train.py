@@ -349,8 +349,8 @@ def train(
             ):
                 _evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
             state["step"] = step
-            state["elapsed_s"] = time.perf_counter() - clock_origin
             if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == total_steps:
+                state["elapsed_s"] = time.perf_counter() - clock_origin
                 per_process = {"cache": cache.table.state_dict()} if cache is not None else None
                 save_checkpoint(
                     accelerator, out, step, state, config_yaml, cfg.train.save_total_limit, per_process
@@ -362,13 +362,14 @@ def train(
     final = out / "final_model"
     if accelerator.is_main_process:
         save_trained_model(accelerator.unwrap_model(module).encoder, final)
+        now = time.perf_counter()
         summary = {
             "steps": step,
             "best_step": state["best_step"],
             "best_metric": state["best_metric"],
             "eval_measure": cfg.train.eval_measure,
-            "wall_s": time.perf_counter() - clock_origin,
-            "session_wall_s": time.perf_counter() - started,
+            "wall_s": now - clock_origin,
+            "session_wall_s": now - started,
             "peak_rss_gib": _peak_rss_gib(),
             "resumed_from": None if resume is None else str(resume),
         }
@@ -386,9 +387,10 @@ def _step_logs(
 ) -> dict:
     """Loss logs averaged over processes, plus learning rate, gradient norm, times and peak memory.
 
-    ``step_time_s`` is the last optimizer step, ``elapsed_s`` the wall time of training so far (data loading, cache
-    fill and dev evaluations included), continued across resumes from the checkpoint's ``elapsed_s``; ``peak_rss_gib`` is the main process's
-    resident-set high-water mark (``ru_maxrss``), ``peak_mem_gib`` the CUDA allocator's peak.
+    ``step_time_s`` is the last optimizer step, ``elapsed_s`` the wall time of training so far (data loading,
+    cache fill and dev evaluations included), continued across resumes from the checkpoint's ``elapsed_s``;
+    ``peak_rss_gib`` is the main process's resident-set high-water mark (``ru_maxrss``), ``peak_mem_gib`` the CUDA
+    allocator's peak.
     """
     now = time.perf_counter()
     names = sorted(output.logs)

@@ -96,20 +96,27 @@ def _run_wall_s(summary: dict, run_dir: Path) -> float | None:
     return summary["wall_s"]
 
 
-def mean_pairwise_cosine(emb: np.ndarray, block_rows: int = 65_536) -> float:
-    """Mean cosine similarity over the n(n-1) ordered pairs of distinct rows of ``emb`` (n, D), in O(n D) memory:
-    (||sum_i u_i||^2 - n) / (n (n - 1)) with u_i = e_i / ||e_i||. Near 0: the embeddings spread over the
-    sphere; near 1: crowded into a narrow cone (the anisotropy of Ethayarajh, EMNLP 2019)."""
-    n = emb.shape[0]
-    if n < 2:
-        raise ValueError("the mean pairwise cosine needs at least 2 rows")
+def _unit_row_sum(emb: np.ndarray, block_rows: int) -> np.ndarray:
+    """sum_i e_i / ||e_i|| over the rows of ``emb`` (n, D), read ``block_rows`` at a time (memmaps stay on disk)."""
     total = np.zeros(emb.shape[1], dtype=np.float64)  # (D,)
-    for start in range(0, n, block_rows):
+    for start in range(0, emb.shape[0], block_rows):
         rows = np.asarray(emb[start : start + block_rows], dtype=np.float64)  # (b, D)
         norms = np.linalg.norm(rows, axis=1, keepdims=True)  # (b, 1)
         if (norms == 0).any():
             raise ValueError(f"row {start + int(np.argmin(norms[:, 0]))} is the zero vector: no cosine")
         total += (rows / norms).sum(axis=0)
+    return total
+
+
+def mean_pairwise_cosine(*embs: np.ndarray, block_rows: int = 65_536) -> float:
+    """Mean cosine similarity over the n(n-1) ordered pairs of distinct rows of ``embs`` (arrays (n_k, D) taken
+    together, e.g. the shards of a corpus), in O(D) extra memory: (||sum_i u_i||^2 - n) / (n (n - 1)) with
+    u_i = e_i / ||e_i||. Near 0: the embeddings spread over the sphere; near 1: crowded into a narrow cone (the
+    anisotropy of Ethayarajh, EMNLP 2019)."""
+    n = sum(emb.shape[0] for emb in embs)
+    if n < 2:
+        raise ValueError("the mean pairwise cosine needs at least 2 rows")
+    total = sum(_unit_row_sum(emb, block_rows) for emb in embs)  # (D,)
     return float((total @ total - n) / (n * (n - 1)))
 
 
@@ -117,10 +124,10 @@ def corpus_mean_cosine(report: dict) -> float | None:
     """Mean pairwise cosine of the corpus embeddings an eval report left in ``<work_dir>/corpus``, if any."""
     from dualenc.embeddings import load_embeddings
 
-    corpus = Path(report.get("config", {}).get("work_dir", "")) / "corpus"
-    if not report.get("config", {}).get("work_dir") or not (corpus / "meta.json").is_file():
+    work_dir = report.get("config", {}).get("work_dir")
+    if not work_dir or not (Path(work_dir) / "corpus" / "meta.json").is_file():
         return None
-    return mean_pairwise_cosine(np.concatenate([shard.emb for shard in load_embeddings(corpus)]))
+    return mean_pairwise_cosine(*(shard.emb for shard in load_embeddings(Path(work_dir) / "corpus")))
 
 
 def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
@@ -279,9 +286,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
          "doc mean cos": r["doc_mean_cos"]}
         for r in runs
     ]  # fmt: skip
+    zero_cos = None if zero is None else corpus_mean_cosine(zero)
     if zero is not None:
         per_run.insert(0, {"run": "zero-shot", **{f"test {m}": zero["measures"][m] for m in measures},
-                           "doc mean cos": corpus_mean_cosine(zero)})  # fmt: skip
+                           "doc mean cos": zero_cos})  # fmt: skip
     table = format_table(per_run)
     by_name = aggregate(runs, measures)
     name_table = format_table(by_name)
@@ -301,11 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "by_name": by_name,
         "zero_shot": None
         if zero is None
-        else {
-            "measures": zero["measures"],
-            "commit": zero.get("commit"),
-            "doc_mean_cos": corpus_mean_cosine(zero),
-        },  # fmt: skip
+        else {"measures": zero["measures"], "commit": zero.get("commit"), "doc_mean_cos": zero_cos},
         "table": table,
         "name_table": name_table,
         "paired": paired,
