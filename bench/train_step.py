@@ -3,7 +3,7 @@
     python bench/train_step.py                                    # CPU: 2-layer BERT, batch 8 x group 2 (smoke-sized)
     python bench/train_step.py --device cuda --layers 12 --batch-size 64 --group-size 8   # the msmarco config, one GPU
 
-Runs the real training path (``TrainingModule`` + ``training_step`` + AdamW through ``Accelerator``) on random
+Runs the real training path (``TrainingModule`` (one micro-batch's loss) + AdamW through ``Accelerator``) on random
 token ids with a randomly initialised BERT (hidden 768 = BERT-base width); each precision runs in a fresh
 subprocess. Memory: CUDA ``max_memory_allocated``; CPU: peak RSS above the post-setup baseline. Output: a table and
 ``bench/results/train_step_<device>.json``.
@@ -51,7 +51,7 @@ def run_single(cfg: dict) -> dict:
     from dualenc.config import load_config
     from dualenc.encoder import DualEncoder, DualEncoderConfig, HFEncoder
     from dualenc.losses import InBatchCE
-    from dualenc.train import TrainingModule, training_step
+    from dualenc.train_step import TrainingModule
 
     torch.manual_seed(0)
     accelerator = Accelerator(mixed_precision=cfg["precision"], cpu=cfg["device"] == "cpu")
@@ -62,7 +62,7 @@ def run_single(cfg: dict) -> dict:
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     run_cfg = load_config(None, ["random_init=true", f"train_group_size={cfg['group_size']}"])
-    module = TrainingModule(model, InBatchCE(0.05))
+    module = TrainingModule(model, InBatchCE(0.05), run_cfg.loss)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     module, optimizer = accelerator.prepare(module, optimizer)
     b, g = cfg["batch_size"], cfg["group_size"]
@@ -75,7 +75,7 @@ def run_single(cfg: dict) -> dict:
              "doc_idx": torch.arange(b * g, device=device), "positives": torch.arange(b * g, device=device).view(b, g)[:, :1]}  # fmt: skip
 
     def step():
-        out = training_step(module, batch, accelerator, run_cfg)
+        out = module(batch)
         accelerator.backward(out.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -100,7 +100,8 @@ def load_process_state(checkpoint: Path, accelerator, name: str) -> dict:
     if not path.exists():
         raise InputError(f"checkpoint has no {name} state for process {accelerator.process_index} (saved with "
                          "a different number of processes?)", path=path)  # fmt: skip
-    return load_file(str(path), device=str(accelerator.device))
+    # read on the CPU, then move: "cpu:0", the device Accelerate reports for CPU processes, is no safetensors device
+    return {k: v.to(accelerator.device) for k, v in load_file(str(path), device="cpu").items()}
 
 
 def read_state(checkpoint: Path) -> dict:

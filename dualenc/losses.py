@@ -31,6 +31,35 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 @dataclass
+class CacheTerms:
+    """What the negative cache contributes to a loss for the B local queries (A3-A5 of ALGORITHMS.md).
+
+    Which fields are set depends on the loss's ``cache_terms``: ``"samples"`` (``rest_lse``, ``neg_emb``,
+    ``neg_weight``), ``"mean"`` (``rest_lse``, ``mean``), ``"table"`` (``table``, ``target_slots``,
+    ``generator``).
+    """
+
+    rest_lse: Tensor | None = None  # (B,) log-sum-exp of the stale scaled scores of the rest R of the cache
+    neg_emb: Tensor | None = None  # (B, m, D) live embeddings of negatives drawn from the cache (with grad)
+    neg_weight: Tensor | None = None  # (B, m) w_k of each draw, 0 for a missing draw
+    mean: Tensor | None = None  # (B, D) softmax-weighted mean of R's stale embeddings
+    table: Tensor | None = None  # (M, D) the stale table (constants)
+    target_slots: Tensor | None = None  # (B,) the table slot of each query's positive
+    generator: torch.Generator | None = None  # draws random bucket centres (SCE)
+
+
+@dataclass
+class LossInputs:
+    """What every dualenc loss takes: live vectors, each query's positive column, masks, the cache's terms."""
+
+    q_emb: Tensor  # (B, D) live query vectors
+    d_emb: Tensor  # (N, D) live documents the queries are scored against (N = B·G, or P·B·G gathered)
+    targets: Tensor  # (B,) column of each query's positive in d_emb
+    mask: Tensor | None = None  # (B, N) True = known false negative, excluded (never at a target)
+    cache: CacheTerms | None = None  # the negative cache's contribution (losses with cache_terms only)
+
+
+@dataclass
 class LossOutput:
     """What every dualenc loss returns: the scalar to backpropagate and detached values worth logging."""
 
@@ -70,7 +99,7 @@ class InBatchCE(nn.Module):
         temperature: τ (Tevatron's ``temperature``); 0.01–0.05 suits normalised embeddings, 1.0 raw dot products.
         learn_temperature: learn log(1/τ) starting from ``temperature``.
 
-    Inputs:
+    Inputs (:class:`LossInputs`):
         q_emb: (B, D) query vectors.
         d_emb: (N, D) document vectors (N = B·G locally, or P·B·G after a cross-device gather).
         targets: (B,) index in ``d_emb`` of each query's positive.
@@ -86,14 +115,14 @@ class InBatchCE(nn.Module):
     """
 
     citation = DPR_CITATION
+    cache_terms = None  # needs nothing from a negative cache
 
     def __init__(self, temperature: float = 1.0, learn_temperature: bool = False):
         super().__init__()
         self.temperature = Temperature(temperature, learn_temperature)
 
-    def forward(
-        self, q_emb: Tensor, d_emb: Tensor, *, targets: Tensor, mask: Tensor | None = None
-    ) -> LossOutput:
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        q_emb, d_emb, targets, mask = inputs.q_emb, inputs.d_emb, inputs.targets, inputs.mask
         if q_emb.dim() != 2 or d_emb.dim() != 2 or q_emb.shape[1] != d_emb.shape[1]:
             raise ValueError(f"expected (B, D) and (N, D), got {tuple(q_emb.shape)} and {tuple(d_emb.shape)}")
         raw = q_emb @ d_emb.T  # (B, N)
@@ -165,17 +194,23 @@ class CachedCE(nn.Module):
       gradient exactly;
     - an empty cache (LSE_R = −inf): plain in-batch CE.
 
+    With ``sampled=False`` (loss ``cache_ce``) the cache passes, instead of samples, the softmax-weighted mean of
+    R's stale embeddings as one constant "negative" with weight 1: ℓ_R then has the value LSE_R and the exact
+    gradient P_R · E_{q_R}[e_j] with respect to the query (the documents of R are constants).
+
     Args:
         temperature: τ, scores are <q, d>/τ (cached scores must be computed with the same scale: ``scale()``).
         learn_temperature: learn log(1/τ).
         inbatch: include the batch's documents as exact negatives (True) or only [s⁺, ℓ_R] (the reference).
+        sampled: draws re-encoded live (``cache``) or the exact mean of the stale table (``cache_ce``).
 
-    Inputs:
+    Inputs (:class:`LossInputs`):
         q_emb (B, D), d_emb (N, D), targets (B,), mask (B, N) or None: as in :class:`InBatchCE`.
-        neg_emb (B, m, D): live embeddings of the sampled negatives (with grad).
-        neg_weight (B, m): w_k, 0 where a draw is missing; rows sum to 1 (or 0 when R is empty).
-        rest_lse (B,): LSE_R of the stale scaled scores of the cache minus the query's positives and the batch's
-            documents (−inf when nothing is left).
+        cache.neg_emb (B, m, D): live embeddings of the sampled negatives (with grad) [sampled].
+        cache.neg_weight (B, m): w_k, 0 where a draw is missing; rows sum to 1 (or 0 when R is empty) [sampled].
+        cache.mean (B, D): the softmax-weighted mean of R's stale embeddings [not sampled].
+        cache.rest_lse (B,): LSE_R of the stale scaled scores of the cache minus the query's positives and the
+            batch's documents (−inf when nothing is left).
 
     References:
         Lindgren, Reddi, Guo, Kumar. Efficient Training of Retrieval Models using Negative Cache. NeurIPS 2021.
@@ -183,22 +218,34 @@ class CachedCE(nn.Module):
 
     citation = NEGATIVE_CACHE_CITATION
 
-    def __init__(self, temperature: float = 1.0, learn_temperature: bool = False, *, inbatch: bool = True):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
+        *,
+        inbatch: bool = True,
+        sampled: bool = True,
+    ):
         super().__init__()
         self.temperature = Temperature(temperature, learn_temperature)
         self.inbatch = inbatch
+        self.cache_terms = "samples" if sampled else "mean"
 
-    def forward(
-        self,
-        q_emb: Tensor,
-        d_emb: Tensor,
-        *,
-        targets: Tensor,
-        mask: Tensor | None,
-        neg_emb: Tensor,
-        neg_weight: Tensor,
-        rest_lse: Tensor,
-    ) -> LossOutput:
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        q_emb, d_emb, targets, mask, cache = (
+            inputs.q_emb,
+            inputs.d_emb,
+            inputs.targets,
+            inputs.mask,
+            inputs.cache,
+        )
+        if cache is None:
+            raise ValueError("CachedCE needs the negative cache's terms (LossInputs.cache)")
+        if self.cache_terms == "mean":  # one constant negative, the mean of R, with weight 1
+            neg_emb, neg_weight = cache.mean.to(q_emb.dtype)[:, None], q_emb.new_ones(q_emb.shape[0], 1)
+        else:
+            neg_emb, neg_weight = cache.neg_emb, cache.neg_weight  # (B, m, D), (B, m)
+        rest_lse = cache.rest_lse  # (B,)
         dtype = torch.promote_types(q_emb.dtype, torch.float32)
         scale = self.temperature().to(dtype)  # ()
         rows = torch.arange(q_emb.shape[0], device=q_emb.device)  # (B,)

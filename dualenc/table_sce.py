@@ -10,9 +10,9 @@ live positive logit appended and the positive's own (stale) slot masked as the r
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from dualenc.losses import LossOutput, Temperature
+from dualenc.losses import LossInputs, LossOutput, Temperature
 from dualenc.sce import SCE_CITATION, ScalableCE
 
 
@@ -25,13 +25,14 @@ class TableSCE(nn.Module):
         n_buckets, bucket_size_x, bucket_size_y, mix, block_size: :class:`~dualenc.sce.ScalableCE` knobs (None =
             the paper's default 2·sqrt(N) for n_b and b_x).
 
-    Inputs:
-        q_emb (B, D) live queries; pos_emb (B, D) live positives; target_slots (B,) the table slot holding each
-        positive's stale copy (masked as the row's own target); table (M, D) stale embeddings (float32, no grad);
-        generator: draws the bucket centres.
+    Inputs (:class:`~dualenc.losses.LossInputs`):
+        q_emb (B, D) live queries; d_emb[targets] (B, D) their live positives; cache.target_slots (B,) the table
+        slot holding each positive's stale copy (masked as the row's own target); cache.table (M, D) stale
+        embeddings (float32, no grad); cache.generator draws the bucket centres.
     """
 
     citation = SCE_CITATION
+    cache_terms = "table"
 
     def __init__(self, temperature: float = 1.0, learn_temperature: bool = False, *, n_buckets: int | None = None,
                  bucket_size_x: int | None = None, bucket_size_y: int = 256, mix: bool = False,
@@ -40,8 +41,11 @@ class TableSCE(nn.Module):
         self.temperature = Temperature(temperature, learn_temperature)
         self.sce = ScalableCE(n_buckets, bucket_size_x, bucket_size_y, mix=mix, block_size=block_size)
 
-    def forward(self, q_emb: Tensor, pos_emb: Tensor, *, target_slots: Tensor, table: Tensor,
-                generator: torch.Generator | None = None) -> LossOutput:  # fmt: skip
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        q_emb, pos_emb, cache = inputs.q_emb, inputs.d_emb[inputs.targets], inputs.cache  # (B, D), (B, D)
+        if cache is None or cache.table is None:
+            raise ValueError("TableSCE needs the cached table (LossInputs.cache.table)")
+        table, target_slots, generator = cache.table, cache.target_slots, cache.generator
         scale = self.temperature().to(torch.promote_types(q_emb.dtype, torch.float32))  # ()
         x = q_emb * scale  # (B, D): scaled queries, so <x, e> = <q, e>/τ
         pos_logit = (x * pos_emb).sum(-1)  # (B,) live positive

@@ -1,15 +1,20 @@
 """Two-tower training on HF Accelerate: one explicit loop, no Trainer subclass.
 
-``train(cfg)`` = build model and data -> prepare -> loop (accumulate, backward, clip, step, schedule, log,
-evaluate, save) -> save the final model as a dualenc model dir (loadable by ``dualenc encode`` and
-sentence-transformers). Run it with ``accelerate launch recipes/train.py --config ... key=value``.
+``train(cfg)`` = build model and data -> prepare -> for each optimizer step: accumulate its micro-batches
+(forward, backward, write fresh embeddings back to the negative cache), clip, step optimizer and schedule,
+refresh the cache, log, evaluate, save -> save the final model as a dualenc model dir (loadable by ``dualenc
+encode`` and sentence-transformers). Step arithmetic (epochs, accumulation, resume, seeds) lives in
+``dualenc.train_plan``; one micro-batch's loss in ``dualenc.train_step``. Run it with
+``accelerate launch recipes/train.py --config ... key=value`` (GPUs) or ``torchrun --nproc_per_node N
+recipes/train.py ... cpu=true`` (N CPU processes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -21,27 +26,26 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dualenc import atomic
 from dualenc.checkpoint import load_process_state, read_state, resolve_resume, save_checkpoint
 from dualenc.config import RunConfig, config_to_dict
-from dualenc.distributed import all_gather_with_grad
 from dualenc.encoder import DualEncoder
 from dualenc.errors import InputError
-from dualenc.losses import CachedCE, InBatchCE, LossOutput, false_negative_mask
+from dualenc.losses import CachedCE, InBatchCE
+from dualenc.train_plan import EpochSampler, StepPlan, micro_seed
 from dualenc.train_setup import (
     DevSet,
-    EpochSampler,
     JsonlLog,
     build_model,
     load_dev_set,
     optimizer_groups,
     save_trained_model,
-    step_seed,
 )
+from dualenc.train_step import StepOutput, TrainingModule
 
 if TYPE_CHECKING:
     from dualenc.negative_cache import NegativeCache
@@ -50,137 +54,36 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class TrainingModule(nn.Module):
-    """What Accelerate wraps (DDP): the dual encoder plus the loss, whose learned temperature is a parameter."""
-
-    def __init__(self, encoder: nn.Module, loss: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.loss = loss
-
-    def forward(self, query, doc) -> tuple[Tensor, Tensor]:
-        return self.encoder(query, doc)  # (B, D), (B*G, D)
-
-
-def training_step(module: nn.Module, batch: dict, accelerator: Accelerator, cfg: RunConfig) -> LossOutput:
-    """Encode the micro-batch, gather documents across processes (with gradients), compute the loss.
-
-    Shapes: query (B, Lq), doc (B*G, Ld), doc_idx (B*G,), positives (B, P).
-    """
-    q_emb, d_emb = module(batch["query"], batch["doc"])  # (B, D), (B*G, D)
-    doc_idx = batch["doc_idx"]  # (B*G,)
-    group = d_emb.shape[0] // q_emb.shape[0]
-    offset = 0
-    if cfg.loss.negatives_x_device and accelerator.num_processes > 1:
-        offset = accelerator.process_index * d_emb.shape[0]
-        d_emb = all_gather_with_grad(d_emb)  # (P*B*G, D)
-        doc_idx = accelerator.gather(doc_idx)  # (P*B*G,)
-    targets = offset + torch.arange(q_emb.shape[0], device=q_emb.device) * group  # (B,)
-    mask = (
-        false_negative_mask(doc_idx, batch["positives"], targets) if cfg.loss.mask_false_negatives else None
-    )
-    return accelerator.unwrap_model(module).loss(q_emb, d_emb, targets=targets, mask=mask)
-
-
-def cache_training_step(
-    module: nn.Module,
-    batch: dict,
-    accelerator: Accelerator,
-    cfg: RunConfig,
-    cache: NegativeCache,
-    draw_step: int,
-) -> LossOutput:
-    """``training_step`` against the negative cache (A3-A4), by ``cfg.loss.loss``:
-
-    - ``cache``: + m negatives per query drawn from the table by Gumbel-max, re-encoded with gradient;
-    - ``cache_ce``: + the exact softmax over the whole table as constants (one lumped logit whose gradient is the
-      softmax-weighted mean of the stale embeddings: to the queries only);
-    - ``sce``: Scalable CE of the queries against the table (see dualenc/table_sce.py).
-
-    Shapes: as ``training_step``; m = num_cache_negatives.
-    """
-    q_emb, d_emb = module(batch["query"], batch["doc"])  # (B, D), (B*G, D)
-    unwrapped = accelerator.unwrap_model(module)
-    batch_size, group = q_emb.shape[0], d_emb.shape[0] // q_emb.shape[0]
-    local_targets = torch.arange(batch_size, device=q_emb.device) * group  # (B,)
-    if cfg.loss.loss == "sce":
-        return _table_sce_step(unwrapped, q_emb, d_emb, batch, accelerator, cache, draw_step, local_targets)
-    scale = unwrapped.loss.temperature().detach()
-    pos_score = scale * (q_emb * d_emb[local_targets]).sum(-1)  # (B,)
-    cross = cfg.loss.negatives_x_device and accelerator.num_processes > 1
-    exact = cfg.loss.loss == "cache_ce"
-    draw = cache.sample(q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, draw_step,
-                        cross_device=cross, with_mean=exact)  # fmt: skip
-    if exact:  # one constant "negative": the softmax-weighted mean of the table, its weight P_R
-        neg_emb, weight, written = (
-            draw.mean.to(q_emb.dtype)[:, None],
-            torch.ones_like(draw.weight[:, :1]),
-            None,
-        )
-    else:
-        neg_emb = q_emb.new_zeros(*draw.doc_idx.shape, q_emb.shape[1])  # (B, m, D)
-        texts = cache.negative_texts(draw)
-        if texts:  # the document tower outside DDP's forward: its gradients still reach the same parameters
-            features = unwrapped.encoder.tokenize_docs(texts).to(q_emb.device)
-            neg_emb[draw.doc_idx >= 0] = unwrapped.encoder.encode_docs(features).to(neg_emb.dtype)  # (n, D)
-        weight, written = draw.weight, draw.doc_idx.flatten()  # (B, m), (B*m,)
-    doc_idx, offset, d_all = batch["doc_idx"], 0, d_emb
-    if cross:
-        offset = accelerator.process_index * d_emb.shape[0]
-        d_all = all_gather_with_grad(d_emb)  # (P*B*G, D)
-        doc_idx = accelerator.gather(doc_idx)  # (P*B*G,)
-    targets = offset + local_targets  # (B,)
-    mask = (
-        false_negative_mask(doc_idx, batch["positives"], targets) if cfg.loss.mask_false_negatives else None
-    )
-    output = unwrapped.loss(q_emb, d_all, targets=targets, mask=mask, neg_emb=neg_emb, neg_weight=weight,
-                            rest_lse=draw.rest_lse)  # fmt: skip
-    if written is None:
-        cache.write_back(batch["doc_idx"], d_emb, insert=torch.arange(d_emb.shape[0]))
-    else:
-        cache.write_back(torch.cat([batch["doc_idx"], written]), torch.cat([d_emb, neg_emb.flatten(0, 1)]),
-                         insert=torch.arange(d_emb.shape[0]))  # fmt: skip
-    output.logs["cache/pos_rank"] = draw.pos_rank.float().mean()
-    output.logs["cache/draws"] = (draw.doc_idx >= 0).float().sum(1).mean()
-    return output
-
-
-def _table_sce_step(
-    unwrapped, q_emb, d_emb, batch, accelerator, cache, draw_step, local_targets
-) -> LossOutput:
-    """loss=sce: Scalable CE of the live queries against the whole cached table (one process)."""
-    from dualenc.negative_cache import generator_for
-
-    if accelerator.num_processes > 1:
-        raise InputError("loss=sce runs on one process (SCE over a sharded table is not implemented); "
-                         "use loss=cache_ce or loss=cache with several processes")  # fmt: skip
-    target_slots = cache.table.locate(batch["doc_idx"][local_targets])  # (B,)
-    generator = generator_for(cache.seed, accelerator.process_index, draw_step, 2, q_emb.device)
-    output = unwrapped.loss(q_emb, d_emb[local_targets], target_slots=target_slots, table=cache.table.emb,
-                            generator=generator)  # fmt: skip
-    cache.write_back(batch["doc_idx"], d_emb, insert=torch.arange(d_emb.shape[0]))
-    return output
-
-
 def build_loss(cfg: RunConfig) -> nn.Module:
     """The loss module of ``cfg.loss.loss`` (it owns the temperature)."""
+    t, learn = cfg.loss.temperature, cfg.loss.learn_temperature
     if cfg.loss.loss == "sce":
         from dualenc.table_sce import TableSCE
 
         s = cfg.sce
-        return TableSCE(cfg.loss.temperature, cfg.loss.learn_temperature, n_buckets=s.sce_n_buckets or None,
-                        bucket_size_x=s.sce_bucket_size_x or None, bucket_size_y=s.sce_bucket_size_y, mix=s.sce_mix,
-                        block_size=s.sce_block_size)  # fmt: skip
+        return TableSCE(t, learn, n_buckets=s.sce_n_buckets or None, bucket_size_x=s.sce_bucket_size_x or None,
+                        bucket_size_y=s.sce_bucket_size_y, mix=s.sce_mix, block_size=s.sce_block_size)  # fmt: skip
     if cfg.loss.loss in ("cache", "cache_ce"):
-        return CachedCE(cfg.loss.temperature, cfg.loss.learn_temperature, inbatch=cfg.cache.cache_inbatch)
-    return InBatchCE(cfg.loss.temperature, cfg.loss.learn_temperature)
+        return CachedCE(t, learn, inbatch=cfg.cache.cache_inbatch, sampled=cfg.loss.loss == "cache")
+    return InBatchCE(t, learn)
+
+
+def check_processes(cfg: RunConfig, num_processes: int) -> None:
+    """Refuse, before any data is read or encoded, what cannot run on ``num_processes`` processes."""
+    if cfg.loss.loss == "sce" and num_processes > 1:
+        raise InputError(
+            f"loss=sce runs on one process (SCE over a table sharded over {num_processes} processes is not "
+            "implemented); use loss=cache_ce (the exact softmax over the sharded table) or loss=cache"
+        )
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    """An Accelerator for ``cfg.train``; refuses a launcher/Accelerate mismatch that would train P copies."""
+    """An Accelerator for ``cfg.train``; refuses a launcher/Accelerate mismatch that would train P copies.
+
+    Gradient accumulation is done by the loop (``StepPlan``), not by Accelerate's step counter.
+    """
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         cpu=cfg.train.cpu,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=cfg.train.output_dir,
@@ -191,7 +94,29 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             f"launched with WORLD_SIZE={world} but Accelerate set up a single process (on CPU add cpu=true; "
             "with GPUs use `accelerate launch --multi_gpu`)"
         )
+    if accelerator.num_processes == 1 and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate launch --num_processes N with --cpu (or without --multi_gpu) starts ONE process
+        logger.warning(
+            "a launcher asked for several processes but this run has ONE; `accelerate launch --cpu "
+            "--num_processes N` starts a single process: use `torchrun --nproc_per_node N recipes/train.py ... "
+            "cpu=true` on CPU, `accelerate launch --multi_gpu --num_processes N` on GPUs"
+        )
     return accelerator
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint stores beyond Accelerate's state: the step, the best dev score, the training clock."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainerState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
@@ -203,18 +128,6 @@ class TrainResult:
     last_logs: dict
 
 
-def _log_startup(accelerator: Accelerator, cfg: RunConfig, num_groups: int, num_docs: int, total_steps: int):
-    b, g, p = cfg.train.per_device_train_batch_size, cfg.data.train_group_size, accelerator.num_processes
-    shown = b * g * (p if cfg.loss.negatives_x_device else 1)
-    logger.info(
-        "training: %d query groups, %d corpus documents, %d processes, batch %d per process x %d accumulation "
-        "= effective batch %d queries; documents per query %d -> negatives per query %d (%d in-batch/cross-device "
-        "+ %d hard); %d optimizer steps",
-        num_groups, num_docs, p, b, cfg.train.gradient_accumulation_steps,
-        b * p * cfg.train.gradient_accumulation_steps, shown, shown - 1, shown - g, g - 1, total_steps,
-    )  # fmt: skip
-
-
 def train(
     cfg: RunConfig, accelerator: Accelerator | None = None, model: DualEncoder | None = None
 ) -> TrainResult:
@@ -224,67 +137,71 @@ def train(
         cfg: the run configuration.
         accelerator: an existing Accelerator (default: one made from ``cfg.train``).
         model: a ready ``DualEncoder`` (e.g. with custom towers) to train instead of building one from
-            ``cfg.model``. Custom towers are saved as a ``model.safetensors`` state dict.
+            ``cfg.model`` (whose settings are then ignored).
     """
     from dualenc.collate import GroupDataset, TrainCollator  # datasets/pyarrow: only where data is loaded
     from dualenc.train_data import load_train_data
 
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(cfg)
-    out = Path(cfg.train.output_dir)
-    set_seed(cfg.train.seed)
+    check_processes(cfg, accelerator.num_processes)
+    out, seed, rank = Path(cfg.train.output_dir), cfg.train.seed, accelerator.process_index
+    batch_size, processes = cfg.train.per_device_train_batch_size, accelerator.num_processes
+    set_seed(seed)
     data: TrainData = load_train_data(
         cfg.data.train_file, format=cfg.data.train_format, corpus_file=cfg.data.corpus_file,
         queries_file=cfg.data.queries_file, qrels_file=cfg.data.qrels_file, min_relevance=cfg.data.min_relevance,
         cache_dir=cfg.data.datasets_cache_dir,
     )  # fmt: skip
-    model = build_model(
-        cfg.model, data, seed=cfg.train.seed, init_dir=out / "initial_model", accelerator=accelerator
-    )
+    if model is None:
+        model = build_model(
+            cfg.model, data, seed=seed, init_dir=out / "initial_model", accelerator=accelerator
+        )
     dev: DevSet | None = load_dev_set(cfg.data) if cfg.data.dev_corpus_file else None
-    dataset = GroupDataset(data, cfg.data.train_group_size, seed=cfg.train.seed)
+
+    # data: P processes with batch b see exactly the batches of one process with batch P·b
+    dataset = GroupDataset(data, cfg.data.train_group_size, seed=seed)
+    sampler = EpochSampler(len(dataset), seed=seed, multiple_of=batch_size * processes)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.train.per_device_train_batch_size, sampler=EpochSampler(len(dataset), seed=cfg.train.seed), drop_last=True,
-        collate_fn=TrainCollator(model, data.corpus), num_workers=cfg.data.dataloader_num_workers,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=TrainCollator(model, data.corpus),
+        num_workers=cfg.data.dataloader_num_workers,
     )  # fmt: skip
-    module = TrainingModule(model, build_loss(cfg))
+    plan = StepPlan.make(
+        len(sampler) // (batch_size * processes), cfg.train.gradient_accumulation_steps, cfg.train.max_steps,
+        cfg.train.num_train_epochs,
+    )  # fmt: skip
+    module = TrainingModule(model, build_loss(cfg), cfg.loss)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, cfg.train.weight_decay), lr=cfg.train.learning_rate
     )
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    steps_per_epoch = max(1, len(loader) // cfg.train.gradient_accumulation_steps)
-    total_steps = (
-        cfg.train.max_steps
-        if cfg.train.max_steps > 0
-        else math.ceil(cfg.train.num_train_epochs * steps_per_epoch)
-    )
+    # sized in optimizer steps and stepped once per optimizer step: not wrapped by prepare (whose wrapper
+    # steps it once per process), registered so that save_state/load_state carry it
     scheduler = get_scheduler(
-        cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * plan.total_steps),
+        num_training_steps=plan.total_steps,
     )  # fmt: skip
-    scheduler = accelerator.prepare(scheduler)
+    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
-        _log_startup(accelerator, cfg, len(dataset), len(data.corpus), total_steps)
-    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    log = JsonlLog(out / "train_log.jsonl", enabled=accelerator.is_main_process)
-    state = {"step": 0, "best_metric": None, "best_step": None}
-    resume = resolve_resume(out, cfg.train.resume_from)
-    cache = None
+        _log_startup(cfg, processes, len(dataset), len(data.corpus), plan)
+
+    cache: NegativeCache | None = None
     if cfg.loss.loss != "inbatch":
         from dualenc.negative_cache import NegativeCache
 
-        cache = NegativeCache(
-            cfg.cache, data.corpus, accelerator, model.dim, seed=cfg.train.seed, sce=cfg.sce
-        )
+        cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=seed, sce=cfg.sce)
+    config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    log = JsonlLog(out / "train_log.jsonl", enabled=accelerator.is_main_process)
+    state = TrainerState()
+    resume = resolve_resume(out, cfg.train.resume_from)
     if resume is not None:
         accelerator.load_state(str(resume))
-        state = read_state(resume)
+        state = TrainerState.from_dict(read_state(resume))
         if cache is not None:
             cache.table.load_state_dict(load_process_state(resume, accelerator, "cache"))
-        log.truncate_after(state["step"])
-        logger.info("resumed from %s at step %d", resume, state["step"])
-    # the training clock continues from the checkpoint: elapsed_s counts the sessions that made this model
-    clock_origin = started - state.get("elapsed_s", 0.0)
+        log.truncate_after(state.step)
+        logger.info("resumed from %s at step %d", resume, state.step)
+    clock_origin = started - state.elapsed_s  # the training clock continues across resumes
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -292,81 +209,79 @@ def train(
         accelerator.init_trackers(
             "dualenc", config={f"{s}.{k}": v for s, d in config_to_dict(cfg).items() for k, v in d.items()}
         )
-
     if cache is not None and resume is None and cfg.cache.cache_mode == "corpus":
         cache.fill(model, out / "cache_fill", batch_size=cfg.cache.cache_fill_batch_size)
-    step = state["step"]
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    logs: dict = {}
+
+    encoder = accelerator.unwrap_model(module).encoder
+    step, logs = state.step, {}
+    bar = tqdm(
+        total=plan.total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train"
+    )
     module.train()
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        epoch_loader, skipped = loader, done_in_epoch * cfg.train.gradient_accumulation_steps
-        if skipped:  # resuming mid-epoch: skip the micro-batches already trained on
-            epoch_loader = accelerator.skip_first_batches(loader, skipped)
-        epoch_loader.set_epoch(epoch)  # reaches EpochSampler through Accelerate's wrappers
-        dataset.set_epoch(
-            epoch
-        )  # Accelerate only forwards set_epoch to the dataset when the sampler lacks it
-        tick = time.perf_counter()
-        for micro, batch in enumerate(epoch_loader):
-            # dropout noise from (seed, rank, position in training) alone: a resumed run draws the same masks
-            torch.manual_seed(step_seed(cfg.train.seed, accelerator.process_index, epoch, skipped, micro))
-            with accelerator.accumulate(module):
-                if cache is None:
-                    output = training_step(module, batch, accelerator, cfg)
-                else:
-                    draw_step = (
-                        step * cfg.train.gradient_accumulation_steps
-                        + micro % cfg.train.gradient_accumulation_steps
-                    )
-                    output = cache_training_step(module, batch, accelerator, cfg, cache, draw_step)
-                accelerator.backward(output.loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            if cache is not None:
-                output.logs.update(
-                    {
-                        k: torch.tensor(v)
-                        for k, v in cache.end_step(accelerator.unwrap_model(module).encoder).items()
-                    }
-                )
+    while step < plan.total_steps:
+        # one epoch (or the rest of it, when resuming mid-epoch)
+        epoch = plan.epoch(step)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        epoch_loader = loader
+        if plan.batches_before(step):
+            epoch_loader = accelerator.skip_first_batches(loader, plan.batches_before(step))
+        epoch_loader.set_epoch(epoch)  # Accelerate's loader re-sets the sampler's epoch from its own counter
+        batches = iter(epoch_loader)
+        while step < plan.total_steps and plan.epoch(step) == epoch:
+            tick = time.perf_counter()
+            num_micro, step_logs = plan.batches_in(step), []
+            for micro in range(num_micro):
+                batch = next(batches)
+                draw_id = plan.micro_id(step, micro)
+                torch.manual_seed(micro_seed(seed, rank, draw_id))  # dropout masks from the position alone
+                last = micro == num_micro - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(module):
+                    output: StepOutput = module(batch, cache=cache, draw_id=draw_id)
+                    accelerator.backward(
+                        output.loss / num_micro
+                    )  # the step's gradient = mean over its micro-batches
+                if cache is not None:  # fresh embeddings of the batch's documents and drawn negatives
+                    cache.write_back(output.fresh_idx, output.fresh_emb,
+                                     insert=torch.arange(output.num_batch_docs))  # fmt: skip
+                step_logs.append(output.logs)
+            grad_norm = None
+            if cfg.train.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            if (
+                cache is not None
+            ):  # re-encode the oldest slots with the updated towers; every slot ages by one
+                step_logs[-1].update({k: torch.tensor(v) for k, v in cache.refresh(encoder).items()})
             step += 1
             bar.update(1)
-            if step % cfg.train.logging_steps == 0 or step == total_steps:
-                logs = _step_logs(accelerator, output, scheduler, grad_norm, tick, clock_origin, epoch)
+            if step % cfg.train.logging_steps == 0 or step == plan.total_steps:
+                logs = _step_logs(accelerator, step_logs, scheduler, grad_norm, tick, clock_origin, epoch)
                 log.write(step, logs)
                 accelerator.log(logs, step=step)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
             if dev is not None and (
-                (cfg.train.eval_steps and step % cfg.train.eval_steps == 0) or step == total_steps
+                (cfg.train.eval_steps and step % cfg.train.eval_steps == 0) or step == plan.total_steps
             ):
                 _evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
-            state["step"] = step
-            if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == total_steps:
-                state["elapsed_s"] = time.perf_counter() - clock_origin
+            state.step = step
+            if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == plan.total_steps:
+                state.elapsed_s = time.perf_counter() - clock_origin
                 per_process = {"cache": cache.table.state_dict()} if cache is not None else None
-                save_checkpoint(
-                    accelerator, out, step, state, config_yaml, cfg.train.save_total_limit, per_process
-                )
-            tick = time.perf_counter()
-            if step >= total_steps:
-                break
+                save_checkpoint(accelerator, out, step, dataclasses.asdict(state), config_yaml,
+                                cfg.train.save_total_limit, per_process)  # fmt: skip
     bar.close()
     final = out / "final_model"
     if accelerator.is_main_process:
-        save_trained_model(accelerator.unwrap_model(module).encoder, final)
+        save_trained_model(encoder, final)
         now = time.perf_counter()
         summary = {
             "steps": step,
-            "best_step": state["best_step"],
-            "best_metric": state["best_metric"],
+            "epochs": plan.num_epochs(),
+            "best_step": state.best_step,
+            "best_metric": state.best_metric,
             "eval_measure": cfg.train.eval_measure,
             "wall_s": now - clock_origin,
             "session_wall_s": now - started,
@@ -378,14 +293,28 @@ def train(
         atomic.write_json(out / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    best = out / "best_model" if state["best_step"] is not None else None
-    return TrainResult(step, str(final), None if best is None else str(best), state["best_metric"], logs)
+    best = out / "best_model" if state.best_step is not None else None
+    return TrainResult(step, str(final), None if best is None else str(best), state.best_metric, logs)
+
+
+def _log_startup(cfg: RunConfig, processes: int, num_groups: int, num_docs: int, plan: StepPlan) -> None:
+    b, g, gas = cfg.train.per_device_train_batch_size, cfg.data.train_group_size, plan.accumulation
+    shown = b * g * (processes if cfg.loss.negatives_x_device else 1)
+    logger.info(
+        "training: %d query groups, %d corpus documents, %d processes, batch %d per process x %d processes x %d "
+        "accumulation = %d queries per optimizer step; documents per query %d -> negatives per query %d "
+        "(%d in-batch/cross-device + %d hard); %d micro-batches per process per epoch = %d optimizer steps per "
+        "epoch; %d optimizer steps (%d epochs)",
+        num_groups, num_docs, processes, b, processes, gas, b * processes * gas, shown, shown - 1, shown - g,
+        g - 1, plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.num_epochs(),
+    )  # fmt: skip
 
 
 def _step_logs(
-    accelerator, output: LossOutput, scheduler, grad_norm, tick: float, clock_origin: float, epoch: int
+    accelerator, step_logs: list[dict], scheduler, grad_norm, tick: float, clock_origin: float, epoch: int
 ) -> dict:
-    """Loss logs averaged over processes, plus learning rate, gradient norm, times and peak memory.
+    """Loss logs averaged over the step's micro-batches and the processes, plus learning rate, gradient norm,
+    times and peak memory.
 
     ``step_time_s`` is the last optimizer step, ``elapsed_s`` the wall time of training so far (data loading,
     cache fill and dev evaluations included), continued across resumes from the checkpoint's ``elapsed_s``;
@@ -393,8 +322,13 @@ def _step_logs(
     allocator's peak.
     """
     now = time.perf_counter()
-    names = sorted(output.logs)
-    values = torch.stack([output.logs[n].detach().float() for n in names])  # (K,)
+    names = sorted({n for logs in step_logs for n in logs})
+    values = torch.stack(
+        [
+            torch.stack([logs[n].detach().float().cpu() for logs in step_logs if n in logs]).mean()
+            for n in names
+        ]
+    ).to(accelerator.device)  # (K,)
     values = accelerator.reduce(values, reduction="mean")
     logs = {n: float(v) for n, v in zip(names, values.tolist(), strict=True)}
     logs.update(
@@ -421,7 +355,7 @@ def _peak_rss_gib() -> float | None:
 
 
 def _evaluate_and_keep_best(
-    accelerator, module, dev: DevSet, cfg: RunConfig, step: int, state: dict, log
+    accelerator, module, dev: DevSet, cfg: RunConfig, step: int, state: TrainerState, log: JsonlLog
 ) -> None:
     """Score the dev set on the main process; save ``best_model`` when the measure improves."""
     if accelerator.is_main_process:
@@ -433,17 +367,17 @@ def _evaluate_and_keep_best(
         log.write(step, {f"dev/{k}": v for k, v in scores.items()})
         accelerator.log({f"dev/{k}": v for k, v in scores.items()}, step=step)
         logger.info("step %d: dev %s", step, json.dumps(scores))
-        if state["best_metric"] is None or value > state["best_metric"]:
-            state["best_metric"], state["best_step"] = value, step
+        if state.best_metric is None or value > state.best_metric:
+            state.best_metric, state.best_step = value, step
             save_trained_model(encoder, Path(cfg.train.output_dir) / "best_model")
     module.train()
     accelerator.wait_for_everyone()
-    state_list = [state["best_metric"], state["best_step"]]
+    best = [state.best_metric, state.best_step]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        broadcast_object_list(state_list, from_process=0)
-    state["best_metric"], state["best_step"] = state_list
+        broadcast_object_list(best, from_process=0)
+    state.best_metric, state.best_step = best
 
 
-__all__ = ["TrainResult", "TrainingModule", "make_accelerator", "train", "training_step"]
+__all__ = ["TrainResult", "TrainerState", "build_loss", "check_processes", "make_accelerator", "train"]

@@ -30,8 +30,8 @@ def train_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     from dualenc.config import load_config
     from dualenc.encoder import DualEncoder
     from dualenc.losses import InBatchCE
-    from dualenc.train import TrainingModule, training_step
     from dualenc.train_data import load_train_data
+    from dualenc.train_step import TrainingModule
 
     accelerator = Accelerator(cpu=True)
     cfg = load_config(
@@ -45,9 +45,9 @@ def train_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     items = [dataset[i] for i in range(4)]
     per_rank = len(items) // accelerator.num_processes
     mine = items[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
-    module = accelerator.prepare(TrainingModule(model, InBatchCE(0.1, learn_temperature=True)))
+    module = accelerator.prepare(TrainingModule(model, InBatchCE(0.1, learn_temperature=True), cfg.loss))
     batch = TrainCollator(model, data.corpus)(mine)
-    output = training_step(module, batch, accelerator, cfg)
+    output = module(batch)
     accelerator.backward(output.loss)
     loss = accelerator.reduce(output.loss.detach(), reduction="mean")
     grads = {

@@ -8,7 +8,19 @@ import math
 import pytest
 import torch
 
-from dualenc.losses import CachedCE, InBatchCE, false_negative_mask, reference_surrogate
+from dualenc.losses import (
+    CachedCE,
+    CacheTerms,
+    InBatchCE,
+    LossInputs,
+    false_negative_mask,
+    reference_surrogate,
+)
+
+
+def call(loss, q, d, *, targets, mask=None, **cache):
+    """Call a loss through its one contract, ``loss(LossInputs)``; keyword cache terms become CacheTerms."""
+    return loss(LossInputs(q, d, targets, mask, CacheTerms(**cache) if cache else None))
 
 
 def brute_force_ce(q, d, targets, mask, scale):
@@ -28,9 +40,9 @@ def test_inbatch_ce_matches_brute_force():
     mask = torch.zeros(4, 12, dtype=torch.bool)
     mask[1, 4] = mask[2, 0] = True
     for m in (None, mask):
-        out = InBatchCE(temperature=0.5)(q, d, targets=targets, mask=m)
+        out = call(InBatchCE(temperature=0.5), q, d, targets=targets, mask=m)
         assert float(out.loss) == pytest.approx(brute_force_ce(q, d, targets, m, 2.0), abs=1e-6)
-    out = InBatchCE()(q, d, targets=targets, mask=mask)
+    out = call(InBatchCE(), q, d, targets=targets, mask=mask)
     assert float(out.logs["num_negatives"]) == pytest.approx((11 * 4 - 2) / 4)
 
 
@@ -39,7 +51,7 @@ def test_inbatch_ce_refuses_masking_a_target():
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[1, 2] = True
     with pytest.raises(ValueError, match="own positive"):
-        InBatchCE()(q, d, targets=torch.tensor([0, 2]), mask=mask)
+        call(InBatchCE(), q, d, targets=torch.tensor([0, 2]), mask=mask)
 
 
 def test_learned_temperature_gradient_matches_autograd_of_the_formula():
@@ -47,7 +59,7 @@ def test_learned_temperature_gradient_matches_autograd_of_the_formula():
     q, d = torch.randn(3, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
     targets = torch.tensor([0, 2, 4])
     loss_fn = InBatchCE(temperature=0.2, learn_temperature=True).double()
-    loss_fn(q, d, targets=targets).loss.backward()
+    call(loss_fn, q, d, targets=targets).loss.backward()
     log_scale = torch.tensor(math.log(5.0), dtype=torch.float64, requires_grad=True)
     reference = torch.nn.functional.cross_entropy(log_scale.exp() * (q @ d.T), targets)
     (grad,) = torch.autograd.grad(reference, log_scale)
@@ -80,7 +92,7 @@ def cached_loss_per_example(q, pos, cache, neg, scale=1.0, inbatch=False):
     loss_fn = CachedCE(temperature=1.0 / scale, inbatch=inbatch).double()
     for i in range(q.shape[0]):
         rest_lse = torch.logsumexp(scale * (q[i : i + 1] @ cache.T), dim=1)  # (1,)
-        out = loss_fn(q[i : i + 1], pos[i : i + 1], targets=torch.tensor([0]), mask=None,
+        out = call(loss_fn, q[i : i + 1], pos[i : i + 1], targets=torch.tensor([0]), mask=None,
                       neg_emb=neg[i : i + 1, None], neg_weight=torch.ones(1, 1), rest_lse=rest_lse)  # fmt: skip
         values.append(out.loss)
     return torch.stack(values)
@@ -113,7 +125,7 @@ def test_scalar_parameter_gradients_fixture():
     b = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     q, pos, neg = a * QUERY, b * POSITIVE, b * CACHE[RETRIEVED]  # the doc tower re-encodes the negative
     rest_lse = torch.logsumexp(q @ CACHE.T, dim=1)  # stale cache scores
-    out = CachedCE(inbatch=False).double()(q, pos, targets=torch.arange(3), mask=None, neg_emb=neg[:, None],
+    out = call(CachedCE(inbatch=False).double(), q, pos, targets=torch.arange(3), mask=None, neg_emb=neg[:, None],
                                            neg_weight=torch.ones(3, 1), rest_lse=rest_lse)  # fmt: skip
     grads = torch.autograd.grad(out.loss, [a, b])
     # the fixture was computed in TF float32: 1e-6 absolute
@@ -131,7 +143,7 @@ def test_p_pos_and_cache_get_no_gradient_sampled_and_positive_do():
     pos, neg = POSITIVE.clone().requires_grad_(True), CACHE[RETRIEVED].clone().requires_grad_(True)
     cache = CACHE.clone().requires_grad_(True)
     rest_lse = torch.logsumexp(q @ cache.T, dim=1)
-    out = CachedCE(inbatch=False).double()(q, pos, targets=torch.arange(3), mask=None, neg_emb=neg[:, None],
+    out = call(CachedCE(inbatch=False).double(), q, pos, targets=torch.arange(3), mask=None, neg_emb=neg[:, None],
                                            neg_weight=torch.ones(3, 1), rest_lse=rest_lse)  # fmt: skip
     out.loss.backward()
     assert cache.grad is None  # stale embeddings are constants
@@ -175,7 +187,7 @@ def test_fresh_cache_with_enumerated_expectation_equals_full_softmax(inbatch):
     rest_idx = torch.tensor(rows)  # (3, |R|)
     stale_scores = scale * torch.einsum("bd,brd->br", q.detach(), stale[rest_idx])  # (3, |R|)
     weights = stale_scores.softmax(dim=1)  # q_R, enumerated
-    loss = CachedCE(temperature=1 / scale, inbatch=inbatch).double()(
+    loss = call(CachedCE(temperature=1 / scale, inbatch=inbatch).double(),
         q, d[batch_docs], targets=torch.arange(3), mask=mask if inbatch else None, neg_emb=d[rest_idx],
         neg_weight=weights, rest_lse=torch.logsumexp(stale_scores, dim=1),
     ).loss  # fmt: skip
@@ -189,10 +201,10 @@ def test_empty_cache_is_plain_inbatch_ce():
     torch.manual_seed(2)
     q, d = torch.randn(4, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
     targets = torch.arange(4) * 2
-    cached = CachedCE(temperature=0.1).double()(q, d, targets=targets, mask=None, neg_emb=torch.zeros(4, 1, 6,
+    cached = call(CachedCE(temperature=0.1).double(), q, d, targets=targets, mask=None, neg_emb=torch.zeros(4, 1, 6,
                                                 dtype=torch.float64), neg_weight=torch.zeros(4, 1),
                                                 rest_lse=torch.full((4,), float("-inf"), dtype=torch.float64))  # fmt: skip
-    plain = InBatchCE(temperature=0.1)(q, d, targets=targets)
+    plain = call(InBatchCE(temperature=0.1), q, d, targets=targets)
     assert float(cached.loss) == pytest.approx(float(plain.loss), abs=1e-12)
 
 
@@ -210,7 +222,7 @@ def test_monte_carlo_gradient_converges_to_the_full_gradient():
         q, d = qx @ wq, dx @ wd
         stale = scale * torch.einsum("bd,brd->br", q.detach(), d.detach()[rest])  # (2, 11)
         draws = torch.multinomial(stale.softmax(1), n, replacement=True, generator=generator)  # (2, n)
-        loss = CachedCE(temperature=1 / scale, inbatch=False).double()(
+        loss = call(CachedCE(temperature=1 / scale, inbatch=False).double(),
             q, d[:2], targets=torch.arange(2), mask=None, neg_emb=d[rest.gather(1, draws)],
             neg_weight=torch.full((2, n), 1.0 / n, dtype=torch.float64), rest_lse=torch.logsumexp(stale, 1),
         ).loss  # fmt: skip

@@ -145,15 +145,16 @@ TRAIN_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import dualenc.train as train_module
+    import dualenc.train_step as train_step
     from dualenc.config import load_config
 
     slow = sys.argv[1] == "1"
-    if slow:  # slow every step down so the parent can kill us after a checkpoint
-        step = train_module.training_step
-        def slow_step(*args, **kwargs):
+    if slow:  # slow every micro-batch down (every loss runs it) so the parent can kill us after a checkpoint
+        forward = train_step.TrainingModule.forward
+        def slow_forward(*args, **kwargs):
             time.sleep(0.15)
-            return step(*args, **kwargs)
-        train_module.training_step = slow_step
+            return forward(*args, **kwargs)
+        train_step.TrainingModule.forward = slow_forward
     train_module.train(load_config(sys.argv[2], sys.argv[3:]))
     """
 )
@@ -183,14 +184,16 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     killed_dir = tmp_path / "killed"
     victim = _train_subprocess(tmp_path, True, [*base, f"output_dir={killed_dir}"])
     deadline = time.time() + 600
-    while not (killed_dir / "checkpoints" / "step_00000008").exists():
+    while (
+        not (killed_dir / "checkpoints" / "step_00000008").exists()
+        or max(read_log(killed_dir), key=lambda r: r["step"])["step"] <= 8
+    ):
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
-    time.sleep(0.5)  # a few steps past the checkpoint, so the log holds steps that must be replayed
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=60)
     logged = [row["step"] for row in read_log(killed_dir)]
-    assert not (killed_dir / "final_model").exists() and max(logged) < steps
+    assert not (killed_dir / "final_model").exists() and 8 < max(logged) < steps  # killed past the checkpoint
     resumed = _train_subprocess(tmp_path, False, [*base, f"output_dir={killed_dir}", "resume_from=latest"])
     assert resumed.wait(timeout=600) == 0
     ref = {row["step"]: row["loss"] for row in read_log(tmp_path / "ref")}

@@ -1,0 +1,221 @@
+"""Training where users run it: `torchrun --nproc_per_node 2 recipes/train.py ... cpu=true` against one process.
+
+Every run goes through the real launcher and the real recipe script, with a real schedule (linear, warm-up),
+gradient accumulation 1 and 3, and an epoch of 5 micro-batches (so accumulation 3 gives steps of 3 and 2).
+- the matrix: the logged learning rates, optimizer steps and epochs equal a hand computation, and 2 processes
+  with batch 4 log the losses of 1 process with batch 8 (to 1e-5), for every loss that runs on 2 processes;
+- kill -9 of the 2-process run after a checkpoint, then resume_from=latest: the losses after the resume and the
+  final weights equal the uninterrupted 2-process run (dropout on). Each kill test asserts the kill happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_text, tiny_bert_config, write_tokenizer_dir
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_QUERIES = 44  # global batch 8 -> 40 used per epoch (a different 4 left out each epoch) -> 5 batches
+GLOBAL_BATCH, MAX_STEPS, WARMUP_RATIO, LR = 8, 7, 0.3, 1e-3
+LOSSES = ["inbatch", "cache", "cache_ce"]  # loss=sce runs on one process only (refused on more)
+
+
+def _write_triples(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(NUM_QUERIES):
+        query = make_text(rng, 3, 6)
+        lines.append(f"{query}\t{query} {make_text(rng, 2, 8)}\t{make_text(rng, 4, 12)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _model_dir(root: Path, dropout: float) -> Path:
+    """A dualenc model dir of a tiny random BERT (mean pooling, normalised) with the given dropout."""
+    from transformers import BertModel
+
+    from dualenc.encoder import DualEncoder
+
+    torch.manual_seed(0)
+    hf = root / "hf"
+    BertModel(
+        tiny_bert_config(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    ).save_pretrained(hf)
+    write_tokenizer_dir(hf)
+    model = DualEncoder.from_hf(hf, pooling="mean", normalize=True, query_max_len=16, passage_max_len=24)
+    model.save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("processes")
+    return {
+        "triples": _write_triples(root / "triples.tsv"),
+        "model": _model_dir(root / "no_dropout", 0.0),
+        "model_dropout": _model_dir(root / "dropout", 0.1),
+        "root": root,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(processes: int, script: Path, overrides: list[str]) -> list[str]:
+    if processes == 1:
+        return [sys.executable, str(script), *overrides]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+    return [*launcher, str(script), *overrides, "cpu=true"]
+
+
+def _overrides(setup: dict, out: Path, processes: int, loss: str, gas: int, **extra) -> list[str]:
+    values = {
+        "train_file": setup["triples"], "train_format": "triples", "datasets_cache_dir": out.parent / f"hf-{out.name}",
+        "model_name_or_path": setup["model"], "random_init": "false", "output_dir": out, "train_group_size": 2,
+        "per_device_train_batch_size": GLOBAL_BATCH // processes, "gradient_accumulation_steps": gas,
+        "max_steps": MAX_STEPS, "warmup_ratio": WARMUP_RATIO, "lr_scheduler_type": "linear", "learning_rate": LR,
+        "logging_steps": 1, "save_steps": 0, "temperature": 0.05, "loss": loss, "refresh_fraction": 0.1,
+        "num_cache_negatives": 2, "cache_fill_batch_size": 16, "seed": 7,
+    }  # fmt: skip
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _train(processes: int, overrides: list[str], script: Path = REPO / "recipes" / "train.py") -> None:
+    proc = subprocess.run(_command(processes, script, overrides), env=ENV, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _hand_lr(step: int) -> float:
+    """transformers' linear schedule after ``step`` optimizer steps: warm-up int(0.3 x 7) = 2 steps."""
+    warmup = int(WARMUP_RATIO * MAX_STEPS)
+    if step < warmup:
+        return LR * step / warmup
+    return LR * max(0.0, (MAX_STEPS - step) / (MAX_STEPS - warmup))
+
+
+def _hand_epochs(gas: int) -> list[int]:
+    """Epoch of each of the 7 steps: 5 micro-batches per epoch in steps of min(gas, what is left)."""
+    per_epoch = -(-5 // gas)
+    return [step // per_epoch for step in range(MAX_STEPS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gas", [1, 3])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_two_processes_follow_the_one_process_run(setup, loss, gas, tmp_path):
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        _train(processes, _overrides(setup, out, processes, loss, gas))
+        runs[processes] = _log(out)
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["steps"] == MAX_STEPS and summary["epochs"] == _hand_epochs(gas)[-1] + 1
+    for processes, log in runs.items():
+        assert [row["step"] for row in log] == list(range(1, MAX_STEPS + 1)), processes
+        assert [row["lr"] for row in log] == pytest.approx(
+            [_hand_lr(s) for s in range(1, MAX_STEPS + 1)], abs=1e-12
+        )
+        assert [row["epoch"] for row in log] == _hand_epochs(gas)
+    one, two = [row["loss"] for row in runs[1]], [row["loss"] for row in runs[2]]
+    np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
+    assert one[-1] < one[0]  # it trains: warm-up then decay, not a schedule stuck at 0
+    if loss != "inbatch":
+        draws = [row["cache/draws"] for row in runs[2]]
+        assert all(d > 0 for d in draws) if loss == "cache" else True
+
+
+def test_sce_on_two_processes_is_refused_before_any_work(setup, tmp_path):
+    out = tmp_path / "sce"
+    proc = subprocess.run(_command(2, REPO / "recipes" / "train.py", _overrides(setup, out, 2, "sce", 1)),
+                          env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode != 0 and "loss=sce runs on one process" in proc.stderr
+    assert not (out / "cache_fill").exists() and not (out / "train_log.jsonl").exists()
+
+
+# ---------------------------------------------------------------- kill -9 under 2 processes, then resume
+
+SLOW_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import dualenc.train_step as train_step
+
+    forward = train_step.TrainingModule.forward
+
+    def slow_forward(self, *args, **kwargs):  # every loss goes through here: slow each micro-batch down
+        time.sleep(0.4)
+        return forward(self, *args, **kwargs)
+
+    train_step.TrainingModule.forward = slow_forward
+    sys.path.insert(0, sys.argv.pop(1))
+    from train import main
+    main(sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", LOSSES)
+def test_kill_9_two_processes_then_resume_is_exact(setup, loss, tmp_path):
+    gas, save = 3, 3  # the checkpoint at step 3 sits mid-epoch 1: the resume skips 3 micro-batches
+    extra = {"model_name_or_path": setup["model_dropout"], "save_steps": save, "save_total_limit": 0}
+    reference = tmp_path / "reference"
+    _train(2, _overrides(setup, reference, 2, loss, gas, **extra))
+
+    killed = tmp_path / "killed"
+    overrides = _overrides(setup, killed, 2, loss, gas, **extra)
+    script = tmp_path / "slow_train.py"
+    script.write_text(SLOW_SCRIPT)
+    victim = subprocess.Popen([*_command(2, script, [str(REPO / "recipes"), *overrides])], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 600
+    log = killed / "train_log.jsonl"
+    while not (
+        (killed / "checkpoints" / f"step_{save:08d}").exists()
+        and log.exists()
+        and max(r["step"] for r in _log(killed)) > save
+    ):
+        assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both training processes
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    logged = [row["step"] for row in _log(killed)]
+    assert (
+        save < max(logged) < MAX_STEPS and not (killed / "final_model").exists()
+    )  # it really was interrupted
+
+    _train(2, [*overrides, "resume_from=latest"])
+    ref, got = _log(reference), _log(killed)
+    assert [row["step"] for row in got] == list(range(1, MAX_STEPS + 1))  # no step missing or logged twice
+    assert [row["loss"] for row in got[save:]] == [row["loss"] for row in ref[save:]]
+    assert [row["lr"] for row in got] == [row["lr"] for row in ref]
+    from safetensors.torch import load_file
+
+    final_ref = load_file(reference / "final_model" / "model.safetensors")
+    final_got = load_file(killed / "final_model" / "model.safetensors")
+    assert final_ref.keys() == final_got.keys()
+    for name in final_ref:
+        assert torch.equal(final_ref[name], final_got[name]), name
