@@ -46,7 +46,7 @@ def cmd_encode(args) -> int:
     from accelerate import PartialState
 
     from dualenc.data import read_collection, read_queries
-    from dualenc.encode import encode_collection, write_collection_meta
+    from dualenc.encode import encode_corpus
 
     state = PartialState(cpu=args.device == "cpu")
     device = state.device
@@ -56,30 +56,23 @@ def cmd_encode(args) -> int:
     model = _load_model(args.model, args, device)
     if state.is_main_process:
         logger.info("encoding %d %ss from %s on %d process(es)", len(data), kind, source, state.num_processes)
-    encode_collection(
+    encode_corpus(
         model,
         data,
         args.output,
         kind=kind,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
         device=device,
         autocast_dtype=_amp_dtype(args.amp, device),
         storage_dtype=args.storage_dtype,
         progress=state.is_local_main_process and not args.quiet,
+        model_name=str(args.model),
+        source=str(source),
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        wait_for_everyone=state.wait_for_everyone,
     )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        meta = write_collection_meta(
-            args.output,
-            num_shards=state.num_processes,
-            model_name=str(args.model),
-            kind=kind,
-            extra={"source": str(source), "normalize": bool(model.config.normalize)},
-        )
-        logger.info("wrote %d embeddings (dim %d) to %s", meta["count"], meta["dim"], args.output)
     return 0
 
 
@@ -231,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("encode", help="encode a collection (or topics) into an embeddings dir; resumable")
-    p.add_argument("--model", required=True, help="dualenc / sentence-transformers / Hugging Face model dir")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="dualenc / sentence-transformers / Hugging Face model dir (custom towers: module on PYTHONPATH)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--collection", help="collection: .tsv (id<TAB>text[<TAB>...]) or BEIR .jsonl")
     src.add_argument("--topics", help="queries (.tsv or BEIR .jsonl), encoded with the query tower")

@@ -267,3 +267,84 @@ def write_collection_meta(
     meta.update(extra or {})
     write_meta(out_dir, meta)
     return meta
+
+
+def encode_corpus(
+    model,
+    collection,
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "doc",
+    batch_size: int = 128,
+    chunk_size: int = 8192,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    storage_dtype: str = "float32",
+    progress: bool = False,
+    model_name: str | None = None,
+    source: str | None = None,
+    cache_dir: str | None = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait_for_everyone: Callable[[], object] | None = None,
+) -> Path:
+    """Encode a whole collection (or topics) into an embeddings directory, ``meta.json`` included.
+
+    The directory is what ``dualenc index --embeddings``, :func:`dualenc.index.index_from_embeddings` and
+    :func:`dualenc.retrieve.search_vectors` read. Resumable like :func:`encode_collection`, whose ``model_id``
+    is the weights' :func:`model_fingerprint`: a finished shard made with other weights is encoded again.
+
+    Args:
+        model: a :class:`dualenc.encoder.DualEncoder`, already on ``device`` (and in eval mode).
+        collection: a collection file (``.tsv`` or BEIR ``.jsonl``, as :func:`dualenc.data.read_collection`
+            reads; topics for ``kind="query"``), or a dataset already read (``id``, ``text``, opt. ``title``).
+        out_dir: the embeddings directory.
+        kind: ``"doc"`` (document tower) or ``"query"`` (query tower).
+        batch_size, chunk_size, device, autocast_dtype, storage_dtype, progress: as :func:`encode_collection`.
+        model_name: recorded as ``meta.json``'s ``model`` (the CLI records the model dir); default the
+            fingerprint.
+        source: recorded as ``meta.json``'s ``source``; default the path when ``collection`` is one.
+        cache_dir: datasets cache directory for reading a collection file.
+        process_index, num_processes, wait_for_everyone: sharding over processes (e.g. Accelerate's
+            ``PartialState``): each process encodes its shard, waits for all; process 0 writes ``meta.json``.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    if kind not in ("query", "doc"):
+        raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
+    if num_processes > 1 and wait_for_everyone is None:
+        raise ValueError("encoding with num_processes > 1 needs wait_for_everyone (a barrier)")
+    if isinstance(collection, str | os.PathLike):
+        from dualenc.data import read_collection, read_queries
+
+        source = str(collection) if source is None else source
+        read = read_queries if kind == "query" else read_collection
+        collection = read(collection, cache_dir=cache_dir)
+    fingerprint = model_fingerprint(model)
+    encode_collection(
+        model,
+        collection,
+        out_dir,
+        kind=kind,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        process_index=process_index,
+        num_processes=num_processes,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        storage_dtype=storage_dtype,
+        progress=progress,
+        model_id=fingerprint,
+    )
+    if wait_for_everyone is not None:
+        wait_for_everyone()
+    if process_index == 0:
+        extra = {"normalize": bool(model.config.normalize), "model_fingerprint": fingerprint}
+        if source is not None:
+            extra["source"] = source
+        meta = write_collection_meta(
+            out_dir, num_shards=num_processes, model_name=model_name or fingerprint, kind=kind, extra=extra
+        )
+        logger.info("wrote %d embeddings (dim %d) to %s", meta["count"], meta["dim"], out_dir)
+    return Path(out_dir)

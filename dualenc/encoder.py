@@ -2,8 +2,10 @@
 
 ``HFEncoder`` wraps any ``transformers`` AutoModel with CLS or mask-weighted mean pooling (Tevatron's
 ``pooling``/``normalize`` flags). ``DualEncoder`` holds one shared tower or two separate ones plus the
-tokenizer(s), and saves a directory that both ``DualEncoder.from_pretrained`` and
-``sentence_transformers.SentenceTransformer`` load. No loss and no distributed code live here.
+tokenizer(s), and saves a directory that ``DualEncoder.from_pretrained`` loads; with ``HFEncoder`` towers
+``sentence_transformers.SentenceTransformer`` loads it too. Custom towers (any ``Encoder`` module whose class
+has ``get_config`` and lives in an importable module) are saved as described in ``dualenc.custom_tower``.
+No loss and no distributed code live here.
 
 Model directory layout (sentence-transformers files + ``dualenc_config.json``): see ``dualenc.st_format``.
 """
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dualenc.atomic import atomic_dir, write_json
+from dualenc.custom_tower import is_custom_tower_dir, load_custom_tower, tower_spec, write_custom_tower
 from dualenc.errors import InputError
 from dualenc.st_format import read_json, read_st_dir, write_st_folder
 
@@ -314,26 +317,32 @@ class DualEncoder(nn.Module):
             if hasattr(tower, "gradient_checkpointing_enable"):
                 tower.gradient_checkpointing_enable()
 
-    def save_pretrained(self, path: str | PathLike) -> None:
-        """Write the model directory (layout in ``dualenc.st_format``) atomically; HFEncoder towers only."""
-        for name, tower in (("query", self.query_encoder), ("doc", self.doc_encoder)):
+    def check_saveable(self) -> None:
+        """Raise ``TypeError`` (naming the class and the fix) if a custom tower cannot be saved and reloaded.
+
+        ``save_pretrained`` runs this first; call it before a long training run to fail early.
+        """
+        for tower in (self.query_encoder, self.doc_encoder):
             if not isinstance(tower, HFEncoder):
-                raise TypeError(
-                    f"cannot save the custom {name} encoder {type(tower).__name__}: save_pretrained writes "
-                    "HFEncoder towers only; save your module yourself (e.g. torch.save(module.state_dict()))"
-                )
+                tower_spec(tower)
+
+    def save_pretrained(self, path: str | PathLike) -> None:
+        """Write the model directory atomically (layout in ``dualenc.st_format``).
+
+        Each tower becomes a sentence-transformers folder (``HFEncoder``) or a custom tower folder
+        (``dualenc.custom_tower``; its class needs ``get_config`` and an importable module).
+        """
+        self.check_saveable()
         config = {"format_version": FORMAT_VERSION, **dataclasses.asdict(self.config)}
         cfg, q_tok, d_tok = self.config, self.tokenizer, self.doc_tokenizer
         with atomic_dir(path) as tmp:
             if cfg.shared:
                 prompts = {"query": cfg.query_prefix, "document": cfg.passage_prefix}
-                write_st_folder(tmp, self.query_encoder, q_tok, cfg.passage_max_len, prompts, None)
+                _write_tower(tmp, self.query_encoder, q_tok, cfg.passage_max_len, prompts, None)
             else:  # each tower folder applies its own prefix by default when loaded alone in ST
                 q_prompts, d_prompts = {"query": cfg.query_prefix}, {"document": cfg.passage_prefix}
-                write_st_folder(
-                    tmp / "query", self.query_encoder, q_tok, cfg.query_max_len, q_prompts, "query"
-                )
-                write_st_folder(
+                _write_tower(tmp / "query", self.query_encoder, q_tok, cfg.query_max_len, q_prompts, "query")
+                _write_tower(
                     tmp / "passage", self.doc_encoder, d_tok, cfg.passage_max_len, d_prompts, "document"
                 )
             write_json(tmp / CONFIG_NAME, config)
@@ -343,6 +352,9 @@ class DualEncoder(nn.Module):
         cls, path: str | PathLike, *, dtype: str | torch.dtype | None = None, **config_overrides: Any
     ) -> DualEncoder:
         """Load a dualenc dir, a sentence-transformers dir, or a plain HF model dir (defaults + overrides).
+
+        A tower folder with a ``tower.json`` is a custom tower (``dualenc.custom_tower``): its class is
+        imported, so its module must be importable here (installed, or on ``PYTHONPATH``).
 
         Args:
             path: a local directory, or ``pkg:<package>/<sub dir>`` (see :func:`resolve_model_path`).
@@ -400,7 +412,9 @@ class DualEncoder(nn.Module):
         """Build towers and tokenizers from one dir (shared, or copied when ``config.shared`` is False) or two."""
         from transformers import AutoTokenizer
 
-        def tower(where: str | PathLike) -> HFEncoder:
+        def tower(where: str | PathLike) -> nn.Module:
+            if is_custom_tower_dir(where):
+                return load_custom_tower(where, dtype=resolve_dtype(dtype))
             return HFEncoder.from_pretrained(
                 where, pooling=config.pooling, normalize=config.normalize, dtype=dtype
             )
@@ -413,6 +427,16 @@ class DualEncoder(nn.Module):
             doc_encoder = None if config.shared else copy.deepcopy(query_encoder)
             doc_tokenizer = None
         return cls(query_encoder, doc_encoder, tokenizer, config, doc_tokenizer=doc_tokenizer)
+
+
+def _write_tower(
+    folder: Path, tower: nn.Module, tokenizer: Any, max_len: int, prompts: dict[str, str], default: str | None
+) -> None:
+    """One tower folder: sentence-transformers for an ``HFEncoder``, else the custom tower folder."""
+    if isinstance(tower, HFEncoder):
+        write_st_folder(folder, tower, tokenizer, max_len, prompts, default)
+    else:
+        write_custom_tower(folder, tower, tokenizer)
 
 
 def tokenize_texts(tokenizer: Any, texts: list[str], prefix: str, max_len: int):

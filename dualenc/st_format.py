@@ -13,6 +13,10 @@
 Separate towers put one such folder (without ``dualenc_config.json``) in ``query/`` and ``passage/`` and keep
 ``dualenc_config.json`` (``shared: false``) at the root. ``dualenc_config.json`` is dualenc's own file
 (``dualenc.encoder``); this module writes and reads the sentence-transformers files only.
+
+A custom (non-``HFEncoder``) tower takes the place of a sentence-transformers folder (at the root, or in
+``query/`` / ``passage/``) with ``tower.json``, ``model.safetensors`` and the tokenizer files: see
+``dualenc.custom_tower``. sentence-transformers cannot load those folders; ``DualEncoder.from_pretrained`` can.
 """
 
 from __future__ import annotations

@@ -157,6 +157,8 @@ def train(
         model = build_model(
             cfg.model, data, seed=seed, init_dir=out / "initial_model", accelerator=accelerator
         )
+    else:
+        model.check_saveable()  # a tower that cannot be saved is refused now, not after training
     dev: DevSet | None = load_dev_set(cfg.data) if cfg.data.dev_corpus_file else None
 
     # data: P processes with batch b see exactly the batches of one process with batch P·b

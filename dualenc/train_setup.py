@@ -1,4 +1,4 @@
-"""The parts ``dualenc.train`` assembles: model construction, data order, dev evaluation, optimizer groups, log."""
+"""The parts ``dualenc.train`` assembles: model construction, dev evaluation, optimizer groups, the log."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -70,47 +68,9 @@ def _random_model(cfg: ModelConfig, data, overrides: dict, seed: int) -> DualEnc
     return DualEncoder(tower, copy.deepcopy(tower) if cfg.untie_encoder else None, tokenizer, config)
 
 
-def step_seed(seed: int, rank: int, epoch: int, skipped: int, micro: int) -> int:
-    """Seed of the torch RNG for one micro-batch, from its place in training only (not from RNG history).
-
-    ``skipped`` micro-batches of the epoch were done before this loader started (resume), so the position is
-    ``skipped + micro`` whether or not the run was interrupted.
-    """
-    return int(
-        np.random.SeedSequence([seed, rank, epoch, skipped + micro]).generate_state(1, np.uint64)[0] >> 1
-    )
-
-
 def save_trained_model(model: DualEncoder, path: Path) -> None:
-    """A dualenc model dir for HF towers; for custom towers, their state dict as ``model.safetensors`` (atomic)."""
-    if all(isinstance(t, HFEncoder) for t in (model.query_encoder, model.doc_encoder)):
-        model.save_pretrained(path)
-        return
-    from safetensors.torch import save_model
-
-    from dualenc.atomic import atomic_dir
-
-    with atomic_dir(path) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-    logger.info(
-        "custom towers: saved their state dict to %s/model.safetensors (load it into your module)", path
-    )
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """A fresh permutation per epoch, drawn from (seed, epoch) only: resuming at any epoch reproduces it."""
-
-    def __init__(self, num_items: int, *, seed: int):
-        self.num_items, self.seed, self.epoch = num_items, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_items
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items).tolist())
+    """``model.save_pretrained(path)``: a dualenc model dir (HF or custom towers) that ``from_pretrained`` loads."""
+    model.save_pretrained(path)
 
 
 def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:

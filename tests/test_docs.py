@@ -1,22 +1,115 @@
-"""The Python examples in docs/ run as written (each page's ```python blocks, in order, in one namespace)."""
+"""The docs/ pages run as written.
+
+On a page, a ```python block whose first line is ``# <name>.py`` is a file: it is written into a fresh folder.
+The other ```python blocks run in this process, in order, in one namespace. Then each ```bash block runs in
+that folder, in order, and its standard output must match the ```text block right after it: the same text,
+integers equal, decimals within ``DECIMAL_TOLERANCE`` (other CPUs may round a last digit differently).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["api.md"]
+BLOCK = re.compile(r"```(\w+)\n(.*?)```", flags=re.S)
+FILE_MARK = re.compile(r"# ([\w.-]+\.py)\n")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+DECIMAL_TOLERANCE = 0.02
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_python_blocks_run(page, minilm_dir, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
-    assert blocks, f"{page} has no python block"
+def _check_output(got: str, want: str, where: str) -> None:
+    """``got`` reads as ``want``: same text around the numbers, integers equal, decimals close."""
+    assert NUMBER.sub("#", got.rstrip()) == NUMBER.sub("#", want.rstrip()), f"{where}: printed\n{got}"
+    for g, w in zip(NUMBER.findall(got), NUMBER.findall(want), strict=True):
+        if "." in w:
+            assert abs(float(g) - float(w)) <= DECIMAL_TOLERANCE, f"{where}: {g} printed, page shows {w}"
+        else:
+            assert g == w, f"{where}: {g} printed, page shows {w}"
+
+
+def run_page(page: str, folder: Path) -> str:
+    """Run ``page`` as the module docstring says; returns what its in-process python blocks printed."""
+    blocks = [(m.group(1), m.group(2)) for m in BLOCK.finditer((DOCS / page).read_text())]
     namespace: dict = {"__name__": "docs_example"}
-    for block in blocks:
-        exec(compile(block, f"{page}", "exec"), namespace)  # noqa: S102 - running our own documentation
-    out = capsys.readouterr().out.splitlines()
-    assert out == ["['d1', 'd2']", "mean True 256", "False"]
+    printed = io.StringIO()
+    for lang, code in blocks:
+        if lang != "python":
+            continue
+        mark = FILE_MARK.match(code)
+        if mark:
+            (folder / mark.group(1)).write_text(code)
+        else:
+            with contextlib.redirect_stdout(printed):
+                exec(compile(code, page, "exec"), namespace)  # noqa: S102 - running our own documentation
+    # the venv's python and dualenc first; no PYTHONPATH: the page sets it where it says it is needed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    assert shutil.which("dualenc", path=env["PATH"]), "the dualenc command is not installed next to python"
+    for i, (lang, code) in enumerate(blocks):
+        if lang != "bash":
+            continue
+        assert i + 1 < len(blocks) and blocks[i + 1][0] == "text", f"{page}: no ```text output after {code!r}"
+        done = subprocess.run(
+            ["bash", "-e", "-c", code], cwd=folder, env=env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, f"{page}: {code!r} failed:\n{done.stderr[-4000:]}"
+        _check_output(done.stdout, blocks[i + 1][1], f"{page}: {code.splitlines()[0]!r}")
+    return printed.getvalue()
+
+
+def test_api_page_runs_as_written(minilm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dualenc.embeddings import load_embeddings
+
+    printed = run_page("api.md", tmp_path)
+    assert printed.splitlines() == ["mean True 256", "False"]
+    assert {p.name for p in tmp_path.glob("*.py")} == {"my_towers.py", "train_bow.py"}
+
+    final = tmp_path / "out" / "run" / "final_model"
+    spec = json.loads((final / "tower.json").read_text())
+    assert spec["class"] == "my_towers.BagOfWords" and spec["config"]["dim"] == 64
+    before = load_file(tmp_path / "out" / "untrained" / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    assert before.keys() == after.keys() == {"embed.weight", "proj.weight", "proj.bias"}
+    assert all((after[k] - before[k]).abs().max() > 1e-3 for k in before), "training did not move the weights"
+
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    for measure in ("RR@10", "R@10"):
+        assert scores["trained"][measure] > scores["untrained"][measure] + 0.3, scores
+
+    [cli], [python] = (
+        load_embeddings(tmp_path / "out" / "cli.emb"),
+        load_embeddings(tmp_path / "out" / "trained.emb"),
+    )
+    assert cli.ids == python.ids and len(cli.ids) == 300
+    np.testing.assert_array_equal(cli.emb, python.emb)
+
+
+@pytest.mark.parametrize(
+    ("got", "ok"),
+    [
+        ("  trained: RR@10 0.9950  R@10 1.0000", True),
+        ("  trained: RR@10 0.9000  R@10 1.0000", False),
+        ("  trained: RR@5 1.0000  R@10 1.0000", False),
+        ("trained: RR@10 1.0000  R@10 1.0000", False),
+    ],
+)
+def test_output_check(got, ok):
+    want = "  trained: RR@10 1.0000  R@10 1.0000\n"
+    if ok:
+        _check_output(got, want, "x")
+    else:
+        with pytest.raises(AssertionError):
+            _check_output(got, want, "x")

@@ -191,3 +191,117 @@ def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
             p.mul_(1.5)
     encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
     assert not np.allclose(np.load(path), first)  # re-encoded with the new weights
+
+
+# ---------------------------------------------------------------------------------------------- encode_corpus
+
+
+def test_encode_corpus_from_a_file_or_a_dataset(model, tmp_path):
+    from dualenc.embeddings import read_meta
+    from dualenc.encode import encode_corpus, model_fingerprint
+
+    ids = write_collection(tmp_path / "c.tsv", 37)
+    out = encode_corpus(
+        model, tmp_path / "c.tsv", tmp_path / "emb", batch_size=8, cache_dir=str(tmp_path / "hf")
+    )
+    assert out == tmp_path / "emb"
+    meta = read_meta(out)
+    fingerprint = model_fingerprint(model)
+    assert meta["model"] == meta["model_fingerprint"] == fingerprint and meta["source"] == str(
+        tmp_path / "c.tsv"
+    )
+    assert (meta["count"], meta["dim"], meta["kind"], meta["normalize"]) == (37, 32, "doc", True)
+    [shard] = load_embeddings(out)
+    data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
+    assert shard.ids == ids
+    np.testing.assert_allclose(shard.emb, encode_texts(model, list(data["text"])), atol=1e-5)
+
+    again = encode_corpus(model, data, tmp_path / "emb2", kind="query", model_name="tiny")
+    meta = read_meta(again)
+    assert (meta["model"], meta["kind"], "source" in meta) == ("tiny", "query", False)
+    queries = encode_texts(model, list(data["text"]), kind="query")
+    np.testing.assert_allclose(load_embeddings(again)[0].emb, queries, atol=1e-5)
+
+
+def test_encode_corpus_needs_a_barrier_to_shard(model, tmp_path):
+    from dualenc.encode import encode_corpus
+
+    write_collection(tmp_path / "c.tsv", 3)
+    with pytest.raises(ValueError, match="needs wait_for_everyone"):
+        encode_corpus(model, tmp_path / "c.tsv", tmp_path / "e", num_processes=2, process_index=1)
+
+
+def test_cli_encodes_with_a_saved_custom_tower(tokenizer, tmp_path):
+    """`dualenc encode --model DIR` on a custom-tower dir: its module on PYTHONPATH, same vectors as encode_corpus."""
+    import custom_towers
+
+    from dualenc.encode import encode_corpus
+    from dualenc.encoder import DualEncoderConfig
+
+    torch.manual_seed(0)
+    model = DualEncoder(custom_towers.BagOfWords(len(tokenizer)), None, tokenizer, DualEncoderConfig())
+    model.save_pretrained(tmp_path / "model")
+    ids = write_collection(tmp_path / "c.tsv", 50)
+    expected = encode_corpus(
+        model.eval(), tmp_path / "c.tsv", tmp_path / "py", cache_dir=str(tmp_path / "hf")
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "dualenc",
+        "-q",
+        "encode",
+        "--model",
+        str(tmp_path / "model"),
+        "--device",
+        "cpu",
+    ]
+    argv += ["--collection", str(tmp_path / "c.tsv"), "--output", str(tmp_path / "cli")]
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    refused = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"dualenc: error: {tmp_path / 'model' / 'tower.json'}: cannot import the tower class "
+        "custom_towers.BagOfWords (ModuleNotFoundError: No module named 'custom_towers'); its module must be "
+        "importable by the loading process (installed, or its folder on PYTHONPATH)"
+    )
+    env["PYTHONPATH"] = tests_dir
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [cli], [py] = load_embeddings(tmp_path / "cli"), load_embeddings(expected)
+    assert cli.ids == py.ids == ids
+    np.testing.assert_array_equal(cli.emb, py.emb)
+    cli_meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
+    py_meta = json.loads((expected / "meta.json").read_text())
+    assert cli_meta["model"] == str(tmp_path / "model") and cli_meta["source"] == str(tmp_path / "c.tsv")
+    assert cli_meta["model_fingerprint"] == py_meta["model_fingerprint"]
+
+
+def test_cli_sharded_encode_with_a_custom_tower_equals_one_process(tokenizer, tmp_path):
+    """`torchrun --nproc_per_node 2 -m dualenc encode`: two shards, meta.json once, the vectors of one process."""
+    import custom_towers
+
+    from dualenc.embeddings import read_meta
+    from dualenc.encode import encode_corpus
+    from dualenc.encoder import DualEncoderConfig
+
+    torch.manual_seed(0)
+    model = DualEncoder(custom_towers.BagOfWords(len(tokenizer)), None, tokenizer, DualEncoderConfig())
+    model.save_pretrained(tmp_path / "model")
+    ids = write_collection(tmp_path / "c.tsv", 41)
+    one = encode_corpus(model.eval(), tmp_path / "c.tsv", tmp_path / "one", cache_dir=str(tmp_path / "hf"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dualenc", "-q"]
+    argv = [*launcher, "encode", "--model", str(tmp_path / "model"), "--collection", str(tmp_path / "c.tsv")]
+    argv += ["--output", str(tmp_path / "two"), "--device", "cpu", "--chunk-size", "8", "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    shards = load_embeddings(tmp_path / "two")
+    assert [len(s.ids) for s in shards] == [21, 20] and [i for s in shards for i in s.ids] == ids
+    np.testing.assert_allclose(
+        np.concatenate([s.emb for s in shards]), load_embeddings(one)[0].emb, atol=1e-6
+    )
+    meta = read_meta(tmp_path / "two")
+    assert (meta["num_shards"], meta["count"]) == (2, 41)
+    assert meta["model_fingerprint"] == read_meta(one)["model_fingerprint"]
