@@ -131,8 +131,8 @@ def run_single(cfg: dict) -> dict:
     from dualenc.cache import EmbeddingTable
     from dualenc.cache_scan import scan_table
     from dualenc.encoder import HFEncoder
-    from dualenc.losses import CachedCE, InBatchCE
-    from dualenc.sampler import choose_shards, combine_lse
+    from dualenc.losses import CachedCE, CacheTerms, InBatchCE, LossInputs
+    from dualenc.sampler import GumbelKey
 
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
@@ -167,7 +167,7 @@ def run_single(cfg: dict) -> dict:
             with clock.section("encode_grad"):
                 q = tower(q_feat)  # (B, D)
                 d = tower(features(b * (1 + m), cfg["passage_len"]))  # (B*(1+m), D)
-                loss = loss_in(q, d, targets=torch.arange(b, device=device) * (1 + m)).loss
+                loss = loss_in(LossInputs(q, d, torch.arange(b, device=device) * (1 + m))).loss
                 loss.backward()
         else:
             with clock.section("encode_grad"):
@@ -177,18 +177,15 @@ def run_single(cfg: dict) -> dict:
                 scale = torch.tensor(20.0, device=device)
                 scan = scan_table(table, q.detach().float(), scale, pos_score=scale * (q * d).sum(-1).detach(),
                                   mask_rows=torch.arange(b, device=device), mask_slots=torch.arange(b, device=device),
-                                  home_slots=None, num_samples=m, replacement=True,
-                                  generator=torch.Generator(device=device).manual_seed(1),
-                                  block_size=cfg["block_size"])  # fmt: skip
-                shard = choose_shards(
-                    scan.lse[None], m, generator=torch.Generator(device=device).manual_seed(2)
-                )
-                rest_lse = combine_lse(scan.lse[None])  # (B,)
-                drawn = scan.slots.gather(1, torch.zeros_like(shard)) if m == 1 else scan.slots  # (B, m)
+                                  home_slots=None, num_samples=m, replacement=True, key=GumbelKey(0, 1),
+                                  query_ids=torch.arange(b, device=device), block_size=cfg["block_size"])  # fmt: skip
+                rest_lse, drawn = scan.lse, scan.slots  # (B,), (B, m): one shard, nothing to merge
             with clock.section("encode_grad"):
                 neg = tower(features(b * m, cfg["passage_len"])).view(b, m, -1)  # (B, m, D) re-encoded draws
-                loss = loss_cache(q, d, targets=torch.arange(b, device=device), mask=None, neg_emb=neg,
-                                  neg_weight=torch.full((b, m), 1.0 / m, device=device), rest_lse=rest_lse).loss  # fmt: skip
+                terms = CacheTerms(
+                    rest_lse=rest_lse, neg_emb=neg, neg_weight=torch.full((b, m), 1.0 / m, device=device)
+                )
+                loss = loss_cache(LossInputs(q, d, torch.arange(b, device=device), cache=terms)).loss
                 loss.backward()
             with clock.section("cache_work"):
                 slots = torch.cat([torch.arange(b, device=device), drawn.flatten()])  # write-back

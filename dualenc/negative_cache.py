@@ -1,19 +1,27 @@
 """The negative cache during training (Lindgren et al., NeurIPS 2021; ALGORITHMS.md A1-A4).
 
-Per process, one :class:`~dualenc.cache.EmbeddingTable` shard. Each step:
+Per process, one :class:`~dualenc.cache.EmbeddingTable` shard (process p owns global slots offset_p ..). Each step:
 
-1. ``sample``: every process scores all P·B queries of the step against its shard (stale embeddings), masks
-   each query's known positives, the batch's documents and empty slots, and returns per query its local
-   log-sum-exp and m local Gumbel-max candidates. These small tuples are all-gathered; each query's home process
-   picks the shard of every draw by Gumbel-max over the shard log-sum-exps (exact two-stage sampling, A3), or,
-   without replacement, merges the shards' Gumbel-top-m perturbed scores (exact Gumbel-top-m).
-2. the trainer re-encodes the drawn documents with gradient (``negative_features``) and computes the loss.
+1. ``sample``: every process scores all P·B gathered queries of the step against its shard (stale embeddings),
+   masks each query's known positives, the batch's documents and empty slots, and returns per query its local
+   log-sum-exp, rank count and m Gumbel-max candidates (or Gumbel-top-m) with their perturbed scores. The Gumbel
+   noise of (query, document, draw k) is keyed by (seed, step, global query id, corpus row, k)
+   (:func:`dualenc.sampler.keyed_gumbel`), so the global draw is the shard candidate with the largest perturbed
+   score (top-m of the shards' top-m without replacement): exact, and the same for any number of processes.
+   These small tuples are all-gathered and merged by each query's home process (:func:`merge_shards`).
+2. the trainer re-encodes the drawn documents with gradient (``negative_texts``) and computes the loss.
 3. ``write_back``: fresh embeddings of the batch's documents and of the drawn negatives go to their owning
    shard (one all-gather); in stream mode the batch's documents are inserted into the local FIFO.
-4. ``end_step``: corpus mode re-encodes the ``refresh_fraction`` oldest slots of each shard without gradient;
-   every slot ages by one.
+4. ``refresh`` (once per optimizer step): corpus mode re-encodes, without gradient, the ``refresh_fraction``
+   globally oldest slots of the whole table (each by its owner); every slot ages by one.
 
-Randomness comes from generators seeded by (seed, rank, step): a resumed run draws the same negatives.
+The noise is keyed by the corpus row, so a document held by two slots (possible only in stream mode, where each
+process's FIFO skips only its own duplicates) gets the same noise in both and is drawn as if it had the larger of
+its two scores, while ``rest_lse`` counts both.
+
+For a fixed global batch, draws, ``rest_lse``, ``pos_rank``, the softmax mean and the refreshed slots are the same
+with 1 process as with P (a draw can differ only where two perturbed scores tie within the float rounding of
+the scores); a resumed run redraws the same negatives.
 """
 
 from __future__ import annotations
@@ -27,11 +35,11 @@ import torch
 from torch import Tensor
 
 from dualenc.cache import EmbeddingTable
-from dualenc.cache_scan import scan_candidates, scan_table
+from dualenc.cache_scan import ScanResult, merge_shards, scan_candidates, scan_table
 from dualenc.config_sections import CacheConfig, SCEConfig
 from dualenc.data import doc_text
 from dualenc.encode import shard_bounds
-from dualenc.sampler import choose_shards, combine_lse, staleness
+from dualenc.sampler import GumbelKey, staleness
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +57,9 @@ class CacheDraw:
     mean: Tensor | None = None  # (B, D) softmax-weighted mean of the unmasked cached embeddings (with_mean)
 
 
-def generator_for(seed: int, rank: int, step: int, stream: int, device: torch.device) -> torch.Generator:
-    """A generator seeded from (seed, rank, step, stream) only, so a resumed run reproduces every draw."""
-    value = int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1, np.uint64)[0] >> 1)
+def shared_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, step, stream) only: the same on every process, and in a resumed run."""
+    value = int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(value)
 
 
@@ -63,7 +71,7 @@ class NegativeCache:
         corpus: the training corpus (``id``, ``title``, ``text``); slots hold its row indices.
         accelerator: gives rank, world size, device and the collectives.
         dim: embedding dimension D.
-        seed: run seed (generators are derived from it).
+        seed: run seed; with the step it keys the Gumbel noise (and seeds the SCE bucket centres).
     """
 
     def __init__(
@@ -78,7 +86,7 @@ class NegativeCache:
             start, end = shard_bounds(cfg.cache_size, rank, world)
         self.table = EmbeddingTable(end - start, dim, dtype=DTYPES[cfg.cache_dtype], device=accelerator.device,
                                     slot_offset=start)  # fmt: skip
-        self.logs: dict[str, float] = {}
+        self._stats = _empty_stats(self.table.emb.device)
 
     # ------------------------------------------------------------------------------------------- filling
     def fill(self, model, work_dir: Path, *, batch_size: int) -> None:
@@ -130,12 +138,31 @@ class NegativeCache:
         -1, batch_docs (N,) corpus rows of the local batch documents -> CacheDraw. With ``cache_inbatch`` the
         batch's documents (every process's when ``cross_device``) are removed from the cache's mass R.
         ``with_mean`` also combines the shards' softmax-weighted mean embeddings (cache-CE's gradient).
+        ``step`` is the global micro-batch counter: with the run seed it keys the Gumbel noise, so the draws, like
+        ``rest_lse``, ``pos_rank`` and ``mean``, do not depend on the number of processes for a fixed global batch.
         """
-        acc, m, device = self.accelerator, self.cfg.num_cache_negatives, self.table.emb.device
-        rank, world, batch = acc.process_index, acc.num_processes, q_emb.shape[0]
-        if world > 1:
+        acc, device = self.accelerator, self.table.emb.device
+        if acc.num_processes > 1:
             positives = acc.pad_across_processes(positives, dim=1, pad_index=-1)
-        queries = self._gather(q_emb.detach().float()).flatten(0, 1)  # (Q=P*B, D)
+        queries = self._gather(q_emb.detach().float()).flatten(0, 1).to(device)  # (Q=P*B, D)
+        scan = self._scan(queries, pos_score, positives, batch_docs, scale, step, cross_device, with_mean)
+        if with_mean and scan.mean is None:
+            raise ValueError("the softmax mean (loss=cache_ce) needs cache_candidates=dense")
+        rows = torch.where(scan.slots >= 0, self.table.doc_idx[scan.slots.clamp(min=0)], -1)  # (Q, m)
+        mine = slice(acc.process_index * q_emb.shape[0], (acc.process_index + 1) * q_emb.shape[0])
+        merged = merge_shards(
+            self._gather(scan.lse)[:, mine], self._gather(scan.above)[:, mine], self._gather(scan.keys)[:, mine],
+            self._gather(rows)[:, mine], replacement=self.cfg.cache_sample_with_replacement,
+            mean=self._gather(scan.mean)[:, mine] if with_mean else None,
+        )  # fmt: skip
+        valid = merged.slots >= 0  # (B, m)
+        weight = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)  # (B, m)
+        return CacheDraw(merged.slots, weight, merged.lse, 1 + merged.above, merged.mean)
+
+    def _scan(self, queries: Tensor, pos_score: Tensor, positives: Tensor, batch_docs: Tensor, scale: Tensor,
+              step: int, cross_device: bool, with_mean: bool) -> ScanResult:  # fmt: skip
+        """This shard's scan for every gathered query (global query id = row of ``queries``). Shapes as sample."""
+        device, world = self.table.emb.device, self.accelerator.num_processes
         all_pos = self._gather(positives).flatten(0, 1)  # (Q, P)
         seen = None
         if self.cfg.cache_inbatch:
@@ -146,51 +173,18 @@ class NegativeCache:
         mask_rows, mask_slots, home_slots = self._masks(all_pos.to(device), seen)
         common = dict(
             pos_score=all_pos_score.to(device), mask_rows=mask_rows, mask_slots=mask_slots, home_slots=home_slots,
-            num_samples=m, replacement=self.cfg.cache_sample_with_replacement,
-            generator=generator_for(self.seed, rank, step, 0, device), block_size=self.cfg.cache_score_block_size,
+            num_samples=self.cfg.num_cache_negatives, replacement=self.cfg.cache_sample_with_replacement,
+            key=GumbelKey(self.seed, step), query_ids=torch.arange(queries.shape[0], device=device),
+            block_size=self.cfg.cache_score_block_size,
         )  # fmt: skip
         if self.cfg.cache_candidates == "sce":
             default = max(1, int(2 * queries.shape[0] ** 0.5))
-            scan = scan_candidates(
-                self.table, queries.to(device), scale, num_buckets=self.sce.sce_n_buckets or default,
+            return scan_candidates(
+                self.table, queries, scale, num_buckets=self.sce.sce_n_buckets or default,
                 bucket_size_x=self.sce.sce_bucket_size_x or default, bucket_size_y=self.sce.sce_bucket_size_y,
-                mix=self.sce.sce_mix, **common,
+                mix=self.sce.sce_mix, generator=shared_generator(self.seed, step, 0, device), **common,
             )  # fmt: skip
-        else:
-            scan = scan_table(self.table, queries.to(device), scale, with_mean=with_mean, **common)
-        local_lse, above, cand, key = (
-            scan.lse,
-            scan.above,
-            scan.slots,
-            scan.keys,
-        )  # (Q,), (Q,), (Q, m), (Q, m)
-        cand_doc = torch.where(cand >= 0, self.table.doc_idx[cand.clamp(min=0)], torch.full_like(cand, -1))
-        mine = slice(rank * batch, (rank + 1) * batch)
-        lse = self._gather(local_lse)[:, mine]  # (S, B) shard log-sum-exps of my queries
-        docs = self._gather(cand_doc)[:, mine]  # (S, B, m)
-        home_gen = generator_for(self.seed, rank, step, 1, device)
-        if self.cfg.cache_sample_with_replacement:
-            shard = choose_shards(lse, m, generator=home_gen)  # (B, m)
-            picked = docs.gather(0, shard.clamp(min=0)[None]).squeeze(0)  # (B, m)
-            picked = torch.where(shard >= 0, picked, torch.full_like(picked, -1))
-        else:  # global Gumbel-top-m = top-m of the shards' perturbed top-m
-            keys = self._gather(key.masked_fill(cand < 0, float("-inf")))[:, mine]  # (S, B, m)
-            flat_keys, flat_docs = (
-                keys.permute(1, 0, 2).flatten(1),
-                docs.permute(1, 0, 2).flatten(1),
-            )  # (B, S*m)
-            best_keys, best = flat_keys.topk(m, dim=1)  # (B, m)
-            picked = torch.where(
-                torch.isfinite(best_keys), flat_docs.gather(1, best), torch.full_like(best, -1)
-            )
-        valid = picked >= 0  # (B, m)
-        weight = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)  # (B, m)
-        pos_rank = 1 + self._gather(above)[:, mine].sum(0)  # (B,)
-        rest_lse, mean = combine_lse(lse), None
-        if with_mean:  # mix the shards' means by their share of the mass
-            share = torch.exp(lse - rest_lse[None]).nan_to_num(0.0)  # (S, B)
-            mean = (share[..., None] * self._gather(scan.mean)[:, mine]).sum(0)  # (B, D)
-        return CacheDraw(picked, weight, rest_lse, pos_rank, mean)
+        return scan_table(self.table, queries, scale, with_mean=with_mean, **common)
 
     def negative_texts(self, draw: CacheDraw) -> list[str]:
         """Texts of the valid draws, in row-major order of ``draw.doc_idx``."""
@@ -212,9 +206,8 @@ class NegativeCache:
         hit = slots >= 0
         if hit.any():
             fresh = all_emb[hit].to(self.table.emb.device)  # (h, D)
-            self.logs["cache/staleness_written"] = float(
-                staleness(self.table.emb[slots[hit]].float(), fresh.float()).mean()
-            )
+            gap = staleness(self.table.emb[slots[hit]].float(), fresh.float())  # (h,)
+            self._count("written", gap)
             reset = self.cfg.cache_mode == "corpus" or self.cfg.cache_lru
             self.table.write(slots[hit], fresh, reset_age=reset)
         if self.cfg.cache_mode == "stream" and insert is not None:
@@ -222,30 +215,94 @@ class NegativeCache:
             self.table.insert(new[new >= 0], emb.detach()[insert][new >= 0])
 
     @torch.no_grad()
-    def end_step(self, model) -> dict[str, float]:
-        """Refresh the oldest ``refresh_fraction`` of the shard (corpus mode), age every slot; return logs."""
-        if self.cfg.cache_mode == "corpus" and self.cfg.refresh_fraction > 0:
-            count = max(1, round(self.cfg.refresh_fraction * self.table.num_slots))
-            slots = self.table.oldest(count)  # (count,)
-            rows = self.table.doc_idx[slots]  # (count,)
-            from dualenc.encode import encode_texts
+    def refresh(self, model) -> dict[str, float]:
+        """End of an optimizer step: re-encode the globally oldest slots (corpus mode), age every slot by one.
 
-            part = self.corpus[rows.tolist()]
-            texts = [doc_text(t, x) for t, x in zip(part["title"], part["text"], strict=True)]
-            was_training = model.training
-            model.eval()  # cached embeddings without dropout noise
-            fresh = torch.from_numpy(encode_texts(model, texts, kind="doc", batch_size=self.cfg.cache_fill_batch_size,
-                                                  device=self.table.emb.device))  # fmt: skip
-            model.train(was_training)
-            fresh = fresh.to(self.table.emb.device)  # (count, D)
-            self.logs["cache/staleness_refresh"] = float(
-                staleness(self.table.emb[slots].float(), fresh).mean()
-            )
-            self.table.write(slots, fresh)
-            self.logs["cache/refreshed"] = count / self.table.num_slots
+        Corpus mode: the k = max(1, round(refresh_fraction · total slots of all processes)) oldest slots of the
+        whole table, by (age descending, global slot ascending), are re-encoded without gradient by their owners
+        (the paper's refresh of a fraction of the cache per iteration, oldest first; A2). The selection does not
+        depend on the sharding. Stream mode: no re-encoding (FIFO per process). Collective: every process calls it.
+
+        Returns the logs, reduced over processes: ``cache/staleness_refresh`` (mean relative squared error of the
+        re-encoded slots), ``cache/refreshed`` (fraction re-encoded), ``cache/staleness_written`` (mean over the
+        write-backs since the last refresh), ``cache/age_mean``, ``cache/age_max``, ``cache/filled``.
+        """
+        refreshed = 0
+        if self.cfg.cache_mode == "corpus" and self.cfg.refresh_fraction > 0:
+            total = len(self.corpus)  # corpus mode: the shards hold one slot per corpus document
+            refreshed = max(1, round(self.cfg.refresh_fraction * total)) if total else 0
+            self._refresh_slots(model, self._global_oldest(refreshed))
         self.table.tick()
-        ages = self.table.age.float()
-        self.logs.update({"cache/age_mean": float(ages.mean()), "cache/age_max": float(ages.max()),
-                          "cache/filled": float(self.table.filled.float().mean())})  # fmt: skip
-        logs, self.logs = self.logs, {}
+        return self._reduced_logs(refreshed)
+
+    def _global_oldest(self, count: int) -> Tensor:
+        """Local slots of this shard among the ``count`` oldest slots of the whole table. Shapes: -> (k_local,).
+
+        Order: age descending (empty slots first, as :meth:`EmbeddingTable.oldest`), then global slot ascending.
+        Each shard offers its own ``count`` oldest; the global selection is computed identically on every process.
+        """
+        table = self.table
+        local = table.oldest(min(count, table.num_slots))  # (c,) oldest first
+        age = torch.where(table.filled, table.age.long(), 2**32)[local]  # (c,) empty = older than any age
+        pad = count - local.numel()
+        age = torch.cat([age, age.new_full((pad,), -(2**62))])  # (count,) padding sorts last
+        slot = torch.cat([local + table.slot_offset, local.new_full((pad,), -1)])  # (count,) global slots
+        ages, slots = self._gather(age).flatten(), self._gather(slot).flatten()  # (P*count,)
+        order = torch.argsort(slots, stable=True)  # global slot ascending ...
+        order = order[torch.argsort(ages[order], descending=True, stable=True)]  # ... within age descending
+        chosen = slots[order[:count]]  # (count,)
+        mine = (chosen >= table.slot_offset) & (chosen < table.slot_offset + table.num_slots)
+        return chosen[mine] - table.slot_offset  # (k_local,)
+
+    def _refresh_slots(self, model, slots: Tensor) -> None:
+        """Re-encode the documents of local ``slots`` (eval mode, no grad) and write them. Shapes: (k,)."""
+        if slots.numel() == 0:
+            return
+        fresh = self._encode_rows(model, self.table.doc_idx[slots])  # (k, D)
+        gap = staleness(self.table.emb[slots].float(), fresh.float())  # (k,)
+        self._count("refresh", gap)
+        self.table.write(slots, fresh)
+
+    def _encode_rows(self, model, rows: Tensor) -> Tensor:
+        """Embeddings of corpus ``rows`` by the document tower, without dropout or gradient. Shapes: (k,) -> (k, D)."""
+        from dualenc.encode import encode_texts
+
+        part = self.corpus[rows.tolist()]
+        texts = [doc_text(t, x) for t, x in zip(part["title"], part["text"], strict=True)]
+        was_training = model.training
+        model.eval()  # cached embeddings without dropout noise
+        fresh = encode_texts(model, texts, kind="doc", batch_size=self.cfg.cache_fill_batch_size,
+                             device=self.table.emb.device)  # fmt: skip
+        model.train(was_training)
+        return torch.from_numpy(fresh).to(self.table.emb.device)  # (k, D)
+
+    def _count(self, name: str, gap: Tensor) -> None:
+        """Add per-slot staleness values (n,) to the running (sum, count) ``name`` (no device synchronisation)."""
+        self._stats[name] += torch.stack([gap.sum(), gap.new_tensor(float(gap.numel()))]).to(
+            self._stats[name]
+        )
+
+    def _reduced_logs(self, refreshed: int) -> dict[str, float]:
+        """The step's logs, summed (age: maxed) over processes; resets the staleness statistics."""
+        table, device = self.table, self.table.emb.device
+        age = table.age.double()  # (M,)
+        top = age.max() if table.num_slots else age.new_tensor(float("-inf"))  # ()
+        local = torch.cat([self._stats["refresh"], self._stats["written"],
+                           torch.stack([age.sum(), table.filled.sum().double(), age.new_tensor(table.num_slots), top])])  # fmt: skip
+        stats = self._gather(local.to(device)).cpu()  # (P, 8)
+        ref_sum, ref_n, wr_sum, wr_n, age_sum, filled, slots = stats[:, :7].sum(0).tolist()
+        self._stats = _empty_stats(device)
+        logs = {"cache/age_mean": age_sum / max(slots, 1), "cache/age_max": float(stats[:, 7].max()),
+                "cache/filled": filled / max(slots, 1)}  # fmt: skip
+        if refreshed:
+            logs.update(
+                {"cache/staleness_refresh": ref_sum / max(ref_n, 1), "cache/refreshed": refreshed / slots}
+            )
+        if wr_n:
+            logs["cache/staleness_written"] = wr_sum / wr_n
         return logs
+
+
+def _empty_stats(device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """Per-process (sum, count) of the staleness of refreshed and of written-back slots, since the last refresh."""
+    return {name: torch.zeros(2, dtype=torch.float64, device=device) for name in ("refresh", "written")}

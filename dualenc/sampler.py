@@ -1,111 +1,178 @@
-"""Gumbel-max sampling from a softmax over a (sharded) table of scores (ALGORITHMS.md A3).
-
-Pure functions: every random number comes from the ``torch.Generator`` passed in (never the global RNG), through
-one injectable noise function, so tests can force an exact argmax and a resumed run reproduces every draw.
+"""Gumbel-max sampling with counter-based ("keyed") noise (ALGORITHMS.md A3).
 
 * Gumbel-max: ``argmax_c (s_c + g_c)`` with ``g_c ~ Gumbel(0, 1)`` i.i.d. is one draw from ``softmax(s)``.
-* Gumbel-top-k (Kool et al. 2019): the top-m of ``s + g`` are m draws from ``softmax(s)`` without replacement
-  (sequentially: draw one, remove it, renormalise, draw the next).
-* Two-stage sharded sampling: with the table split into shards, pick a shard by Gumbel-max over the shards'
-  log-sum-exps, then take that shard's own Gumbel-max candidate. This is an exact draw from the global softmax,
-  and the global log-sum-exp is the log-sum-exp of the shard log-sum-exps.
+* Gumbel-top-m (Kool et al. 2019): the top-m of ``s + g``, in decreasing order, are m draws from ``softmax(s)``
+  without replacement (draw one, remove it, renormalise, draw the next).
+
+The noise of draw k of query q for document d is a pure function of (seed, step, global query id q, corpus row
+d, k): the five integers are hashed with the splitmix64 finaliser (Steele, Lea & Flood 2014; Stafford's
+"variant 13" constants) to 64 random bits, whose top bits give a uniform ``u`` strictly inside (0, 1), and
+``g = -log(-log u)``. No generator state is involved, so
+
+* the noise of a (query, document) pair does not depend on which shard, block or process holds the document:
+  the argmax over a table is the max over its shards' maxima, and the top-m of a table is the top-m of its
+  shards' top-m, for any number of processes and any block size;
+* a resumed run redraws the same noise from the same (seed, step).
 
 References:
     Gumbel (1954); Maddison, Tarlow & Minka, "A* Sampling", NeurIPS 2014 (the Gumbel-max trick).
     Kool, van Hoof & Welling, "Stochastic Beams and Where to Find Them: The Gumbel-Top-k Trick for Sampling
     Sequences Without Replacement", ICML 2019.
+    Steele, Lea & Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014 (splitmix64).
+    Salmon, Moraes, Dror & Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3", SC 2011 (counter-based RNGs).
     Lindgren, Reddi, Guo & Kumar, "Efficient Training of Retrieval Models using Negative Cache", NeurIPS 2021.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-NoiseFn = Callable[..., Tensor]
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 value torch stores for it."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def gumbel_noise(
-    shape: tuple[int, ...],
-    *,
-    generator: torch.Generator | None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Standard Gumbel noise ``g = -log(-log(u))``, ``u ~ U(0, 1)``.
+GOLDEN = _signed(0x9E3779B97F4A7C15)  # splitmix64's increment, 2^64 / golden ratio
+_MUL1 = _signed(0xBF58476D1CE4E5B9)  # splitmix64 finaliser multipliers (Stafford's variant 13)
+_MUL2 = _signed(0x94D049BB133111EB)
+_ROOT = _signed(0x6A09E667F3BCC908)  # initial hash state (fractional bits of sqrt(2))
+_CHUNK = {"cpu": 1 << 16}  # elements hashed at once: keeps the int64 temporaries in a CPU's cache
+_CHUNK_OTHER = 1 << 24  # accelerators: few, large kernels
+_UNIFORM_BITS = {torch.float32: 23, torch.float64: 52}  # random bits per uniform (exact in the dtype)
 
-    ``u`` is clamped to ``[finfo(dtype).tiny, 1 - finfo(dtype).eps]`` so that ``g`` is always finite.
+
+@dataclass(frozen=True)
+class GumbelKey:
+    """What the noise of one sampling call is keyed by, besides the query, the document and the draw."""
+
+    seed: int  # the run seed
+    step: int  # the global micro-batch counter (the same on every process)
+
+
+class NoiseFn(Protocol):
+    """The noise every scan adds to its scores (default :func:`keyed_gumbel`; tests inject others).
+
+    ``noise(key, query_ids, doc_rows, draw, dtype)``: query_ids (Q,) int64, doc_rows (b,) or (Q, b) int64
+    (the same documents for every query, or one row per query), draw k >= 0 -> (Q, b) tensor of ``dtype``.
+    """
+
+    def __call__(
+        self, key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int, dtype: torch.dtype
+    ) -> Tensor: ...
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic: mask the sign copies)."""
+    return torch.bitwise_right_shift(x, bits).bitwise_and_((1 << (64 - bits)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """The splitmix64 finaliser (Stafford's variant 13), a bijection of 64-bit patterns. Shapes: any -> same.
+
+    ``x`` is int64 (bit patterns); multiplication wraps modulo 2^64 as in two's complement. Modifies ``x``.
+    """
+    x ^= _shift_right(x, 30)
+    x *= _MUL1
+    x ^= _shift_right(x, 27)
+    x *= _MUL2
+    x ^= _shift_right(x, 31)
+    return x
+
+
+def _absorb(state: Tensor, values: Tensor) -> Tensor:
+    """One link of the hash chain: ``mix64(state + (values + 1) · GOLDEN)``, i.e. element ``values`` of the
+    splitmix64 stream started at ``state``. Shapes: broadcastable int64 -> broadcast shape."""
+    return mix64((values + 1).mul_(GOLDEN) + state)
+
+
+def _key_state(key: GumbelKey, draw: int) -> int:
+    """The hash of (seed, step, draw), as an int64 value (computed on the CPU: no device synchronisation)."""
+    state = torch.tensor([_ROOT], dtype=torch.long)
+    for value in (key.seed, key.step, draw):
+        state = _absorb(state, torch.tensor([_signed(value)], dtype=torch.long))
+    return int(state[0])
+
+
+def _query_states(key: GumbelKey, query_ids: Tensor, draw: int) -> Tensor:
+    """The hash of (seed, step, draw, query id) per query. Shapes: (Q,) -> (Q,) int64."""
+    state = torch.tensor(_key_state(key, draw), dtype=torch.long, device=query_ids.device)  # ()
+    return _absorb(state, query_ids.long())  # (Q,)
+
+
+def _as_rows(doc_rows: Tensor) -> Tensor:
+    """(b,) documents shared by every query -> (1, b); (Q, b) unchanged."""
+    return doc_rows.long().reshape(1, -1) if doc_rows.dim() == 1 else doc_rows.long()
+
+
+def keyed_bits(key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int) -> Tensor:
+    """64 random bits per (query, document) pair, a pure function of (key, query id, document row, draw).
 
     Args:
-        shape: shape of the noise tensor.
-        generator: the only source of randomness (``None`` uses the global RNG; the library always passes one).
-        device: device of the result; defaults to the generator's device.
-        dtype: floating dtype of the result.
+        key: seed and step.
+        query_ids: (Q,) int64 global query ids.
+        doc_rows: (b,) or (Q, b) int64 corpus rows.
+        draw: k, the index of the draw (0 for Gumbel-top-m).
 
     Returns:
-        Tensor of ``shape`` with i.i.d. Gumbel(0, 1) entries.
+        (Q, b) int64 bit patterns.
     """
-    if device is None and generator is not None:
-        device = generator.device
-    info = torch.finfo(dtype)
-    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)  # shape
-    u = u.clamp(min=info.tiny, max=1.0 - info.eps)  # shape, in (0, 1)
-    return -torch.log(-torch.log(u))  # shape
+    return _absorb(_query_states(key, query_ids, draw)[:, None], _as_rows(doc_rows))  # (Q, b)
 
 
-def _noise_dtype(scores: Tensor) -> torch.dtype:
-    """float64 scores get float64 noise; everything else is perturbed in float32."""
-    return torch.promote_types(scores.dtype, torch.float32)
+def bits_to_uniform(bits: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniforms strictly inside (0, 1) from the top bits of 64-bit patterns. Shapes: any -> same.
+
+    float32 uses the top 23 bits n and returns (n + 1/2) / 2^23, float64 the top 52 bits and (n + 1/2) / 2^52:
+    exact in the dtype, symmetric around 1/2, never 0 or 1 (at least 2^-24, resp. 2^-53, away from either end).
+    """
+    if dtype not in _UNIFORM_BITS:
+        raise ValueError(f"noise dtype must be float32 or float64, got {dtype}")
+    bits_kept = _UNIFORM_BITS[dtype]
+    top = _shift_right(bits, 64 - bits_kept).to(dtype)  # integers in [0, 2^bits_kept)
+    return top.add_(0.5).mul_(2.0**-bits_kept)
 
 
-def gumbel_max_sample(
-    scores: Tensor,
-    num_samples: int,
-    *,
-    generator: torch.Generator | None,
-    replacement: bool = True,
-    noise_fn: NoiseFn = gumbel_noise,
+def keyed_uniform(
+    key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Draw ``num_samples`` columns per row from ``softmax(scores)`` by Gumbel-max.
+    """Uniforms in (0, 1) keyed by (seed, step, query id, document row, draw). Shapes: as :func:`keyed_gumbel`.
 
-    Args:
-        scores: (Q, M) logits, already divided by the temperature; ``-inf`` masks a column.
-        num_samples: m, draws per row.
-        generator: source of the noise.
-        replacement: ``True``: m independent Gumbel-max draws (one (Q, M) noise tensor at a time, so memory
-            stays O(Q·M)). ``False``: Gumbel-top-m, i.e. m distinct columns drawn without replacement.
-        noise_fn: ``noise_fn(shape, generator=, device=, dtype=)``; replace it to force the argmax in tests.
-
-    Returns:
-        (Q, m) int64 column indices. Masked columns are never returned; a draw that has no finite column left
-        (a row with no finite column, or fewer than m of them without replacement) is -1.
-
-    References:
-        Gumbel-max and Gumbel-top-k (Kool et al. 2019); ALGORITHMS.md A3.
+    Hashes 2^16 elements at a time on a CPU (the int64 temporaries stay in cache), 2^24 elsewhere; the values do
+    not depend on it.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (Q, M), got shape {tuple(scores.shape)}")
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    num_queries, num_cols = scores.shape
-    out = torch.full((num_queries, num_samples), -1, dtype=torch.long, device=scores.device)  # (Q, m)
-    if num_samples == 0 or num_cols == 0:
-        return out
-    logits = scores.to(_noise_dtype(scores))  # (Q, M)
-    noise_kw = {"generator": generator, "device": scores.device, "dtype": logits.dtype}
-    if replacement:
-        for k in range(num_samples):
-            perturbed = logits + noise_fn((num_queries, num_cols), **noise_kw)  # (Q, M)
-            best, idx = perturbed.max(dim=1)  # (Q,), (Q,)
-            out[:, k] = torch.where(torch.isfinite(best), idx, -1)
-        return out
-    perturbed = logits + noise_fn((num_queries, num_cols), **noise_kw)  # (Q, M)
-    take = min(num_samples, num_cols)
-    best, idx = perturbed.topk(take, dim=1)  # (Q, take), (Q, take)
-    out[:, :take] = torch.where(torch.isfinite(best), idx, -1)
+    states, docs = _query_states(key, query_ids, draw)[:, None], _as_rows(doc_rows)  # (Q, 1), (1 or Q, b)
+    out = torch.empty(states.shape[0], docs.shape[1], dtype=dtype, device=states.device)  # (Q, b)
+    chunk = _CHUNK.get(states.device.type, _CHUNK_OTHER)
+    width = max(1, chunk // max(1, states.shape[0]))
+    for start in range(0, docs.shape[1], width):
+        bits = _absorb(states, docs[:, start : start + width])  # (Q, w)
+        out[:, start : start + width] = bits_to_uniform(bits, dtype)
     return out
+
+
+def keyed_gumbel(
+    key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Gumbel(0, 1) noise ``-log(-log u)`` of draw ``draw`` for every (query, document) pair (a :class:`NoiseFn`).
+
+    Args:
+        key: seed and step of the sampling call.
+        query_ids: (Q,) int64 global query ids (position of the query in the step's gathered batch).
+        doc_rows: (b,) corpus rows shared by every query, or (Q, b) one row of documents per query.
+        draw: k, the index of an independent draw (with replacement); 0 for Gumbel-top-m.
+        dtype: float32 (bounded: g in [-2.81, 16.6]) or float64.
+
+    Returns:
+        (Q, b) noise. The value for a pair depends only on (key, query id, document row, draw), never on the
+        other pairs in the call, the device or the process.
+    """
+    return keyed_uniform(key, query_ids, doc_rows, draw, dtype).log_().neg_().log_().neg_()  # (Q, b)
 
 
 def combine_lse(shard_lse: Tensor) -> Tensor:
@@ -118,82 +185,6 @@ def combine_lse(shard_lse: Tensor) -> Tensor:
         (Q,) ``logsumexp`` over the shards; ``-inf`` where every shard is ``-inf``.
     """
     return torch.logsumexp(shard_lse, dim=0)  # (Q,)
-
-
-def choose_shards(
-    shard_lse: Tensor,
-    num_samples: int,
-    *,
-    generator: torch.Generator | None,
-    noise_fn: NoiseFn = gumbel_noise,
-) -> Tensor:
-    """For every query and draw, pick a shard with probability ∝ ``exp(shard_lse)`` (Gumbel-max).
-
-    Args:
-        shard_lse: (P, Q) shard log-sum-exps.
-        num_samples: m, independent draws per query.
-        generator: source of the noise (the query's home process's generator).
-        noise_fn: the noise function (see :func:`gumbel_max_sample`).
-
-    Returns:
-        (Q, m) int64 shard indices; shards with ``-inf`` mass are never chosen; -1 where all shards are ``-inf``.
-
-    References:
-        ALGORITHMS.md A3 and Part B 1.4 (two-stage sampling).
-    """
-    if shard_lse.dim() != 2:
-        raise ValueError(f"shard_lse must be (P, Q), got shape {tuple(shard_lse.shape)}")
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    num_shards, num_queries = shard_lse.shape
-    if num_shards == 0:
-        return torch.full((num_queries, num_samples), -1, dtype=torch.long, device=shard_lse.device)
-    logits = shard_lse.T.to(_noise_dtype(shard_lse))[:, None, :]  # (Q, 1, P)
-    shape = (num_queries, num_samples, num_shards)  # P is small: all m draws at once
-    noise = noise_fn(shape, generator=generator, device=shard_lse.device, dtype=logits.dtype)  # (Q, m, P)
-    best, idx = (logits + noise).max(dim=2)  # (Q, m), (Q, m)
-    return torch.where(torch.isfinite(best), idx, -1)  # (Q, m)
-
-
-def two_stage_sample(
-    shard_scores: list[Tensor],
-    num_samples: int,
-    *,
-    generators: list[torch.Generator],
-    home_generator: torch.Generator | None,
-    noise_fn: NoiseFn = gumbel_noise,
-) -> tuple[Tensor, Tensor]:
-    """Reference implementation, on one process, of exact sampling from a table split into shards.
-
-    Each shard p draws m local candidates (with replacement) from its own scores with ``generators[p]`` and
-    computes its log-sum-exp; then draw k of each query takes the k-th candidate of the shard chosen for it by
-    :func:`choose_shards` (``home_generator``). Conditioned on the chosen shard, the candidate is a draw from that
-    shard's softmax, so the pair is a draw from the global softmax; draws are independent across k.
-
-    Args:
-        shard_scores: P tensors (Q, M_p) of scaled scores (``-inf`` = masked).
-        num_samples: m, draws per query (with replacement).
-        generators: one generator per shard.
-        home_generator: generator of the query's home process.
-        noise_fn: the noise function (see :func:`gumbel_max_sample`).
-
-    Returns:
-        ``(shard, column)``, both (Q, m) int64: the shard of each draw and the column within it; -1 in both where
-        the query has no finite score anywhere.
-    """
-    if len(generators) != len(shard_scores):
-        raise ValueError(f"{len(shard_scores)} shards but {len(generators)} generators")
-    candidates = torch.stack(
-        [
-            gumbel_max_sample(s, num_samples, generator=g, replacement=True, noise_fn=noise_fn)
-            for s, g in zip(shard_scores, generators, strict=True)
-        ]
-    )  # (P, Q, m)
-    lse = torch.stack([torch.logsumexp(s, dim=1) for s in shard_scores])  # (P, Q)
-    shard = choose_shards(lse, num_samples, generator=home_generator, noise_fn=noise_fn)  # (Q, m)
-    column = candidates.gather(0, shard.clamp(min=0)[None]).squeeze(0)  # (Q, m)
-    column = torch.where(shard >= 0, column, -1)  # (Q, m)
-    return shard, column
 
 
 def staleness(cached: Tensor, fresh: Tensor) -> Tensor:

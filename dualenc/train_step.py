@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -94,8 +93,10 @@ class TrainingModule(nn.Module):
         group = d_emb.shape[0] // q_emb.shape[0]
         positive = d_emb[::group]  # (B, D) each query's live positive
         if needs == "table":  # SCE over the whole table, one process (refused for more when the run starts)
+            from dualenc.negative_cache import shared_generator  # datasets: only where a cache exists
+
             target_slots = cache.table.locate(batch["doc_idx"][::group])  # (B,)
-            generator = _generator(cache.seed, draw_id, q_emb.device)
+            generator = shared_generator(cache.seed, draw_id, 2, q_emb.device)
             return (
                 CacheTerms(table=cache.table.emb, target_slots=target_slots, generator=generator),
                 None,
@@ -120,9 +121,3 @@ class TrainingModule(nn.Module):
             neg_emb[draw.doc_idx >= 0] = self.encoder.encode_docs(features).to(neg_emb.dtype)  # (n, D)
         terms = CacheTerms(rest_lse=draw.rest_lse, neg_emb=neg_emb, neg_weight=draw.weight)
         return terms, draw.doc_idx.flatten(), neg_emb.flatten(0, 1), logs  # (B·m,), (B·m, D)
-
-
-def _generator(seed: int, draw_id: int, device: torch.device) -> torch.Generator:
-    """The SCE bucket-centre generator of one micro-batch, from (seed, draw_id) only."""
-    value = int(np.random.SeedSequence([seed, draw_id, 2]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(value)

@@ -74,10 +74,16 @@ def run_case(name: str, tmp_path: Path, *args: object, timeout: float = 600) -> 
 
 
 def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
-    """Accelerator, model (eval: no dropout), data and a corpus-mode cache filled with the current towers."""
+    """Accelerator, model (eval: no dropout), data and a corpus-mode cache of the current document tower.
+
+    Every run encodes the whole corpus in the same batches and loads its own shard from it, so the table holds the
+    same bits for any number of processes (the comparison is about sampling, not about the fill's batching).
+    """
     from accelerate import Accelerator
 
     from dualenc.config import load_config
+    from dualenc.data import doc_text
+    from dualenc.encode import encode_texts
     from dualenc.encoder import DualEncoder
     from dualenc.negative_cache import NegativeCache
     from dualenc.train_data import load_train_data
@@ -87,31 +93,52 @@ def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
     model = DualEncoder.from_pretrained(model_dir).eval()
     data = load_train_data(str(tmp_path / "triples.tsv"), format="triples", cache_dir=str(tmp_path / "hf"))
     cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=0)
-    cache.fill(model, tmp_path / f"fill-{accelerator.num_processes}", batch_size=16)
+    texts = [doc_text(t, x) for t, x in zip(data.corpus["title"], data.corpus["text"], strict=True)]
+    emb = torch.from_numpy(encode_texts(model, texts, kind="doc", batch_size=16))  # (C, D)
+    rows = torch.arange(
+        cache.table.slot_offset, cache.table.slot_offset + cache.table.num_slots
+    )  # (M_local,)
+    cache.table.fill_corpus(emb[rows], rows)
     return accelerator, cfg, model, data, cache
 
 
+def _local_batch(accelerator, model, data, size: int = 4) -> dict:
+    """This process's share of a fixed global batch of ``size`` queries x G=2 (contiguous, by rank)."""
+    from dualenc.collate import GroupDataset, TrainCollator
+
+    items = [GroupDataset(data, 2, seed=0)[i] for i in range(size)]
+    per_rank = size // accelerator.num_processes
+    return TrainCollator(model, data.corpus)(items[accelerator.process_index * per_rank :][:per_rank])
+
+
 def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
-    """Many draws for 4 fixed queries (2 per process with 2 processes): counts per (query, corpus row)."""
+    """150 steps of 16 draws for 4 fixed queries (2 per process with 2 processes): every draw, counts per row.
+
+    The query vectors are encoded from the whole global batch in every run (the same bits for 1 and 2 processes).
+    """
     from dualenc.collate import GroupDataset, TrainCollator
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=16"])
-    items = [GroupDataset(data, 2, seed=0)[i] for i in range(4)]
+    batch = _local_batch(accelerator, model, data)
+    full = TrainCollator(model, data.corpus)([GroupDataset(data, 2, seed=0)[i] for i in range(4)])
     per_rank = 4 // accelerator.num_processes
-    batch = TrainCollator(model, data.corpus)(items[accelerator.process_index * per_rank :][:per_rank])
+    mine = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
     with torch.no_grad():
-        q_emb = model.encode_queries(batch["query"])  # (b, D)
-        d_emb = model.encode_docs(batch["doc"])  # (b*G, D)
+        q_emb = model.encode_queries(full["query"])[mine]  # (b, D)
+        positive = model.encode_docs(full["doc"])[::2][mine]  # (b, D)
     scale = torch.tensor(20.0)
-    pos_score = scale * (q_emb * d_emb[::2]).sum(-1)
+    pos_score = scale * (q_emb * positive).sum(-1)  # (b,)
     counts = torch.zeros(per_rank, len(data.corpus), dtype=torch.long)
+    draws = []
     for step in range(150):
         draw = cache.sample(
             q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, step, cross_device=True
         )
+        draws.append(draw.doc_idx)
         for row in range(per_rank):
             counts[row].index_add_(0, draw.doc_idx[row], torch.ones(draw.doc_idx.shape[1], dtype=torch.long))
     result = {
+        "draws": accelerator.gather(torch.stack(draws, dim=1)),  # (4, steps, m)
         "counts": accelerator.gather(counts),
         "rest_lse": accelerator.gather(draw.rest_lse),
         "pos_rank": accelerator.gather(draw.pos_rank),
@@ -127,59 +154,59 @@ def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     accelerator.wait_for_everyone()
 
 
-def cache_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
-    """One cache training step over a fixed global batch (4 queries x G=2); with forced draws when replaying.
+def _cache_loss(model, loss_fn, batch: dict, cache, accelerator, step: int):
+    """loss=cache on one micro-batch from public pieces: NegativeCache.sample, live re-encoding of the draws,
+    CachedCE over [positive, every process's batch documents, lumped rest of the cache], then the write-back."""
+    from dualenc.distributed import all_gather_with_grad
+    from dualenc.losses import CacheTerms, LossInputs, false_negative_mask
 
-    The 2-process run saves its draws; the 1-process run replays them (draws are random, and which generator
-    draws depends on the sharding), so the comparison isolates the distributed loss and gradient path.
+    q_emb, d_emb = model(batch["query"], batch["doc"])  # (b, D), (b*G, D)
+    group = d_emb.shape[0] // q_emb.shape[0]
+    scale = loss_fn.temperature().detach()  # ()
+    pos_score = scale * (q_emb.detach() * d_emb[::group].detach()).sum(-1)  # (b,)
+    draw = cache.sample(
+        q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, step, cross_device=True
+    )
+    neg_emb = q_emb.new_zeros(*draw.doc_idx.shape, q_emb.shape[1])  # (b, m, D)
+    texts = cache.negative_texts(draw)
+    if texts:
+        neg_emb[draw.doc_idx >= 0] = model.encode_docs(model.tokenize_docs(texts))  # (n, D) with gradient
+    targets = accelerator.process_index * d_emb.shape[0] + torch.arange(q_emb.shape[0]) * group  # (b,)
+    d_all = all_gather_with_grad(d_emb)  # (P*b*G, D)
+    doc_all = accelerator.gather(batch["doc_idx"]) if accelerator.num_processes > 1 else batch["doc_idx"]
+    terms = CacheTerms(rest_lse=draw.rest_lse, neg_emb=neg_emb, neg_weight=draw.weight)
+    mask = false_negative_mask(doc_all, batch["positives"], targets)  # (b, P*b*G)
+    output = loss_fn(LossInputs(q_emb, d_all, targets, mask, terms))
+    cache.write_back(torch.cat([batch["doc_idx"], draw.doc_idx.flatten()]),
+                     torch.cat([d_emb.detach(), neg_emb.detach().flatten(0, 1)]))  # fmt: skip
+    return draw, output
+
+
+def cache_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
+    """One loss=cache step over a fixed global batch (4 queries x G=2): draws, loss, gradients, table.
+
+    Nothing is replayed: the draws themselves must not depend on the number of processes. Gradients are averaged
+    over processes, as DDP does.
     """
-    from dualenc.collate import GroupDataset, TrainCollator
     from dualenc.losses import CachedCE
-    from dualenc.train import TrainingModule, cache_training_step
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=2"])
-    items = [GroupDataset(data, 2, seed=0)[i] for i in range(4)]
-    per_rank = 4 // accelerator.num_processes
-    rank = accelerator.process_index
-    batch = TrainCollator(model, data.corpus)(items[rank * per_rank :][:per_rank])
-    module = accelerator.prepare(TrainingModule(model, CachedCE(0.1, learn_temperature=True)))
-    forced = tmp_path / "draws.pt"
-    if forced.exists() and accelerator.num_processes == 1:
-        replay = torch.load(forced)
-        real_sample = cache.sample
-
-        def sample(*args, **kwargs):
-            draw = real_sample(*args, **kwargs)
-            draw.doc_idx = replay["doc_idx"]
-            draw.weight = replay["weight"]
-            return draw
-
-        cache.sample = sample
-    recorded = {}
-    real = cache.sample
-
-    def recording(*args, **kwargs):
-        draw = real(*args, **kwargs)
-        recorded.update(doc_idx=draw.doc_idx, weight=draw.weight, rest_lse=draw.rest_lse)
-        return draw
-
-    cache.sample = recording
-    output = cache_training_step(module, batch, accelerator, cfg, cache, draw_step=0)
-    accelerator.backward(output.loss)
-    loss = accelerator.reduce(output.loss.detach(), reduction="mean")
-    grads = {
-        n: p.grad.clone()
-        for n, p in accelerator.unwrap_model(module).named_parameters()
-        if p.grad is not None
+    batch = _local_batch(accelerator, model, data)
+    loss_fn = CachedCE(0.1, learn_temperature=True)
+    draw, output = _cache_loss(model, loss_fn, batch, cache, accelerator, step=3)
+    output.loss.backward()
+    named = [*model.named_parameters(), *(("loss." + n, p) for n, p in loss_fn.named_parameters())]
+    grads = {n: accelerator.reduce(p.grad, reduction="mean") for n, p in named if p.grad is not None}
+    result = {
+        "loss": accelerator.reduce(output.loss.detach(), reduction="mean"),
+        "grads": grads,
+        "doc_idx": accelerator.gather(draw.doc_idx),
+        "rest_lse": accelerator.gather(draw.rest_lse),
+        "pos_rank": accelerator.gather(draw.pos_rank),
+        "table": accelerator.gather(cache.table.emb),
     }
-    draws = {k: accelerator.gather(v) for k, v in recorded.items()}
-    table = accelerator.gather(cache.table.emb)
     if accelerator.is_main_process:
-        if accelerator.num_processes > 1:
-            torch.save({"doc_idx": draws["doc_idx"], "weight": draws["weight"]}, forced)
-        torch.save(
-            {"loss": loss, "grads": grads, "rest_lse": draws["rest_lse"], "table": table}, tmp_path / out_file
-        )
+        torch.save(result, tmp_path / out_file)
     accelerator.wait_for_everyone()
 
 

@@ -11,7 +11,7 @@ import torch
 
 from dualenc.cache import EmbeddingTable
 from dualenc.cache_scan import scan_table
-from dualenc.sampler import gumbel_max_sample
+from dualenc.sampler import GumbelKey, keyed_bits, keyed_gumbel
 from dualenc.sce import ScalableCE, full_ce
 
 pytestmark = [
@@ -34,8 +34,8 @@ def _scan(table: EmbeddingTable, queries: torch.Tensor, device: str, *, with_mea
     return scan_table(
         table, q, 5.0, pos_score=torch.full((q.shape[0],), 2.0, device=device),
         mask_rows=torch.arange(q.shape[0], device=device), mask_slots=torch.arange(q.shape[0], device=device) * 3,
-        home_slots=None, num_samples=2, replacement=True,
-        generator=torch.Generator(device=device).manual_seed(1), block_size=block, with_mean=with_mean,
+        home_slots=None, num_samples=2, replacement=True, key=GumbelKey(0, 1),
+        query_ids=torch.arange(q.shape[0], device=device), block_size=block, with_mean=with_mean,
     )  # fmt: skip
 
 
@@ -47,6 +47,9 @@ def test_table_scan_statistics_equal_cpu():
     torch.testing.assert_close(cuda.lse.cpu(), cpu.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cuda.mean.cpu(), cpu.mean, rtol=1e-5, atol=1e-5)
     assert torch.equal(cuda.above.cpu(), cpu.above)
+    assert torch.equal(
+        cuda.slots.cpu(), cpu.slots
+    )  # keyed noise: the same draws on any device and block size
     drawn = cuda.slots.cpu()  # (Q, m)
     table = _table("cpu")
     assert bool((table.doc_idx[drawn] >= 0).all()), "an empty slot was drawn"
@@ -60,14 +63,15 @@ def test_bfloat16_table_scan_is_close_to_float32():
     torch.testing.assert_close(bf16.lse, exact.lse, rtol=0, atol=0.05)
 
 
-def test_gumbel_max_frequencies_on_cuda_are_softmax():
-    scores = torch.tensor([1.0, 0.5, -1.0, 2.0, 0.0], device="cuda")
-    n = 400_000
-    draws = gumbel_max_sample(
-        scores.expand(n, -1), 1, generator=torch.Generator(device="cuda").manual_seed(0)
-    )  # (n, 1)
-    freq = torch.bincount(draws.flatten(), minlength=5).double().cpu() / n
-    torch.testing.assert_close(freq, torch.softmax(scores.double().cpu(), 0), rtol=0, atol=3e-3)
+def test_keyed_noise_on_cuda_equals_cpu_bit_for_bit():
+    """int64 wrap-around and shifts on CUDA: the same 64-bit hashes, hence the same Gumbel noise, as on the CPU."""
+    key, queries, docs = GumbelKey(3, 2**40 + 7), torch.arange(64) * 11, torch.arange(5000) - 2
+    bits = keyed_bits(key, queries, docs, 3)  # (Q, b)
+    assert torch.equal(keyed_bits(key, queries.cuda(), docs.cuda(), 3).cpu(), bits)
+    for dtype in (torch.float32, torch.float64):
+        cpu = keyed_gumbel(key, queries, docs, 1, dtype)
+        torch.testing.assert_close(keyed_gumbel(key, queries.cuda(), docs.cuda(), 1, dtype).cpu(), cpu,
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
 def test_table_operations_equal_cpu():

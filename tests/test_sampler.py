@@ -1,186 +1,157 @@
-"""Gumbel-max sampling (ALGORITHMS.md A3; Part B §4 oracles 1, 9, 11).
+"""Keyed Gumbel noise and the small sampler helpers (ALGORITHMS.md A3; Part B §4 oracles 9, 11).
 
-Oracles: closed-form softmax / sequential-without-replacement probabilities (chi-square goodness of fit with a
-fixed seed; the p-value is the regularised upper incomplete gamma function), logsumexp of the concatenated
-scores, the Negative Cache reference fixtures of Part B 1.7, and hand-computed staleness values.
+Oracles: a pure-Python big-integer splitmix64 (the int64 tensor hash must equal it bit for bit), scipy's
+Kolmogorov-Smirnov and chi-square tests against U(0, 1) and Gumbel(0, 1), logsumexp of the concatenated scores,
+the Negative Cache reference fixtures of Part B 1.7, and hand-computed staleness values. The sampling laws of the
+scans built on this noise are tested in tests/test_negative_cache.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
+from scipy import stats
 
-from dualenc import sampler
 from dualenc.sampler import (
-    choose_shards,
+    GumbelKey,
+    bits_to_uniform,
     combine_lse,
-    gumbel_max_sample,
-    gumbel_noise,
+    keyed_bits,
+    keyed_gumbel,
+    keyed_uniform,
+    mix64,
     staleness,
-    two_stage_sample,
 )
 
-SCORES = torch.tensor([1.0, 0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+KEY = GumbelKey(seed=7, step=3)
+M64 = (1 << 64) - 1
 
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness-of-fit p-value (df = cells - 1)."""
-    counts, probs = counts.double(), probs.double()
-    expected = counts.sum() * probs
-    stat = ((counts - expected) ** 2 / expected).sum()
-    df = counts.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+# ------------------------------------------------------------------------------------------- the hash
+def _py_mix(x: int) -> int:
+    """splitmix64's finaliser on Python integers (Steele et al. 2014; Stafford's variant 13)."""
+    x &= M64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
 
 
-def frequencies(draws: torch.Tensor, num_cells: int) -> torch.Tensor:
-    return torch.bincount(draws.reshape(-1), minlength=num_cells)
+def _py_bits(seed: int, step: int, query: int, doc: int, draw: int) -> int:
+    """The documented hash chain: state <- mix(state + (value + 1) * golden) over (seed, step, draw, query, doc)."""
+    state = 0x6A09E667F3BCC908
+    for value in (seed, step, draw, query, doc):
+        state = _py_mix(state + ((value + 1) & M64) * 0x9E3779B97F4A7C15)
+    return state
 
 
-# ------------------------------------------------------------------------------------------- oracle 1
-@pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_gumbel_max_frequencies_are_softmax(scale: float) -> None:
-    n = 400_000
-    scores = (scale * SCORES).expand(n, -1)  # (n, 5): one draw per row
-    draws = gumbel_max_sample(scores, 1, generator=gen(0))  # (n, 1)
-    counts = frequencies(draws, 5)
-    probs = torch.softmax(scale * SCORES, dim=0)
-    assert chi2_pvalue(counts, probs) > 1e-3
-    assert (counts / n - probs).abs().max() < 3e-3
-    # the test has power: the same counts are rejected against a nearby wrong distribution
-    assert chi2_pvalue(counts, torch.softmax(1.1 * scale * SCORES, dim=0)) < 1e-6
-
-
-def test_with_replacement_draws_are_independent_softmax_draws() -> None:
-    n = 100_000
-    draws = gumbel_max_sample(SCORES.expand(n, -1), 2, generator=gen(1))  # (n, 2)
-    probs = torch.softmax(SCORES, dim=0)
-    pairs = frequencies(draws[:, 0] * 5 + draws[:, 1], 25)  # ordered pairs, product distribution
-    assert chi2_pvalue(pairs, torch.outer(probs, probs).reshape(-1)) > 1e-3
-
-
-def test_gumbel_top_m_is_sequential_sampling_without_replacement() -> None:
-    logits = torch.tensor([0.3, -0.5, 1.2, 0.0], dtype=torch.float64)
-    p = torch.softmax(logits, dim=0)
-    pairs = [(i, j) for i, j in itertools.product(range(4), repeat=2) if i != j]
-    exact = torch.tensor([float(p[i] * p[j] / (1 - p[i])) for i, j in pairs], dtype=torch.float64)
-    assert math.isclose(float(exact.sum()), 1.0, rel_tol=1e-12)
-    n = 200_000
-    draws = gumbel_max_sample(logits.expand(n, -1), 2, generator=gen(2), replacement=False)  # (n, 2)
-    assert bool((draws[:, 0] != draws[:, 1]).all())
-    lookup = torch.full((16,), -1, dtype=torch.long)  # ordered pair code 4*i + j -> cell index
-    for k, (i, j) in enumerate(pairs):
-        lookup[4 * i + j] = k
-    counts = frequencies(lookup[draws[:, 0] * 4 + draws[:, 1]], len(pairs))
-    assert chi2_pvalue(counts, exact) > 1e-3
-    # contrast: with replacement, repeated pairs (mass p_i^2) do occur
-    repl = gumbel_max_sample(logits.expand(n, -1), 2, generator=gen(2), replacement=True)
-    assert bool((repl[:, 0] == repl[:, 1]).any())
-
-
-# ------------------------------------------------------------------------------------------- injected noise
-def zeros_noise(shape, *, generator, device=None, dtype=torch.float32):
-    return torch.zeros(shape, device=device, dtype=dtype)
-
-
-def test_zero_noise_gives_argmax_and_top_m() -> None:
-    scores = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.0, -2.0, 5.0, 4.0]])  # (2, 4)
-    with_repl = gumbel_max_sample(scores, 3, generator=None, noise_fn=zeros_noise)
-    assert with_repl.tolist() == [[1, 1, 1], [2, 2, 2]]
-    without = gumbel_max_sample(scores, 3, generator=None, replacement=False, noise_fn=zeros_noise)
-    assert without.tolist() == [[1, 2, 0], [2, 3, 0]]
-
-
-def test_crafted_noise_selects_a_chosen_column() -> None:
-    scores = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.0, -2.0, 5.0, 4.0]])  # (2, 4)
-
-    def push_column_3(shape, *, generator, device=None, dtype=torch.float32):
-        noise = torch.zeros(shape, device=device, dtype=dtype)
-        noise[:, 3] = 100.0
-        return noise
-
-    assert gumbel_max_sample(scores, 2, generator=None, noise_fn=push_column_3).tolist() == [[3, 3], [3, 3]]
-    # a masked column is never chosen, however large its noise
-    masked = scores.clone()
-    masked[:, 3] = float("-inf")
-    drawn = gumbel_max_sample(masked, 1, generator=None, noise_fn=push_column_3)
-    assert drawn.tolist() == [[1], [2]]
-
-
-def test_noise_fn_receives_generator_device_and_dtype() -> None:
-    seen = {}
-
-    def spy(shape, *, generator, device=None, dtype=torch.float32):
-        seen.update(shape=shape, generator=generator, device=device, dtype=dtype)
-        return torch.zeros(shape, device=device, dtype=dtype)
-
+def test_tensor_hash_equals_the_big_integer_reference() -> None:
+    """int64 multiply must wrap and >> be emulated as a logical shift: checked bit for bit, negative keys too."""
     g = gen(0)
-    gumbel_max_sample(torch.zeros(3, 7, dtype=torch.float64), 1, generator=g, noise_fn=spy)
-    assert seen == {"shape": (3, 7), "generator": g, "device": torch.device("cpu"), "dtype": torch.float64}
+    x = torch.randint(-(2**63), 2**63 - 1, (1000,), generator=g)
+    expected = [_py_mix(v) for v in x.tolist()]
+    assert [v & M64 for v in mix64(x.clone()).tolist()] == expected
+    queries, docs = torch.tensor([0, 1, 5, 2**40]), torch.tensor([0, 3, 123456789, 2**50 + 1])
+    for seed, step, draw in [(7, 3, 0), (0, 0, 2), (-1, 2**63 + 5, 1)]:
+        bits = keyed_bits(GumbelKey(seed, step), queries, docs, draw)  # (4, 4)
+        for i, q in enumerate(queries.tolist()):
+            for j, d in enumerate(docs.tolist()):
+                assert int(bits[i, j]) & M64 == _py_bits(seed, step, q, d, draw)
 
 
-# ------------------------------------------------------------------------------------------- masking
-@pytest.mark.parametrize("replacement", [True, False])
-def test_masked_columns_never_drawn(replacement: bool) -> None:
-    scores = torch.tensor([5.0, float("-inf"), 0.0, float("-inf"), -3.0, 1.0]).expand(20_000, -1)
-    draws = gumbel_max_sample(scores, 3, generator=gen(3), replacement=replacement)  # (n, 3)
-    assert bool((draws >= 0).all())
-    assert not bool(torch.isin(draws, torch.tensor([1, 3])).any())
-    assert set(draws.unique().tolist()) == {0, 2, 4, 5}  # every unmasked column does occur
-
-
-def test_rows_with_too_few_finite_columns_give_minus_one() -> None:
-    inf = float("-inf")
-    scores = torch.tensor([[0.0, inf, 1.0, inf], [inf, inf, inf, inf], [inf, 2.0, inf, inf]])  # (3, 4)
-    without = gumbel_max_sample(scores, 3, generator=gen(4), replacement=False)
-    assert sorted(without[0, :2].tolist()) == [0, 2] and without[0, 2] == -1
-    assert without[1].tolist() == [-1, -1, -1]
-    assert without[2].tolist() == [1, -1, -1]
-    with_repl = gumbel_max_sample(scores, 3, generator=gen(4), replacement=True)
-    assert set(with_repl[0].tolist()) <= {0, 2}
-    assert with_repl[1].tolist() == [-1, -1, -1]
-    assert with_repl[2].tolist() == [1, 1, 1]
-    # more draws than columns, and no columns at all
-    assert gumbel_max_sample(torch.zeros(2, 2), 3, generator=gen(4), replacement=False)[:, 2].tolist() == [
-        -1,
-        -1,
-    ]
-    assert gumbel_max_sample(torch.zeros(2, 0), 2, generator=gen(4)).tolist() == [[-1, -1], [-1, -1]]
-
-
-# ------------------------------------------------------------------------------------------- determinism, clamping
-@pytest.mark.parametrize("replacement", [True, False])
-def test_generator_determinism_and_global_rng_untouched(replacement: bool) -> None:
-    scores = torch.randn(50, 30, generator=gen(9))
-    state = torch.random.get_rng_state()
-    a = gumbel_max_sample(scores, 4, generator=gen(123), replacement=replacement)
-    b = gumbel_max_sample(scores, 4, generator=gen(123), replacement=replacement)
-    c = gumbel_max_sample(scores, 4, generator=gen(124), replacement=replacement)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+def test_mix64_is_a_bijection_on_a_sample() -> None:
+    x = torch.arange(-50_000, 50_000)
+    assert mix64(x.clone()).unique().numel() == x.numel()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_noise_is_finite_when_uniform_hits_zero_or_one(monkeypatch, dtype: torch.dtype) -> None:
-    def extreme_rand(shape, *, generator=None, device=None, dtype=torch.float32):
-        return torch.tensor([0.0, 1.0, 0.5], dtype=dtype, device=device).reshape(shape)
+def test_uniforms_are_strictly_inside_the_unit_interval(dtype: torch.dtype) -> None:
+    extreme = torch.tensor([0, -1, 2**63 - 1, -(2**63), 1, -2], dtype=torch.long)  # all bit patterns' corners
+    u = bits_to_uniform(extreme, dtype)
+    assert u.dtype == dtype and bool(((u > 0) & (u < 1)).all()), u
+    bits = 23 if dtype == torch.float32 else 52
+    assert float(u.min()) == 0.5 * 2.0**-bits and float(u.max()) == 1 - 0.5 * 2.0**-bits
+    g = -torch.log(-torch.log(u))
+    assert bool(torch.isfinite(g).all())
+    with pytest.raises(ValueError, match="float32 or float64"):
+        bits_to_uniform(extreme, torch.bfloat16)
 
-    monkeypatch.setattr(sampler.torch, "rand", extreme_rand)
-    noise = gumbel_noise((3,), generator=None, dtype=dtype)
-    assert bool(torch.isfinite(noise).all())
-    assert noise[0] < noise[2] < noise[1]  # monotone in u
-    assert math.isclose(float(noise[2]), -math.log(math.log(2.0)), rel_tol=1e-6)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniforms_and_gumbels_pass_kolmogorov_smirnov(dtype: torch.dtype) -> None:
+    queries, docs = torch.arange(200), torch.arange(1000) * 7 + 3  # (Q,), (b,)
+    u = keyed_uniform(KEY, queries, docs, 0, dtype)  # (200, 1000)
+    assert bool(((u > 0) & (u < 1)).all())
+    assert stats.kstest(u.flatten().numpy(), "uniform").pvalue > 1e-3
+    assert stats.kstest(u[:, 0].numpy(), "uniform").pvalue > 1e-3  # one document across queries
+    assert stats.kstest(u[0].numpy(), "uniform").pvalue > 1e-3  # one query across documents
+    g = keyed_gumbel(KEY, queries, docs, 1, dtype)
+    assert stats.kstest(g.flatten().numpy(), "gumbel_r").pvalue > 1e-3
+    # power: the same test rejects a slightly wrong law
+    assert stats.kstest(g.flatten().numpy() * 1.05, "gumbel_r").pvalue < 1e-6
 
 
-def test_gumbel_noise_moments() -> None:
-    g = gumbel_noise((400_000,), generator=gen(5), dtype=torch.float64)
+def test_neighbouring_pairs_are_independent() -> None:
+    """Chi-square on a 10x10 grid of (u(q, d), u(q, d + 1)), (u(q, d), u(q + 1, d)), draws k and k + 1, steps."""
+    queries, docs = torch.arange(100), torch.arange(1001)
+    u = keyed_uniform(KEY, queries, docs, 0)  # (100, 1001)
+    pairs = {
+        "next document": (u[:, :-1], u[:, 1:]),
+        "next query": (u[:-1, :-1], u[1:, :-1]),
+        "next draw": (u, keyed_uniform(KEY, queries, docs, 1)),
+        "next step": (u, keyed_uniform(GumbelKey(KEY.seed, KEY.step + 1), queries, docs, 0)),
+        "next seed": (u, keyed_uniform(GumbelKey(KEY.seed + 1, KEY.step), queries, docs, 0)),
+    }
+    for name, (a, b) in pairs.items():
+        cells = (a.flatten() * 10).long() * 10 + (b.flatten() * 10).long()  # (n,) in [0, 100)
+        counts = torch.bincount(cells, minlength=100).numpy()
+        assert stats.chisquare(counts).pvalue > 1e-3, name
+        assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.01, name
+
+
+def test_same_key_same_stream_on_any_call() -> None:
+    queries, docs = torch.tensor([4, 0, 9]), torch.arange(50) * 3
+    full = keyed_gumbel(KEY, queries, docs, 2)  # (3, 50)
+    assert torch.equal(full, keyed_gumbel(GumbelKey(7, 3), queries, docs, 2))  # a fresh, equal key
+    assert torch.equal(keyed_gumbel(KEY, queries, docs[10:17], 2), full[:, 10:17])  # any block of documents
+    assert torch.equal(keyed_gumbel(KEY, queries[1:], docs, 2), full[1:])  # any subset of queries
+    assert torch.equal(keyed_gumbel(KEY, queries, docs.flip(0), 2), full.flip(1))  # any order
+    per_row = torch.stack([docs[:5], docs[5:10], docs[40:45]])  # (3, 5) a row of documents per query
+    expected = torch.stack([full[0, :5], full[1, 5:10], full[2, 40:45]])
+    assert torch.equal(keyed_gumbel(KEY, queries, per_row, 2), expected)
+    state = torch.random.get_rng_state()
+    keyed_gumbel(KEY, queries, docs, 0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # never touches the global RNG
+    assert torch.allclose(keyed_uniform(KEY, queries, docs, 2, torch.float32).double(),
+                          keyed_uniform(KEY, queries, docs, 2, torch.float64), atol=2**-23, rtol=0)  # fmt: skip
+
+
+def test_different_keys_give_different_streams() -> None:
+    queries, docs, f64 = torch.arange(4), torch.arange(64), torch.float64
+    base = keyed_uniform(KEY, queries, docs, 0, f64)
+    variants = [
+        keyed_uniform(GumbelKey(KEY.seed + 1, KEY.step), queries, docs, 0, f64),
+        keyed_uniform(GumbelKey(KEY.seed, KEY.step + 1), queries, docs, 0, f64),
+        keyed_uniform(KEY, queries, docs, 1, f64),
+        keyed_uniform(KEY, queries + 4, docs, 0, f64),
+        keyed_uniform(KEY, queries, docs + 64, 0, f64),
+        keyed_uniform(GumbelKey(KEY.step, KEY.seed), queries, docs, 0, f64),  # fields are not interchangeable
+    ]
+    for other in [base, *variants]:
+        assert other.unique().numel() == other.numel()  # no repeated value within a stream
+    for other in variants:
+        assert not bool(torch.isclose(other, base).any())
+
+
+def test_gumbel_moments() -> None:
+    g = keyed_gumbel(KEY, torch.arange(400), torch.arange(1000), 0, torch.float64)
     assert g.dtype == torch.float64
     euler_gamma = 0.5772156649015329
     assert abs(float(g.mean()) - euler_gamma) < 0.01
@@ -196,53 +167,6 @@ def test_combine_lse_equals_logsumexp_of_concatenation() -> None:
         combine_lse(lse), torch.logsumexp(torch.cat(shards, dim=1), dim=1), atol=1e-6, rtol=0
     )
     assert combine_lse(torch.full((3, 2), float("-inf"))).tolist() == [float("-inf")] * 2
-
-
-def test_choose_shards_never_picks_empty_shards() -> None:
-    inf = float("-inf")
-    lse = torch.tensor([[0.0, inf], [inf, inf], [1.0, inf]])  # (P=3, Q=2)
-    chosen = choose_shards(lse, 5000, generator=gen(6))  # (2, 5000)
-    assert set(chosen[0].unique().tolist()) == {0, 2}
-    assert chosen[1].unique().tolist() == [-1]
-    frac = float((chosen[0] == 2).double().mean())
-    assert abs(frac - 1 / (1 + math.exp(-1.0))) < 0.02
-
-
-def test_two_stage_sample_matches_global_softmax() -> None:
-    inf = float("-inf")
-    shards = [
-        torch.tensor([0.5, -1.0], dtype=torch.float64),
-        torch.tensor([1.5, inf, 0.0], dtype=torch.float64),
-        torch.tensor([-0.5, 1.0], dtype=torch.float64),
-        torch.tensor([inf], dtype=torch.float64),  # a shard with no mass
-    ]
-    n = 100_000
-    shard, column = two_stage_sample(
-        [s.expand(n, -1) for s in shards],
-        2,
-        generators=[gen(10 + p) for p in range(4)],
-        home_generator=gen(20),
-    )  # (n, 2), (n, 2)
-    offsets = torch.tensor([0, 2, 5, 7])
-    flat = offsets[shard] + column  # global column index
-    counts = frequencies(flat, 8)
-    assert counts[3] == 0 and counts[7] == 0  # masked slot and the empty shard
-    probs = torch.softmax(torch.cat(shards), dim=0)
-    keep = torch.tensor([0, 1, 2, 4, 5, 6])
-    assert chi2_pvalue(counts[keep], probs[keep]) > 1e-3
-    assert two_stage_sample([torch.full((1, 2), inf)], 2, generators=[gen(0)], home_generator=gen(1))[
-        0
-    ].tolist() == [[-1, -1]]
-
-
-def test_two_stage_uses_the_chosen_shards_own_candidate() -> None:
-    # shard 0 holds the single best score (3.0) but shard 1 the larger mass (lse 3.90 > 3.05): with zero noise
-    # stage two picks shard 1 by mass, and the draw is shard 1's own best column, not the global argmax
-    shards = [torch.tensor([[0.0, 3.0]]), torch.tensor([[2.8, 2.9, 2.7]])]
-    shard, column = two_stage_sample(
-        shards, 3, generators=[gen(0), gen(1)], home_generator=None, noise_fn=zeros_noise
-    )
-    assert shard.tolist() == [[1, 1, 1]] and column.tolist() == [[1, 1, 1]]
 
 
 def test_shard_lse_give_the_global_positive_probability_on_the_distributed_fixture() -> None:
