@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from test_train import REPO, _train_subprocess, read_log, tiny_overrides, write_triples
+from test_train import REPO, _train_subprocess, last_logged_step, read_log, tiny_overrides, write_triples
 
 from dualenc.cache import EmbeddingTable
 from dualenc.cache_scan import ScanResult, merge_shards, scan_candidates, scan_table
@@ -124,12 +124,14 @@ def test_kill_9_and_resume_restores_table_and_losses(tmp_path):
     killed = tmp_path / "killed"
     victim = _train_subprocess(tmp_path, True, [*base, f"output_dir={killed}"], config=config)
     deadline = time.time() + 600
-    while not (killed / "checkpoints" / "step_00000008").exists():
+    # past the checkpoint: the slowed-down TrainingModule.forward (which loss=cache runs) leaves time to kill
+    while not ((killed / "checkpoints" / "step_00000008").exists() and last_logged_step(killed) > 8):
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
-    time.sleep(0.5)
     victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    logged = [r["step"] for r in read_log(killed)]
+    assert 8 < max(logged) < steps and not (killed / "final_model").exists()  # it really was interrupted
     name = "cache.00000-of-00001.safetensors"
     ref_table = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000008" / name))
     got_table = load_file(str(killed / "checkpoints" / "step_00000008" / name))

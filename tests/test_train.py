@@ -56,6 +56,15 @@ def read_log(run_dir: Path) -> list[dict]:
     ]
 
 
+def last_logged_step(run_dir: Path) -> int:
+    """The step of the last complete line of a log another process is writing (0 when there is none yet)."""
+    path = run_dir / "train_log.jsonl"
+    lines = (
+        path.read_text().split("\n")[:-1] if path.exists() else []
+    )  # a line counts once its newline is out
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -184,14 +193,11 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     killed_dir = tmp_path / "killed"
     victim = _train_subprocess(tmp_path, True, [*base, f"output_dir={killed_dir}"])
     deadline = time.time() + 600
-    while (
-        not (killed_dir / "checkpoints" / "step_00000008").exists()
-        or max(read_log(killed_dir), key=lambda r: r["step"])["step"] <= 8
-    ):
+    while not (killed_dir / "checkpoints" / "step_00000008").exists() or last_logged_step(killed_dir) <= 8:
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
     logged = [row["step"] for row in read_log(killed_dir)]
     assert not (killed_dir / "final_model").exists() and 8 < max(logged) < steps  # killed past the checkpoint
     resumed = _train_subprocess(tmp_path, False, [*base, f"output_dir={killed_dir}", "resume_from=latest"])

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_text, tiny_bert_config, write_tokenizer_dir
+from test_train import last_logged_step
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_QUERIES = 44  # global batch 8 -> 40 used per epoch (a different 4 left out each epoch) -> 5 batches
@@ -192,12 +193,7 @@ def test_kill_9_two_processes_then_resume_is_exact(setup, loss, tmp_path):
     victim = subprocess.Popen([*_command(2, script, [str(REPO / "recipes"), *overrides])], env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.time() + 600
-    log = killed / "train_log.jsonl"
-    while not (
-        (killed / "checkpoints" / f"step_{save:08d}").exists()
-        and log.exists()
-        and max(r["step"] for r in _log(killed)) > save
-    ):
+    while not ((killed / "checkpoints" / f"step_{save:08d}").exists() and last_logged_step(killed) > save):
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.05)
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both training processes
