@@ -241,7 +241,9 @@ class CacheConfig:
     )
     refresh_fraction: float = field(
         default=0.01,
-        metadata={"help": "corpus mode: fraction of the table re-encoded (globally oldest first) per optimizer step"},
+        metadata={
+            "help": "corpus mode: fraction of the table re-encoded (globally oldest first) per optimizer step"
+        },
     )
     num_cache_negatives: int = field(
         default=1, metadata={"help": "negatives sampled from the cache per query"}

@@ -238,11 +238,11 @@ def train(
                 draw_id = plan.micro_id(step, micro)
                 torch.manual_seed(micro_seed(seed, rank, draw_id))  # dropout masks from the position alone
                 last = micro == num_micro - 1
+                # DDP reduces the gradients once, at the step's last micro-batch; the step's gradient is the
+                # mean over its micro-batches (a short last step of an epoch counts as much as a full one)
                 with contextlib.nullcontext() if last else accelerator.no_sync(module):
                     output: StepOutput = module(batch, cache=cache, draw_id=draw_id)
-                    accelerator.backward(
-                        output.loss / num_micro
-                    )  # the step's gradient = mean over its micro-batches
+                    accelerator.backward(output.loss / num_micro)
                 if cache is not None:  # fresh embeddings of the batch's documents and drawn negatives
                     cache.write_back(output.fresh_idx, output.fresh_emb,
                                      insert=torch.arange(output.num_batch_docs))  # fmt: skip
@@ -253,9 +253,7 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            if (
-                cache is not None
-            ):  # re-encode the oldest slots with the updated towers; every slot ages by one
+            if cache is not None:  # re-encode the oldest slots with the updated towers; all slots age
                 step_logs[-1].update({k: torch.tensor(v) for k, v in cache.refresh(encoder).items()})
             step += 1
             bar.update(1)
