@@ -245,9 +245,8 @@ def scan_candidates(
     scores = scores.masked_fill(_candidate_mask(cand, mask_rows, mask_slots, home_slots), float("-inf"))
     lse = torch.logsumexp(scores, dim=1)  # (Q,)
     above = (scores > pos_score[:, None]).sum(1)  # (Q,)
-    rows = torch.where(
-        cand >= 0, table.doc_idx[cand.clamp(min=0)], -1
-    )  # (Q, K) corpus rows of the candidates
+    # (Q, K) corpus rows of the candidates: what the noise is keyed by
+    rows = torch.where(cand >= 0, table.doc_idx[cand.clamp(min=0)], -1)
     if replacement:
         draws = [(scores + noise(key, query_ids, rows, k, scores.dtype)).max(1) for k in range(num_samples)]
         keys = torch.stack([v for v, _ in draws], dim=1)  # (Q, m)

@@ -39,7 +39,7 @@ from dualenc.cache_scan import ScanResult, merge_shards, scan_candidates, scan_t
 from dualenc.config_sections import CacheConfig, SCEConfig
 from dualenc.data import doc_text
 from dualenc.encode import shard_bounds
-from dualenc.sampler import GumbelKey, staleness
+from dualenc.sampler import GumbelKey, derived_seed, staleness
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ class CacheDraw:
 
 def shared_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
     """A generator seeded from (seed, step, stream) only: the same on every process, and in a resumed run."""
-    value = int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(value)
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step, stream))
 
 
 class NegativeCache:
@@ -188,7 +187,10 @@ class NegativeCache:
 
     def negative_texts(self, draw: CacheDraw) -> list[str]:
         """Texts of the valid draws, in row-major order of ``draw.doc_idx``."""
-        rows = draw.doc_idx[draw.doc_idx >= 0].tolist()
+        return self._row_texts(draw.doc_idx[draw.doc_idx >= 0].tolist())
+
+    def _row_texts(self, rows: list[int]) -> list[str]:
+        """``title + " " + text`` of corpus ``rows``, in order."""
         part = self.corpus[rows] if rows else {"title": [], "text": []}
         return [doc_text(t, x) for t, x in zip(part["title"], part["text"], strict=True)]
 
@@ -267,8 +269,7 @@ class NegativeCache:
         """Embeddings of corpus ``rows`` by the document tower, without dropout or gradient. Shapes: (k,) -> (k, D)."""
         from dualenc.encode import encode_texts
 
-        part = self.corpus[rows.tolist()]
-        texts = [doc_text(t, x) for t, x in zip(part["title"], part["text"], strict=True)]
+        texts = self._row_texts(rows.tolist())
         was_training = model.training
         model.eval()  # cached embeddings without dropout noise
         fresh = encode_texts(model, texts, kind="doc", batch_size=self.cfg.cache_fill_batch_size,

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -185,6 +186,11 @@ def combine_lse(shard_lse: Tensor) -> Tensor:
         (Q,) ``logsumexp`` over the shards; ``-inf`` where every shard is ``-inf``.
     """
     return torch.logsumexp(shard_lse, dim=0)  # (Q,)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence), e.g. (seed, rank, micro-batch)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
 
 
 def staleness(cached: Tensor, fresh: Tensor) -> Tensor:

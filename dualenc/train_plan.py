@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dualenc.errors import InputError
+from dualenc.sampler import derived_seed
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
@@ -105,4 +106,4 @@ class StepPlan:
 
 def micro_seed(seed: int, rank: int, micro_id: int) -> int:
     """Seed of the torch RNG (dropout) for one micro-batch on one process, from its place in training only."""
-    return int(np.random.SeedSequence([seed, rank, micro_id]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(seed, rank, micro_id)

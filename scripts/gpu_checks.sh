@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call, for a session that is lent a GPU (the device tool), whose machine
-# has torch, transformers and accelerate but not datasets, faiss, ir-measures or pytest, and no network.
+# Every GPU check of the project in one call, on a machine with a GPU that has torch, transformers and
+# accelerate but possibly not datasets, faiss, ir-measures or pytest, and is offline.
 #
-# Here, once:   python -m pip download --no-deps -d .gpu_wheels pytest pluggy iniconfig
-# Then:         device run: bash scripts/gpu_checks.sh     carry: [".gpu_wheels"]     timeout_s: 580
+# On a machine with network access, once:   python -m pip download --no-deps -d .gpu_wheels pytest pluggy iniconfig
+# Then, with .gpu_wheels copied next to the checkout on the GPU machine:   bash scripts/gpu_checks.sh
 # Smoke test on a CPU (tiny sizes, no CUDA tests):   DEVICE=cpu QUICK=1 OUT=/tmp/gpu bash scripts/gpu_checks.sh
 #
 # Writes under $OUT: env.txt, pytest.txt (the CUDA tests), and the GPU columns of the benchmarks:

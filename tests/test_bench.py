@@ -1,6 +1,6 @@
 """Benchmarks stay runnable: each bench script's smallest configuration, end to end, JSON keys checked.
 
-They run with ``datasets``, ``faiss``, ``ir_measures`` and ``pyarrow`` made unimportable, as on the lent GPU
+They run with ``datasets``, ``faiss``, ``ir_measures`` and ``pyarrow`` made unimportable, as on a GPU
 machine (torch, transformers and accelerate only): a bench that needs them there would fail after the machine
 was paid for.
 """
@@ -73,7 +73,7 @@ def test_loss_memory_bench_quick_without_data_libraries(tmp_path):
 
 
 def test_gpu_checks_script_smoke_on_cpu(tmp_path):
-    """scripts/gpu_checks.sh (what a GPU-lent session runs) in its CPU smoke mode, data libraries blocked."""
+    """scripts/gpu_checks.sh (what runs on a machine with a GPU) in its CPU smoke mode, data libraries blocked."""
     out = tmp_path / "gpu"
     env = _gpu_machine_env(tmp_path, DEVICE="cpu", QUICK="1", OUT=str(out))
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh")], capture_output=True, text=True,

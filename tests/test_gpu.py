@@ -1,7 +1,7 @@
 """CUDA parity: the GPU paths of the table, the scan, the sampler, SCE and encoding equal their CPU oracles.
 
 Marked ``gpu`` and skipped without CUDA. They need only torch and transformers (no datasets, faiss or
-ir-measures), so they run on the lent GPU machine through ``scripts/gpu_checks.sh``.
+ir-measures), so they run on a machine with a GPU through ``scripts/gpu_checks.sh``.
 """
 
 from __future__ import annotations
