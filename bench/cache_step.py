@@ -128,11 +128,11 @@ def run_single(cfg: dict) -> dict:
     import torch
     from transformers import BertConfig, BertModel
 
-    from dualenc.cache import EmbeddingTable
-    from dualenc.cache_scan import scan_table
-    from dualenc.encoder import HFEncoder
-    from dualenc.losses import CachedCE, CacheTerms, InBatchCE, LossInputs
-    from dualenc.sampler import GumbelKey
+    from dualenc.losses.base import CachedCE, CacheTerms, InBatchCE, LossInputs
+    from dualenc.model.encoder import HFEncoder
+    from dualenc.negcache.gumbel import GumbelKey
+    from dualenc.negcache.scan import scan_table
+    from dualenc.negcache.table import EmbeddingTable
 
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
@@ -237,8 +237,8 @@ def main(argv=None) -> dict:
 
 
 def report(args, rows: list[dict]) -> dict:
-    from dualenc.report import environment_info
-    from dualenc.table import format_table
+    from dualenc.io.provenance import environment_info
+    from dualenc.io.text_table import format_table
 
     table, b, m = [], args.batch_size, args.num_negatives
     for size in args.table_sizes:

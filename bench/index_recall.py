@@ -29,7 +29,7 @@ DEFAULT_PARAMS = {
 
 
 def _load(emb_dir: str) -> np.ndarray:
-    from dualenc.embeddings import load_embeddings
+    from dualenc.io.embeddings import load_embeddings
 
     return np.concatenate([np.asarray(s.emb, dtype=np.float32) for s in load_embeddings(emb_dir)])
 
@@ -40,7 +40,7 @@ def measure(
     import faiss
     from faiss.contrib.evaluation import knn_intersection_measure
 
-    from dualenc.index import build_index, set_search_params
+    from dualenc.retrieval.index import build_index, set_search_params
 
     if threads:
         faiss.omp_set_num_threads(threads)
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: all)")
     p.add_argument("--out", default="bench/results/index_recall_cpu.json")
     args = p.parse_args(argv)
-    from dualenc.report import environment_info
-    from dualenc.table import format_table
+    from dualenc.io.provenance import environment_info
+    from dualenc.io.text_table import format_table
 
     corpus, queries = _load(args.corpus), _load(args.queries)
     rows = measure(corpus, queries, args.factories, args.k, args.threads)

@@ -113,8 +113,8 @@ def _setup(cfg: dict):
     """Build X, W, targets (and negatives) on the device; return the loss closure and the leaves."""
     import torch
 
-    from dualenc.sampled_losses import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
-    from dualenc.sce import ScalableCE, full_ce
+    from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
+    from dualenc.losses.sce import ScalableCE, full_ce
 
     dev, n, c, d = cfg["device"], cfg["num_rows"], cfg["num_items"], cfg["dim"]
     gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
@@ -146,7 +146,7 @@ def run_single(cfg: dict) -> dict:
     """Measure one configuration in this (fresh) process; returns one result row."""
     import torch
 
-    from dualenc.sce import full_ce
+    from dualenc.losses.sce import full_ce
 
     cuda = cfg["device"] == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -243,7 +243,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot")
         return False
-    from dualenc.atomic import atomic_path
+    from dualenc.io.atomic import atomic_path
 
     if not any(r["status"] == "ok" for r in rows):
         print("no measured configuration: no plot")
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.single is not None:
         print(json.dumps(run_single(json.loads(args.single))))
         return {}
-    from dualenc.atomic import write_json
+    from dualenc.io.atomic import write_json
 
     keys = ["device", "num_rows", "dim", "seq_len", "bucket_size_y", "num_negatives", "chunk", "logit_std"]
     base = {k: getattr(args, k) for k in keys} | {"repeats": args.repeats, "seed": args.seed}

@@ -48,10 +48,10 @@ def run_single(cfg: dict) -> dict:
     from cache_step import _memory_baseline, _memory_peak
     from transformers import BertConfig, BertModel
 
-    from dualenc.config import load_config
-    from dualenc.encoder import DualEncoder, DualEncoderConfig, HFEncoder
-    from dualenc.losses import InBatchCE
-    from dualenc.train_step import TrainingModule
+    from dualenc.losses.base import InBatchCE
+    from dualenc.model.encoder import DualEncoder, DualEncoderConfig, HFEncoder
+    from dualenc.training.config import load_config
+    from dualenc.training.step import TrainingModule
 
     torch.manual_seed(0)
     accelerator = Accelerator(mixed_precision=cfg["precision"], cpu=cfg["device"] == "cpu")
@@ -102,8 +102,8 @@ def main(argv=None) -> dict:
         return {}
     from cache_step import child_env
 
-    from dualenc.report import environment_info
-    from dualenc.table import format_table
+    from dualenc.io.provenance import environment_info
+    from dualenc.io.text_table import format_table
 
     rows = []
     for precision in args.precisions:

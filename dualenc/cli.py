@@ -31,7 +31,7 @@ def _amp_dtype(amp: str, device):
 
 
 def _load_model(path: str, args, device):
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
 
     overrides = {}
     if getattr(args, "query_max_len", None):
@@ -45,8 +45,8 @@ def _load_model(path: str, args, device):
 def cmd_encode(args) -> int:
     from accelerate import PartialState
 
-    from dualenc.data import read_collection, read_queries
-    from dualenc.encode import encode_corpus
+    from dualenc.io.readers import read_collection, read_queries
+    from dualenc.retrieval.encode import encode_corpus
 
     state = PartialState(cpu=args.device == "cpu")
     device = state.device
@@ -77,7 +77,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_index(args) -> int:
-    from dualenc.index import index_from_embeddings
+    from dualenc.retrieval.index import index_from_embeddings
 
     index_from_embeddings(
         args.embeddings,
@@ -92,7 +92,7 @@ def cmd_index(args) -> int:
 
 
 def _write(run, args) -> None:
-    from dualenc.runs import write_run
+    from dualenc.io.runs import write_run
 
     write_run(run, args.output, format=args.output_format, tag=args.tag, k=args.hits)
     logger.info("wrote %d queries to %s (%s format)", len(run), args.output, args.output_format)
@@ -101,8 +101,8 @@ def _write(run, args) -> None:
 def cmd_search(args) -> int:
     import numpy as np
 
-    from dualenc.embeddings import load_embeddings
-    from dualenc.retrieve import search_vectors
+    from dualenc.io.embeddings import load_embeddings
+    from dualenc.retrieval.search import search_vectors
 
     shards = load_embeddings(args.queries)
     query_ids = [qid for shard in shards for qid in shard.ids]
@@ -117,9 +117,9 @@ def cmd_search(args) -> int:
 def cmd_retrieve(args) -> int:
     import torch
 
-    from dualenc.data import read_queries
-    from dualenc.encode import encode_texts
-    from dualenc.retrieve import search_vectors
+    from dualenc.io.readers import read_queries
+    from dualenc.retrieval.encode import encode_texts
+    from dualenc.retrieval.search import search_vectors
 
     device = torch.device(args.device)
     topics = read_queries(args.topics)
@@ -146,9 +146,9 @@ def cmd_retrieve(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from dualenc.data import read_qrels
-    from dualenc.evaluate import check_run_queries, evaluate, evaluate_per_query, format_table
-    from dualenc.runs import read_run
+    from dualenc.evaluation.measures import check_run_queries, evaluate, evaluate_per_query, format_table
+    from dualenc.io.readers import read_qrels
+    from dualenc.io.runs import read_run
 
     qrels = read_qrels(args.qrels)
     run = read_run(args.run)
@@ -173,9 +173,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_mine(args) -> int:
-    from dualenc.data import read_qrels, read_queries
-    from dualenc.mine import mine_hard_negatives, write_groups
-    from dualenc.runs import read_run
+    from dualenc.io.readers import read_qrels, read_queries
+    from dualenc.io.runs import read_run
+    from dualenc.retrieval.mine import mine_hard_negatives, write_groups
 
     queries = None
     if args.topics:

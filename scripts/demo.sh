@@ -44,7 +44,7 @@ python eval/beir_scifact.py --model "$MODEL" --work-dir "$OUT/scifact" --device 
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-from dualenc.evaluate import format_table
+from dualenc.evaluation.measures import format_table
 out = Path(sys.argv[1])
 minilm = json.loads((out / "dl19.minilm.json").read_text())
 bm25 = json.loads((out / "dl19.bm25.json").read_text())

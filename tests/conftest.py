@@ -100,7 +100,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_bert_dir) -> Path:
     """A saved dualenc model dir (shared tiny BERT tower, mean pooling, normalized, short max lengths)."""
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
 
     model = DualEncoder.from_hf(
         tiny_bert_dir, pooling="mean", normalize=True, query_max_len=16, passage_max_len=24

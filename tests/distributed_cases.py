@@ -26,12 +26,12 @@ def train_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     """One training step over a fixed global batch of 4 queries x G=2; the main process saves loss and grads."""
     from accelerate import Accelerator
 
-    from dualenc.collate import GroupDataset, TrainCollator
-    from dualenc.config import load_config
-    from dualenc.encoder import DualEncoder
-    from dualenc.losses import InBatchCE
-    from dualenc.train_data import load_train_data
-    from dualenc.train_step import TrainingModule
+    from dualenc.losses.base import InBatchCE
+    from dualenc.model.encoder import DualEncoder
+    from dualenc.training.batches import GroupDataset, TrainCollator
+    from dualenc.training.config import load_config
+    from dualenc.training.data import load_train_data
+    from dualenc.training.step import TrainingModule
 
     accelerator = Accelerator(cpu=True)
     cfg = load_config(
@@ -81,12 +81,12 @@ def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
     """
     from accelerate import Accelerator
 
-    from dualenc.config import load_config
-    from dualenc.data import doc_text
-    from dualenc.encode import encode_texts
-    from dualenc.encoder import DualEncoder
-    from dualenc.negative_cache import NegativeCache
-    from dualenc.train_data import load_train_data
+    from dualenc.io.readers import doc_text
+    from dualenc.model.encoder import DualEncoder
+    from dualenc.negcache.negative_cache import NegativeCache
+    from dualenc.retrieval.encode import encode_texts
+    from dualenc.training.config import load_config
+    from dualenc.training.data import load_train_data
 
     accelerator = Accelerator(cpu=True)
     cfg = load_config(None, ["random_init=true", "loss=cache", "train_group_size=2", *overrides])
@@ -104,7 +104,7 @@ def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
 
 def _local_batch(accelerator, model, data, size: int = 4) -> dict:
     """This process's share of a fixed global batch of ``size`` queries x G=2 (contiguous, by rank)."""
-    from dualenc.collate import GroupDataset, TrainCollator
+    from dualenc.training.batches import GroupDataset, TrainCollator
 
     items = [GroupDataset(data, 2, seed=0)[i] for i in range(size)]
     per_rank = size // accelerator.num_processes
@@ -116,7 +116,7 @@ def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
 
     The query vectors are encoded from the whole global batch in every run (the same bits for 1 and 2 processes).
     """
-    from dualenc.collate import GroupDataset, TrainCollator
+    from dualenc.training.batches import GroupDataset, TrainCollator
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=16"])
     batch = _local_batch(accelerator, model, data)
@@ -157,8 +157,8 @@ def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
 def _cache_loss(model, loss_fn, batch: dict, cache, accelerator, step: int):
     """loss=cache on one micro-batch from public pieces: NegativeCache.sample, live re-encoding of the draws,
     CachedCE over [positive, every process's batch documents, lumped rest of the cache], then the write-back."""
-    from dualenc.distributed import all_gather_with_grad
-    from dualenc.losses import CacheTerms, LossInputs, false_negative_mask
+    from dualenc.losses.base import CacheTerms, LossInputs, false_negative_mask
+    from dualenc.training.distributed import all_gather_with_grad
 
     q_emb, d_emb = model(batch["query"], batch["doc"])  # (b, D), (b*G, D)
     group = d_emb.shape[0] // q_emb.shape[0]
@@ -188,7 +188,7 @@ def cache_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     Nothing is replayed: the draws themselves must not depend on the number of processes. Gradients are averaged
     over processes, as DDP does.
     """
-    from dualenc.losses import CachedCE
+    from dualenc.losses.base import CachedCE
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=2"])
     batch = _local_batch(accelerator, model, data)

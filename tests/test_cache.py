@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualenc.cache import EmbeddingTable
+from dualenc.negcache.table import EmbeddingTable
 
 
 def col(*values: float) -> torch.Tensor:

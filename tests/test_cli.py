@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 from conftest import make_text, write_collection
+from helpers import load_script
 
 from dualenc.cli import main
-from dualenc.embeddings import load_embeddings
-from dualenc.encoder import DualEncoder
-from dualenc.runs import read_run
+from dualenc.io.embeddings import load_embeddings
+from dualenc.io.runs import read_run
+from dualenc.model.encoder import DualEncoder
 
 
 @pytest.fixture
@@ -341,7 +342,7 @@ def test_mine_command(corpus, capsys):
 
 def test_eval_script_end_to_end(tiny_model_dir, corpus, capsys):
     """eval_cli.main (what eval/*.py run): pipeline + baseline + table + JSON report with provenance."""
-    from dualenc.eval_cli import main as eval_main
+    eval_main = load_script("eval/eval_common.py").main
 
     run = corpus / "baseline.trec"
     run.write_text("q0 Q0 d0000 1 2.0 t\nq1 Q0 d0007 1 1.0 t\n")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dualenc.collate import GroupDataset, TrainCollator
 from dualenc.errors import InputError
-from dualenc.train_data import GROUP_FEATURES, TrainData, load_train_data
+from dualenc.training.batches import GroupDataset, TrainCollator
+from dualenc.training.data import GROUP_FEATURES, TrainData, load_train_data
 
 CORPUS = "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"
 QUERIES = "q1\tquery one\nq2\tquery two\nq3\tquery three\n"
@@ -140,7 +140,7 @@ def test_group_dataset_draws_are_uniform():
 
 
 def test_train_collator(tiny_model_dir):
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
 
     model = DualEncoder.from_pretrained(tiny_model_dir)
     corpus = datasets.Dataset.from_dict(
@@ -166,7 +166,7 @@ def test_train_collator(tiny_model_dir):
 
 
 def test_group_dataset_and_collator_in_a_data_loader(tmp_path, hf, files, tiny_model_dir):
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
 
     content = jsonl(
         {"query_id": "q1", "positive_ids": ["d1"], "negative_ids": ["d2", "d3"]},
@@ -185,7 +185,7 @@ def test_group_dataset_and_collator_in_a_data_loader(tmp_path, hf, files, tiny_m
 
 def test_train_collator_keeps_no_weights_and_survives_pickling(tiny_model_dir):
     """``spawn`` workers get the collator pickled: it holds no model, yet tokenizes as the model does."""
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
 
     model = DualEncoder.from_pretrained(tiny_model_dir)
     model.config = replace(model.config, query_prefix="query: ", passage_prefix="passage: ", query_max_len=4)

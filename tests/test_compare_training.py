@@ -176,7 +176,7 @@ def test_mean_pairwise_cosine_equals_brute_force(compare):
 
 
 def test_doc_mean_cos_from_the_eval_reports_corpus_embeddings(compare, tmp_path):
-    from dualenc.embeddings import write_meta, write_shard
+    from dualenc.io.embeddings import write_meta, write_shard
 
     run = _make_run(tmp_path, "a_s1", 0.70, 100.0)
     work = tmp_path / "a_s1" / "eval"

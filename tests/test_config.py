@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dualenc.config import SECTIONS, load_config, save_config
 from dualenc.errors import InputError
+from dualenc.training.config import SECTIONS, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
 

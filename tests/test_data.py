@@ -10,8 +10,8 @@ from pathlib import Path
 import datasets
 import pytest
 
-from dualenc.data import doc_text, read_collection, read_qrels, read_queries
 from dualenc.errors import InputError
+from dualenc.io.readers import doc_text, read_collection, read_qrels, read_queries
 
 STRING = datasets.Value("string")
 

@@ -71,7 +71,7 @@ def run_page(page: str, folder: Path) -> str:
 def test_api_page_runs_as_written(minilm_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from dualenc.embeddings import load_embeddings
+    from dualenc.io.embeddings import load_embeddings
 
     printed = run_page("api.md", tmp_path)
     assert printed.splitlines() == ["mean True 256", "False"]

@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import write_collection
 
-from dualenc.data import read_collection
-from dualenc.embeddings import load_embeddings, shard_paths
-from dualenc.encode import encode_collection, encode_texts, shard_bounds, write_collection_meta
-from dualenc.encoder import DualEncoder
 from dualenc.errors import InputError
+from dualenc.io.embeddings import load_embeddings, shard_paths
+from dualenc.io.readers import read_collection
+from dualenc.model.encoder import DualEncoder
+from dualenc.retrieval.encode import encode_collection, encode_texts, shard_bounds, write_collection_meta
 
 
 @pytest.fixture
@@ -116,9 +116,9 @@ def test_bad_storage_dtype(model, tmp_path):
 ENCODE_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from dualenc.data import read_collection
-    from dualenc.encode import encode_collection
-    from dualenc.encoder import DualEncoder
+    from dualenc.io.readers import read_collection
+    from dualenc.retrieval.encode import encode_collection
+    from dualenc.model.encoder import DualEncoder
 
     model_dir, collection, cache, out, slow = sys.argv[1:6]
     model = DualEncoder.from_pretrained(model_dir).eval()
@@ -176,7 +176,7 @@ def test_kill_9_then_resume_is_identical(tiny_model_dir, tmp_path):
 
 
 def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
-    from dualenc.encode import model_fingerprint
+    from dualenc.retrieval.encode import model_fingerprint
 
     write_collection(tmp_path / "c.tsv", 30)
     data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
@@ -197,8 +197,8 @@ def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
 
 
 def test_encode_corpus_from_a_file_or_a_dataset(model, tmp_path):
-    from dualenc.embeddings import read_meta
-    from dualenc.encode import encode_corpus, model_fingerprint
+    from dualenc.io.embeddings import read_meta
+    from dualenc.retrieval.encode import encode_corpus, model_fingerprint
 
     ids = write_collection(tmp_path / "c.tsv", 37)
     out = encode_corpus(
@@ -224,7 +224,7 @@ def test_encode_corpus_from_a_file_or_a_dataset(model, tmp_path):
 
 
 def test_encode_corpus_needs_a_barrier_to_shard(model, tmp_path):
-    from dualenc.encode import encode_corpus
+    from dualenc.retrieval.encode import encode_corpus
 
     write_collection(tmp_path / "c.tsv", 3)
     with pytest.raises(ValueError, match="needs wait_for_everyone"):
@@ -235,8 +235,8 @@ def test_cli_encodes_with_a_saved_custom_tower(tokenizer, tmp_path):
     """`dualenc encode --model DIR` on a custom-tower dir: its module on PYTHONPATH, same vectors as encode_corpus."""
     import custom_towers
 
-    from dualenc.encode import encode_corpus
-    from dualenc.encoder import DualEncoderConfig
+    from dualenc.model.encoder import DualEncoderConfig
+    from dualenc.retrieval.encode import encode_corpus
 
     torch.manual_seed(0)
     model = DualEncoder(custom_towers.BagOfWords(len(tokenizer)), None, tokenizer, DualEncoderConfig())
@@ -282,9 +282,9 @@ def test_cli_sharded_encode_with_a_custom_tower_equals_one_process(tokenizer, tm
     """`torchrun --nproc_per_node 2 -m dualenc encode`: two shards, meta.json once, the vectors of one process."""
     import custom_towers
 
-    from dualenc.embeddings import read_meta
-    from dualenc.encode import encode_corpus
-    from dualenc.encoder import DualEncoderConfig
+    from dualenc.io.embeddings import read_meta
+    from dualenc.model.encoder import DualEncoderConfig
+    from dualenc.retrieval.encode import encode_corpus
 
     torch.manual_seed(0)
     model = DualEncoder(custom_towers.BagOfWords(len(tokenizer)), None, tokenizer, DualEncoderConfig())

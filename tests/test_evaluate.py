@@ -1,4 +1,4 @@
-"""dualenc.evaluate: hand-computed values, pytrec_eval as a second oracle, real DL19 figures, input errors."""
+"""dualenc.evaluation.measures: hand-computed values, pytrec_eval as a second oracle, real DL19 figures, input errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import pytrec_eval
 
 from dualenc.errors import InputError
-from dualenc.evaluate import (
+from dualenc.evaluation.measures import (
     PRESETS,
     check_run_queries,
     evaluate,

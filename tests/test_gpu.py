@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualenc.cache import EmbeddingTable
-from dualenc.cache_scan import scan_table
-from dualenc.sampler import GumbelKey, keyed_bits, keyed_gumbel
-from dualenc.sce import ScalableCE, full_ce
+from dualenc.losses.sce import ScalableCE, full_ce
+from dualenc.negcache.gumbel import GumbelKey, keyed_bits, keyed_gumbel
+from dualenc.negcache.scan import scan_table
+from dualenc.negcache.table import EmbeddingTable
 
 pytestmark = [
     pytest.mark.gpu,
@@ -123,8 +123,8 @@ def test_full_coverage_sce_equals_full_ce_on_cuda():
 
 
 def test_bf16_autocast_encoding_is_close_to_fp32(tiny_model_dir):
-    from dualenc.encode import encode_texts
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
+    from dualenc.retrieval.encode import encode_texts
 
     texts = ["dense passage retrieval", "negative cache table", "scalable softmax bucket", "the a of"]
     model = DualEncoder.from_pretrained(tiny_model_dir)

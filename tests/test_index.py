@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_topk import K, assert_ties_present, brute_force, gauss_data, ids_of, int_data
 
-from dualenc import topk as topk_mod
-from dualenc.embeddings import write_meta, write_shard
 from dualenc.errors import InputError
-from dualenc.index import (
+from dualenc.io.embeddings import write_meta, write_shard
+from dualenc.retrieval import topk as topk_mod
+from dualenc.retrieval.index import (
     IndexShard,
     build_index,
     index_from_embeddings,
@@ -22,7 +22,7 @@ from dualenc.index import (
     search,
     set_search_params,
 )
-from dualenc.topk import exact_search_torch
+from dualenc.retrieval.topk import exact_search_torch
 
 
 def test_flat_equals_brute_force_exactly_with_ties():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dualenc.losses import (
+from dualenc.losses.base import (
     CachedCE,
     CacheTerms,
     InBatchCE,

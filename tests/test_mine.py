@@ -7,12 +7,12 @@ import logging
 
 import pytest
 
-from dualenc.collate import GroupDataset
-from dualenc.data import read_qrels
 from dualenc.errors import InputError
-from dualenc.mine import mine_hard_negatives, write_groups
-from dualenc.runs import read_run
-from dualenc.train_data import load_train_data
+from dualenc.io.readers import read_qrels
+from dualenc.io.runs import read_run
+from dualenc.retrieval.mine import mine_hard_negatives, write_groups
+from dualenc.training.batches import GroupDataset
+from dualenc.training.data import load_train_data
 
 # q1's ranking by score, ties broken by doc id: d1, d2, d3 (d2 < d3 at 0.8), d4, d5, d6, d7
 RUN = """\
@@ -52,7 +52,7 @@ def run_qrels(tmp_path):
 
 
 def test_defaults_drop_positives_and_keep_judged_non_relevant(run_qrels, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.mine")
+    caplog.set_level(logging.INFO, logger="dualenc.retrieval.mine")
     run, qrels = run_qrels
     assert list(mine_hard_negatives(run, qrels)) == [
         {
@@ -123,7 +123,7 @@ def test_write_groups_is_plain_jsonl_and_replaces_the_file(tmp_path, run_qrels):
 
 
 def test_round_trip_through_load_train_data(tmp_path, run_qrels, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.train_data")
+    caplog.set_level(logging.INFO, logger="dualenc.training.data")
     run, qrels = run_qrels
     corpus = tmp_path / "corpus.tsv"
     corpus.write_text(CORPUS, encoding="utf-8")

@@ -12,11 +12,11 @@ import torch
 from scipy import stats
 from test_train import REPO, _train_subprocess, last_logged_step, read_log, tiny_overrides, write_triples
 
-from dualenc.cache import EmbeddingTable
-from dualenc.cache_scan import ScanResult, merge_shards, scan_candidates, scan_table
-from dualenc.config_sections import CacheConfig
-from dualenc.negative_cache import NegativeCache
-from dualenc.sampler import GumbelKey, combine_lse, keyed_gumbel
+from dualenc.negcache.gumbel import GumbelKey, combine_lse, keyed_gumbel
+from dualenc.negcache.negative_cache import NegativeCache
+from dualenc.negcache.scan import ScanResult, merge_shards, scan_candidates, scan_table
+from dualenc.negcache.table import EmbeddingTable
+from dualenc.training.config_sections import CacheConfig
 
 
 def _expected_probs(result: dict, row: int, scale: float = 20.0) -> tuple[np.ndarray, float]:
@@ -87,11 +87,11 @@ def test_two_processes_match_one_process_loss_and_gradients(tmp_path, tiny_model
 def test_refresh_fraction_one_keeps_the_table_exact(tmp_path, tiny_model_dir):
     from accelerate import Accelerator
 
-    from dualenc.config import load_config
-    from dualenc.encode import encode_texts
-    from dualenc.encoder import DualEncoder
-    from dualenc.negative_cache import NegativeCache
-    from dualenc.train_data import load_train_data
+    from dualenc.model.encoder import DualEncoder
+    from dualenc.negcache.negative_cache import NegativeCache
+    from dualenc.retrieval.encode import encode_texts
+    from dualenc.training.config import load_config
+    from dualenc.training.data import load_train_data
 
     write_triples(tmp_path / "triples.tsv", 12)
     cfg = load_config(None, ["random_init=true", "loss=cache", "refresh_fraction=1.0"])
@@ -156,8 +156,8 @@ def test_stream_mode_trains_and_never_duplicates(tmp_path):
     """Stream (FIFO) mode: batch documents enter the table once; draws come only from what is cached."""
     from safetensors.torch import load_file
 
-    from dualenc.config import load_config
-    from dualenc.train import train
+    from dualenc.training.config import load_config
+    from dualenc.training.loop import train
 
     config = REPO / "recipes" / "configs" / "tiny_cache.yaml"
     overrides = tiny_overrides(tmp_path, max_steps=20, cache_mode="stream", cache_size=40, save_steps=20)
@@ -175,13 +175,13 @@ def test_stream_mode_trains_and_never_duplicates(tmp_path):
 def _one_process_cache(tmp_path, tiny_model_dir, overrides):
     from accelerate import Accelerator
 
-    from dualenc.collate import GroupDataset, TrainCollator
-    from dualenc.config import load_config
-    from dualenc.encoder import DualEncoder
-    from dualenc.negative_cache import NegativeCache
-    from dualenc.train import build_loss
-    from dualenc.train_data import load_train_data
-    from dualenc.train_step import TrainingModule
+    from dualenc.model.encoder import DualEncoder
+    from dualenc.negcache.negative_cache import NegativeCache
+    from dualenc.training.batches import GroupDataset, TrainCollator
+    from dualenc.training.config import load_config
+    from dualenc.training.data import load_train_data
+    from dualenc.training.loop import build_loss
+    from dualenc.training.step import TrainingModule
 
     write_triples(tmp_path / "triples.tsv", 12)
     cfg = load_config(None, ["random_init=true", "train_group_size=2", "temperature=0.2", *overrides])
@@ -274,8 +274,8 @@ def cache_rows(tmp_path):
 
 
 def test_cache_training_with_sce_candidates_runs(tmp_path):
-    from dualenc.config import load_config
-    from dualenc.train import train
+    from dualenc.training.config import load_config
+    from dualenc.training.loop import train
 
     config = REPO / "recipes" / "configs" / "tiny_cache.yaml"
     overrides = tiny_overrides(tmp_path, max_steps=10, cache_candidates="sce", sce_bucket_size_y=16)
@@ -670,7 +670,7 @@ def test_refresh_selects_the_same_documents_for_1_2_and_3_processes(monkeypatch)
 def test_sce_buckets_are_built_from_the_same_centres_and_queries_on_every_process(monkeypatch):
     """cache_candidates=sce: the centre generator is seeded by (seed, step) only, and every process buckets the
     same gathered queries (global query ids), so the buckets are the same on every process."""
-    import dualenc.negative_cache as negative_cache
+    import dualenc.negcache.negative_cache as negative_cache
 
     seen = []
     real = negative_cache.scan_candidates

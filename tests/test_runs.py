@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dualenc.errors import InputError
-from dualenc.runs import read_run, run_from_search, sorted_hits, write_run
+from dualenc.io.runs import read_run, run_from_search, sorted_hits, write_run
 
 # String ids on purpose: "007" must stay "007", and "D10" < "D7" in string order.
 RUN = {

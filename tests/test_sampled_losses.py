@@ -1,4 +1,4 @@
-"""Sampled baselines (dualenc/sampled_losses.py): ALGORITHMS.md Part B 2.4 and oracle 19, plus the samplers."""
+"""Sampled baselines (dualenc/losses/sampled.py): ALGORITHMS.md Part B 2.4 and oracle 19, plus the samplers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dualenc.errors import InputError
-from dualenc.sampled_losses import (
+from dualenc.losses.sampled import (
     bce_loss,
     ce_minus_loss,
     gbce_beta,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dualenc.sampler import (
+from dualenc.negcache.gumbel import (
     GumbelKey,
     bits_to_uniform,
     combine_lse,

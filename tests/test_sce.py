@@ -1,4 +1,4 @@
-"""Scalable CE (dualenc/sce.py) against dense references: ALGORITHMS.md Part B 4, oracles 12-17."""
+"""Scalable CE (dualenc/losses/sce.py) against dense references: ALGORITHMS.md Part B 4, oracles 12-17."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from dualenc.errors import InputError
-from dualenc.sce import ScalableCE, blockwise_topk, bucketed_ce, full_ce
+from dualenc.losses.sce import ScalableCE, blockwise_topk, bucketed_ce, full_ce
 
 F64 = torch.float64
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dualenc import topk as topk_mod
-from dualenc.topk import exact_search_torch
+from dualenc.retrieval import topk as topk_mod
+from dualenc.retrieval.topk import exact_search_torch
 
 K = 20
 
@@ -82,7 +82,7 @@ def test_tie_refetch_cap_logs_a_warning(monkeypatch, caplog):
     queries, docs, doc_ids = int_data(num_docs=500)
     docs[100:160] = queries[0]
     monkeypatch.setattr(topk_mod, "MAX_FETCH_FACTOR", 1)
-    with caplog.at_level(logging.WARNING, logger="dualenc.topk"):
+    with caplog.at_level(logging.WARNING, logger="dualenc.retrieval.topk"):
         exact_search_torch(queries[:1], docs, 5, doc_ids=doc_ids)
     assert "ties deeper than 21 candidates" in caplog.text
 
@@ -93,7 +93,7 @@ def test_exact_search_torch_works_without_faiss():
         import sys
         sys.modules["faiss"] = None  # any `import faiss` now raises ImportError
         import numpy as np
-        from dualenc.topk import exact_search_torch
+        from dualenc.retrieval.topk import exact_search_torch
         docs = np.eye(4, dtype=np.float32)
         scores, rows = exact_search_torch(docs[[2]], docs, 2)
         assert rows.tolist() == [[2, 0]] and scores.tolist() == [[1.0, 0.0]], (rows, scores)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import make_text
 
-from dualenc.config import load_config
-from dualenc.encoder import DualEncoder
+from dualenc.model.encoder import DualEncoder
+from dualenc.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def _fresh_accelerate_state():
 
 
 def test_tiny_recipe_runs_and_the_loss_falls(tmp_path):
-    from dualenc.train import train
+    from dualenc.training.loop import train
 
     cfg = load_config(
         REPO / "recipes" / "configs" / "tiny.yaml", tiny_overrides(tmp_path, dev_corpus_file=None)
@@ -95,7 +95,7 @@ def test_tiny_recipe_runs_and_the_loss_falls(tmp_path):
 
 
 def test_dev_evaluation_keeps_the_best_model(tmp_path):
-    from dualenc.train import train
+    from dualenc.training.loop import train
 
     triples = write_triples(tmp_path / "triples.tsv", 40, seed=1)
     rows = [line.split("\t") for line in triples.read_text().splitlines()]
@@ -153,9 +153,9 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
 TRAIN_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import dualenc.train as train_module
-    import dualenc.train_step as train_step
-    from dualenc.config import load_config
+    import dualenc.training.loop as train_module
+    import dualenc.training.step as train_step
+    from dualenc.training.config import load_config
 
     slow = sys.argv[1] == "1"
     if slow:  # slow every micro-batch down (every loss runs it) so the parent can kill us after a checkpoint

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dualenc.errors import InputError
-from dualenc.train_plan import EpochSampler, StepPlan, micro_seed
+from dualenc.training.plan import EpochSampler, StepPlan, micro_seed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -46,7 +46,7 @@ def _model_dir(root: Path, dropout: float) -> Path:
     """A dualenc model dir of a tiny random BERT (mean pooling, normalised) with the given dropout."""
     from transformers import BertModel
 
-    from dualenc.encoder import DualEncoder
+    from dualenc.model.encoder import DualEncoder
 
     torch.manual_seed(0)
     hf = root / "hf"
@@ -162,7 +162,7 @@ def test_sce_on_two_processes_is_refused_before_any_work(setup, tmp_path):
 SLOW_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import dualenc.train_step as train_step
+    import dualenc.training.step as train_step
 
     forward = train_step.TrainingModule.forward
 

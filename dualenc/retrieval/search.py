@@ -1,0 +1,88 @@
+"""Search an index (FAISS index dir, or an embeddings dir searched exactly with torch) with query vectors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualenc.errors import InputError
+from dualenc.io.embeddings import META_FILE, load_embeddings
+from dualenc.io.runs import Run, run_from_search
+
+INDEX_META_FILE = "index_meta.json"
+
+
+def index_kind(path: str | os.PathLike) -> str:
+    """``"faiss"`` for a ``dualenc index`` directory, ``"embeddings"`` for a ``dualenc encode`` directory."""
+    path = Path(path)
+    if (path / INDEX_META_FILE).exists():
+        return "faiss"
+    if (path / META_FILE).exists():
+        return "embeddings"
+    raise InputError(
+        f"neither an index ({INDEX_META_FILE}) nor an embeddings directory ({META_FILE})", path=path
+    )
+
+
+def search_vectors(
+    query_ids: Sequence[str],
+    query_emb: np.ndarray,
+    index_path: str | os.PathLike,
+    *,
+    k: int,
+    device: str = "cpu",
+    search_params: str | None = None,
+) -> Run:
+    """Top-``k`` documents for each query.
+
+    Args:
+        query_ids: ids of the queries, in row order of ``query_emb``.
+        query_emb: (Q, D) float32 query vectors.
+        index_path: a FAISS index directory (any factory; ANN parameters via ``search_params``) or an embeddings
+            directory (exact inner-product search with torch, on ``device``; needs no faiss).
+        k: hits per query.
+        device: torch device for exact search ("cuda" uses the GPU without faiss-gpu).
+        search_params: FAISS ParameterSpace string such as ``"nprobe=32"`` or ``"efSearch=256"``.
+
+    Returns:
+        the run (qid -> {docid: score}).
+    """
+    if len(query_ids) != query_emb.shape[0]:
+        raise ValueError(f"{len(query_ids)} query ids for {query_emb.shape[0]} vectors")
+    if index_kind(index_path) == "faiss":
+        from dualenc.retrieval.index import load_index, search
+
+        shards = load_index(index_path)
+        scores, doc_ids = search(shards, query_emb, k, params=search_params)
+        return {
+            qid: {doc: float(s) for doc, s in zip(docs, row, strict=False)}
+            for qid, docs, row in zip(query_ids, doc_ids, scores, strict=True)
+        }
+    from dualenc.retrieval.topk import exact_search_torch
+
+    if search_params:
+        raise InputError(
+            f"search parameters {search_params!r} need a FAISS index; {index_path} holds raw embeddings"
+        )
+    shards = load_embeddings(index_path)
+    all_ids = [doc_id for shard in shards for doc_id in shard.ids]
+    _check_dim(query_emb, shards[0].emb.shape[1], index_path)
+    scores, indices = exact_search_torch(
+        torch.from_numpy(np.ascontiguousarray(query_emb)),
+        [s.emb for s in shards],
+        k,
+        device=device,
+        doc_ids=all_ids,
+    )
+    return run_from_search(query_ids, all_ids, scores, indices)
+
+
+def _check_dim(query_emb: np.ndarray, dim: int, index_path) -> None:
+    if query_emb.shape[1] != dim:
+        raise InputError(
+            f"query vectors have dim {query_emb.shape[1]} but the index has dim {dim}", path=index_path
+        )

@@ -1,0 +1,108 @@
+"""Checkpoints: ``accelerator.save_state`` written atomically, found again by ``resume_from=latest``.
+
+Layout: ``output_dir/checkpoints/step_00000100/`` (Accelerate state: model, optimizer, scheduler, RNG, registered
+objects) plus our ``trainer_state.json`` and the resolved ``config.yaml``. A checkpoint is first written to a
+hidden ``.tmp-step_…`` sibling and renamed when complete, so a crash never leaves a half checkpoint that
+``latest`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from dualenc.errors import InputError
+from dualenc.io import atomic
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
+    """``None`` -> None; ``"latest"`` -> the newest complete checkpoint (None if there is none); else a dir."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        dirs = checkpoint_dirs(output_dir)
+        return dirs[-1] if dirs else None
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise InputError(f"not a dualenc checkpoint (no {STATE_FILE})", path=path)
+    return path
+
+
+def _process_file(directory: Path, name: str, accelerator) -> Path:
+    return (
+        directory / f"{name}.{accelerator.process_index:05d}-of-{accelerator.num_processes:05d}.safetensors"
+    )
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    state: dict,
+    config_yaml: str,
+    keep: int,
+    per_process: dict[str, dict] | None = None,
+) -> Path:
+    """Save the full training state at ``step``; every process must call this (Accelerate saves per-rank RNG).
+
+    ``per_process`` maps a name to a tensor state dict that differs between processes (a negative-cache table
+    shard): each process writes its own ``{name}.{rank}-of-{P}.safetensors``. (Accelerate's
+    ``register_for_checkpointing`` saves custom objects from the main process only, which would drop the other
+    processes' shards.)
+    """
+    root = Path(output_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    for name, tensors in (per_process or {}).items():
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(_process_file(tmp, name, accelerator)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        atomic.write_text(tmp / "config.yaml", config_yaml)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in checkpoint_dirs(output_dir)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_process_state(checkpoint: Path, accelerator, name: str) -> dict:
+    """This process's ``name`` state dict from a checkpoint (saved by ``save_checkpoint(per_process=...)``)."""
+    from safetensors.torch import load_file
+
+    path = _process_file(Path(checkpoint), name, accelerator)
+    if not path.exists():
+        raise InputError(f"checkpoint has no {name} state for process {accelerator.process_index} (saved with "
+                         "a different number of processes?)", path=path)  # fmt: skip
+    # read on the CPU, then move: "cpu:0", the device Accelerate reports for CPU processes, is no safetensors device
+    return {k: v.to(accelerator.device) for k, v in load_file(str(path), device="cpu").items()}
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))

@@ -1,0 +1,380 @@
+"""Training data: query groups whose positives and negatives are ROW indices of one corpus dataset.
+
+Every document training can touch is a row of one corpus ``datasets.Dataset`` (``id``, ``title``, ``text``,
+as :func:`dualenc.io.readers.read_collection` returns it). Groups name documents by row (``int64``), so the negative
+cache can store rows, re-encode a row by reading the corpus, and mask a query's known positives by row.
+
+Formats (``load_train_data(format=...)``: ``auto | tevatron | groups | triples | qrels``) and their parsers
+are in :mod:`dualenc.training.formats`; this module resolves ids to rows and groups lines per query.
+
+Rules, the same for every format:
+
+- All lines of one query (same query id; text triples and id-less Tevatron lines: same query text) are
+  MERGED into one group: positives and negatives are unioned in order of first appearance, repeats dropped.
+  Merged rather than refused because qidpidtriples has one line per (query, negative), and because one group
+  per query keeps all of its positives in its mask. One id with two query texts is an error (both lines).
+- A negative that is also a positive of the same query is dropped at load time; the log counts them.
+- Each line needs a positive (error otherwise). The qrels format instead skips (and counts) queries judged
+  only below ``min_relevance``: such queries are normal in TREC qrels.
+- Ids are strings (a JSON integer id is taken as its decimal text). Every id used must resolve; an unknown
+  query or document id is an :class:`~dualenc.errors.InputError` naming the file, the line and the id.
+
+Scale (MS MARCO: 8.8M passages, ~500k training queries, ~40M qidpidtriples lines): files are streamed line
+by line and both datasets are built by ``datasets.Dataset.from_generator`` into the Arrow cache (a second call
+with unchanged files reads the cache). Doc ids map to rows through one dict built once (about 120 bytes per
+id: ~1 GB for the 8.8M MS MARCO ids); each (query, document) pair costs 8 bytes while loading, and the final
+de-duplication sorts those arrays (~1 GB peak for 40M triples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from dualenc.errors import InputError
+from dualenc.io import readers as data_mod
+from dualenc.io.readers import existing_file, input_error_in_chain, read_collection
+from dualenc.training import formats as train_formats
+from dualenc.training.formats import Doc, Record, check_files, qrels_groups, records, sniff
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "tevatron", "groups", "triples", "qrels")
+GROUP_FEATURES = datasets.Features(
+    {
+        "query_id": datasets.Value("string"),
+        "query": datasets.Value("string"),
+        "positives": datasets.Sequence(datasets.Value("int64")),
+        "negatives": datasets.Sequence(datasets.Value("int64")),
+    }
+)
+_DIGEST_SIZE = 12  # 96-bit content hash: P(any collision) < 1e-14 for 10^7 distinct texts
+
+
+def text_id(title: str, text: str) -> str:
+    """A stable id for a document (or, with ``title=""``, a query) that has none: 24 hex digits of BLAKE2b."""
+    return _digest(title, text).hex()
+
+
+def _digest(title: str, text: str) -> bytes:
+    return hashlib.blake2b(f"{title}\x00{text}".encode(), digest_size=_DIGEST_SIZE).digest()
+
+
+@dataclass
+class TrainData:
+    """The corpus and the query groups of a training run.
+
+    Attributes:
+        corpus: ``id``, ``title``, ``text``: every document training can touch (the cache encodes it all).
+        groups: ``query_id``, ``query`` (strings), ``positives``, ``negatives`` (``list<int64>`` corpus rows).
+    """
+
+    corpus: datasets.Dataset
+    groups: datasets.Dataset
+
+    def positives_of(self, group_idx: int) -> list[int]:
+        """Corpus rows of the positives of group ``group_idx``."""
+        return list(self.groups[int(group_idx)]["positives"])
+
+    def doc_ids(self, rows: list[int]) -> list[str]:
+        """The string ids of corpus ``rows``."""
+        return list(self.corpus[list(rows)]["id"])
+
+
+def load_train_data(
+    train_file: str | os.PathLike | None = None,
+    *,
+    format: str = "auto",
+    corpus_file: str | os.PathLike | None = None,
+    queries_file: str | os.PathLike | None = None,
+    qrels_file: str | os.PathLike | None = None,
+    min_relevance: int = 1,
+    cache_dir: str | None = None,
+) -> TrainData:
+    """Read training data in any of the formats of the module docstring.
+
+    Args:
+        train_file: Tevatron / groups JSONL or triples TSV (optionally gzipped); ``None`` for qrels.
+        format: ``auto | tevatron | groups | triples | qrels``.
+        corpus_file: collection (TSV or BEIR JSONL); required by groups, id triples and qrels.
+        queries_file: queries (TSV or BEIR JSONL); required by id triples and qrels, optional for groups.
+        qrels_file: qrels (TREC or BEIR TSV); qrels format only.
+        min_relevance: the smallest grade that counts as a positive (qrels format).
+        cache_dir: datasets cache directory; ``None`` uses the datasets default.
+
+    Returns:
+        A :class:`TrainData`.
+
+    Raises:
+        InputError: unknown format, missing or unused files, and every bad line (file, line, id).
+    """
+    fmt, reason = _resolve_format(train_file, format, corpus_file, queries_file, qrels_file)
+    logger.info("train data format: %s (%s)", fmt, reason)
+    files = {"train_file": train_file, "corpus_file": corpus_file, "queries_file": queries_file}
+    files = {
+        k: (None if v is None else existing_file(v)) for k, v in {**files, "qrels_file": qrels_file}.items()
+    }
+    # a tuple: datasets shards a generator over every *list* in gen_kwargs
+    stamps = tuple(_stamp(path) for path in files.values() if path is not None)
+    # the parsing code is part of the cache fingerprint
+    sources = (__file__, train_formats.__file__, data_mod.__file__)
+    module_hash = hashlib.sha256(b"".join(Path(source).read_bytes() for source in sources)).hexdigest()
+    if files["corpus_file"] is not None:
+        corpus = read_collection(files["corpus_file"], cache_dir=cache_dir)
+    else:
+        corpus_kwargs = {"path": files["train_file"], "fmt": fmt, "stamps": stamps, "code": module_hash}
+        corpus = _from_generator(_generate_corpus, corpus_kwargs, cache_dir=cache_dir)
+    group_kwargs = {**files, "fmt": fmt, "min_relevance": min_relevance, "cache_dir": cache_dir}
+    group_kwargs.update(stamps=stamps, code=module_hash)
+    groups = _from_generator(_generate_groups, group_kwargs, cache_dir=cache_dir, features=GROUP_FEATURES)
+    logger.info("training data: %d query groups over %d corpus documents", len(groups), len(corpus))
+    return TrainData(corpus=corpus, groups=groups)
+
+
+def _resolve_format(
+    train_file: Any, format: str, corpus_file: Any, queries_file: Any, qrels_file: Any
+) -> tuple[str, str]:
+    """The internal format (``tevatron | groups | text-triples | id-triples | qrels``) and why."""
+    if format not in FORMATS:
+        raise InputError(f"unknown train data format {format!r}; expected one of {', '.join(FORMATS)}")
+    reason = f"format={format!r}"
+    if format == "auto":
+        if train_file is None:
+            format, reason = "qrels", "auto: no train_file"
+        else:
+            format, reason = sniff(existing_file(train_file))
+    return check_files(format, reason, train_file, corpus_file, queries_file, qrels_file)
+
+
+def _stamp(path: str) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return path, stat.st_size, stat.st_mtime_ns
+
+
+def _from_generator(
+    generator: Any,
+    gen_kwargs: dict[str, Any],
+    *,
+    cache_dir: str | None,
+    features: datasets.Features | None = None,
+) -> datasets.Dataset:
+    """``Dataset.from_generator`` that re-raises the InputError that datasets wrapped."""
+    try:
+        return datasets.Dataset.from_generator(
+            generator, features=features, cache_dir=cache_dir, gen_kwargs=gen_kwargs
+        )
+    except Exception as err:
+        cause = input_error_in_chain(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+# --- resolving ids to rows, grouping -----------------------------------------------------------------------
+
+
+class _CorpusRows:
+    """Doc id -> corpus row through one dict built once (~120 bytes per id: ~1 GB for MS MARCO's 8.8M ids)."""
+
+    def __init__(self, corpus: datasets.Dataset, corpus_path: str):
+        ids = corpus.data.column("id").to_pylist()  # a fresh read_collection dataset: no indices mapping
+        self.rows = dict(zip(ids, range(len(ids)), strict=True))
+        self.corpus_path = corpus_path
+
+    def row(self, ref: str | Doc, path: str, lineno: int | None) -> int:
+        doc_id = ref
+        if isinstance(ref, Doc):
+            if ref.docid is None:
+                raise InputError(
+                    "a passage has no 'docid': with corpus_file every passage needs one",
+                    path=path,
+                    line=lineno,
+                )
+            doc_id = ref.docid
+        row = self.rows.get(doc_id)
+        if row is None:
+            raise InputError(
+                f"doc id {doc_id!r} is not in the corpus {self.corpus_path}", path=path, line=lineno
+            )
+        return row
+
+
+class _NewDocs:
+    """Rows for the passages of the train file itself, numbered in order of first appearance.
+
+    Keyed by docid, or by the content digest when there is none (~130 bytes per distinct passage).
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str | bytes, int] = {}
+        self.digests = bytearray()  # _DIGEST_SIZE bytes per row: catches one docid used for two texts
+        self.lines = array("q")  # first line of each row
+
+    def add(self, doc: Doc, path: str, lineno: int) -> tuple[int, bool]:
+        """``(row, is_new)`` of ``doc``."""
+        digest = _digest(doc.title, doc.text)
+        key = digest if doc.docid is None else doc.docid
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = len(self.rows)
+            self.digests += digest
+            self.lines.append(lineno)
+            return row, True
+        if doc.docid is not None and self.digests[row * _DIGEST_SIZE : (row + 1) * _DIGEST_SIZE] != digest:
+            raise InputError(
+                f"doc id {doc.docid!r} has a different title/text than on line {self.lines[row]}",
+                path=path,
+                line=lineno,
+            )
+        return row, False
+
+    def row(self, doc: Doc, path: str, lineno: int) -> int:
+        return self.add(doc, path, lineno)[0]
+
+
+class _Groups:
+    """Query -> group number (order of first appearance) and the (group, row) pairs, 8 bytes each."""
+
+    def __init__(self, query_texts: dict[str, str] | None, queries_path: str | None):
+        self.query_texts, self.queries_path = query_texts, queries_path
+        self.number: dict[str, int] = {}
+        self.query_ids: list[str] = []
+        self.queries: list[str] = []
+        self.lines = array("q")  # first line of each group
+        self.num_records = 0
+        self.pos, self.neg = array("q"), array("q")  # (group << 32) | row: corpus rows < 2^32
+
+    def add(self, record: Record, path: str, rows: _CorpusRows | _NewDocs) -> None:
+        self.num_records += 1
+        query_id = record.query_id if record.query_id is not None else text_id("", record.query)
+        query = record.query
+        if query is None:
+            if self.query_texts is None:
+                raise InputError(
+                    f"no 'query' for query id {query_id!r} and no queries_file given",
+                    path=path,
+                    line=record.line,
+                )
+            query = self.query_texts.get(query_id)
+            if query is None:
+                raise InputError(
+                    f"query id {query_id!r} is not in the queries file {self.queries_path}",
+                    path=path,
+                    line=record.line,
+                )
+        group = self.number.get(query_id)
+        if group is None:
+            group = self.number[query_id] = len(self.query_ids)
+            self.query_ids.append(query_id)
+            self.queries.append(query)
+            self.lines.append(record.line)
+        elif self.queries[group] != query:
+            raise InputError(
+                f"query id {query_id!r} has a different query text than on line {self.lines[group]}",
+                path=path,
+                line=record.line,
+            )
+        high = group << 32
+        self.pos.extend(high | rows.row(ref, path, record.line) for ref in record.positives)
+        self.neg.extend(high | rows.row(ref, path, record.line) for ref in record.negatives)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The merged groups as dataset rows; logs what merging and de-duplication removed."""
+        num_groups = len(self.query_ids)
+        pos_keys = np.frombuffer(self.pos, dtype=np.int64)  # (E_pos,)
+        pos_offsets, pos_rows, _ = _group_pairs(pos_keys, num_groups)
+        neg_keys = np.frombuffer(self.neg, dtype=np.int64)  # (E_neg,)
+        neg_offsets, neg_rows, num_dropped = _group_pairs(neg_keys, num_groups, exclude=pos_keys)
+        logger.info(
+            "%d lines -> %d query groups; %d positives, %d negatives (%d repeated pairs merged); dropped %d "
+            "negatives that are positives of the same query",
+            self.num_records, num_groups, len(pos_rows), len(neg_rows),
+            len(pos_keys) + len(neg_keys) - len(pos_rows) - len(neg_rows) - num_dropped, num_dropped,
+        )  # fmt: skip
+        for group in range(num_groups):
+            yield {
+                "query_id": self.query_ids[group],
+                "query": self.queries[group],
+                "positives": pos_rows[pos_offsets[group] : pos_offsets[group + 1]].tolist(),
+                "negatives": neg_rows[neg_offsets[group] : neg_offsets[group + 1]].tolist(),
+            }
+
+
+def _group_pairs(
+    keys: np.ndarray, num_groups: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Distinct ``(group << 32) | row`` keys, ordered by group then first appearance, minus ``exclude``.
+
+    Returns:
+        ``(offsets, rows, num_excluded)``: group ``g`` owns ``rows[offsets[g]:offsets[g + 1]]``.
+
+    Shapes:
+        keys: (E,); offsets: (num_groups + 1,); rows: (E_distinct,)
+    """
+    distinct, first = np.unique(keys, return_index=True)  # (U,), (U,): sorted by group, then row
+    num_excluded = 0
+    if exclude is not None and len(distinct):
+        keep = ~np.isin(distinct, exclude)  # (U,)
+        num_excluded = int(len(keep) - keep.sum())
+        distinct, first = distinct[keep], first[keep]
+    distinct = distinct[np.lexsort((first, distinct >> 32))]  # (U,) by group, then first appearance
+    offsets = np.searchsorted(distinct >> 32, np.arange(num_groups + 1))  # (G + 1,)
+    return offsets, distinct & 0xFFFFFFFF, num_excluded
+
+
+def _query_texts(queries_file: str, cache_dir: str | None) -> dict[str, str]:
+    """Query id -> text (about 150 bytes per query: ~120 MB for MS MARCO's 800k training queries)."""
+    queries = data_mod.read_queries(queries_file, cache_dir=cache_dir)
+    table = queries.data
+    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
+
+
+def _generate_corpus(path: str, fmt: str, stamps: tuple, code: str) -> Iterator[dict[str, str]]:
+    """Corpus rows: the distinct passages of a Tevatron or text-triples file, in order of first appearance."""
+    del stamps, code  # fingerprint only
+    docs = _NewDocs()
+    for record in records(path, fmt):
+        for doc in (*record.positives, *record.negatives):
+            _, is_new = docs.add(doc, path, record.line)
+            if is_new:
+                doc_id = doc.docid if doc.docid is not None else text_id(doc.title, doc.text)
+                yield {"id": doc_id, "title": doc.title, "text": doc.text}
+
+
+def _generate_groups(
+    fmt: str,
+    train_file: str | None,
+    corpus_file: str | None,
+    queries_file: str | None,
+    qrels_file: str | None,
+    min_relevance: int,
+    cache_dir: str | None,
+    stamps: tuple,
+    code: str,
+) -> Iterator[dict[str, Any]]:
+    """Group rows for every format (datasets caches them; the file is read again only when it changed)."""
+    del stamps, code  # fingerprint only
+    if fmt == "qrels":
+        qrels = data_mod.read_qrels(qrels_file)
+        query_texts = _query_texts(queries_file, cache_dir)
+        doc_rows = _CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file).rows
+        files = {"qrels_file": qrels_file, "queries_file": queries_file, "corpus_file": corpus_file}
+        yield from qrels_groups(qrels, query_texts, doc_rows, min_relevance, **files)
+        return
+    rows: _CorpusRows | _NewDocs = _NewDocs()
+    if corpus_file is not None:
+        rows = _CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file)
+    query_texts = None if queries_file is None else _query_texts(queries_file, cache_dir)
+    groups = _Groups(query_texts, queries_file)
+    for record in records(train_file, fmt):
+        groups.add(record, train_file, rows)
+    yield from groups.rows()
