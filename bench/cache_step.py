@@ -137,14 +137,23 @@ def run_single(cfg: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(cfg["device"])
     b, m, size, dim = cfg["batch_size"], cfg["num_negatives"], int(cfg["table_size"]), cfg["dim"]
-    bert = BertModel(BertConfig(hidden_size=dim, num_hidden_layers=cfg["layers"], num_attention_heads=max(1, dim // 64),
-                                intermediate_size=4 * dim, vocab_size=30522))  # fmt: skip
+    bert = BertModel(
+        BertConfig(
+            hidden_size=dim,
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=max(1, dim // 64),
+            intermediate_size=4 * dim,
+            vocab_size=30522,
+        )
+    )
     tower = HFEncoder(bert, pooling="cls", normalize=True).to(device).train()
     optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-5)
 
     def features(n, length):
-        return {"input_ids": torch.randint(1000, 30000, (n, length), device=device),
-                "attention_mask": torch.ones(n, length, dtype=torch.long, device=device)}  # fmt: skip
+        return {
+            "input_ids": torch.randint(1000, 30000, (n, length), device=device),
+            "attention_mask": torch.ones(n, length, dtype=torch.long, device=device),
+        }
 
     table = None
     if cfg["variant"] == "cache":
@@ -175,10 +184,20 @@ def run_single(cfg: dict) -> dict:
                 d = tower(features(b, cfg["passage_len"]))  # (B, D)
             with clock.section("cache_work"):
                 scale = torch.tensor(20.0, device=device)
-                scan = scan_table(table, q.detach().float(), scale, pos_score=scale * (q * d).sum(-1).detach(),
-                                  mask_rows=torch.arange(b, device=device), mask_slots=torch.arange(b, device=device),
-                                  home_slots=None, num_samples=m, replacement=True, key=GumbelKey(0, 1),
-                                  query_ids=torch.arange(b, device=device), block_size=cfg["block_size"])  # fmt: skip
+                scan = scan_table(
+                    table,
+                    q.detach().float(),
+                    scale,
+                    pos_score=scale * (q * d).sum(-1).detach(),
+                    mask_rows=torch.arange(b, device=device),
+                    mask_slots=torch.arange(b, device=device),
+                    home_slots=None,
+                    num_samples=m,
+                    replacement=True,
+                    key=GumbelKey(0, 1),
+                    query_ids=torch.arange(b, device=device),
+                    block_size=cfg["block_size"],
+                )
                 rest_lse, drawn = scan.lse, scan.slots  # (B,), (B, m): one shard, nothing to merge
             with clock.section("encode_grad"):
                 neg = tower(features(b * m, cfg["passage_len"])).view(b, m, -1)  # (B, m, D) re-encoded draws
@@ -213,9 +232,15 @@ def run_single(cfg: dict) -> dict:
             tower(features(docs, cfg["passage_len"]))
         per_doc = clock.times["refresh_probe"] / docs
     table_bytes = 0 if table is None else table.emb.numel() * table.emb.element_size()
-    return {**cfg, "times_s": times, "step_s": sum(times.values()), "peak_mib": peak / 2**20,
-            "table_mib": table_bytes / 2**20, "nograd_s_per_doc": per_doc,
-            "refresh_s": per_doc * cfg["refresh_fraction"] * size if cfg["variant"] == "cache" else 0.0}  # fmt: skip
+    return {
+        **cfg,
+        "times_s": times,
+        "step_s": sum(times.values()),
+        "peak_mib": peak / 2**20,
+        "table_mib": table_bytes / 2**20,
+        "nograd_s_per_doc": per_doc,
+        "refresh_s": per_doc * cfg["refresh_fraction"] * size if cfg["variant"] == "cache" else 0.0,
+    }
 
 
 def main(argv=None) -> dict:
@@ -228,8 +253,12 @@ def main(argv=None) -> dict:
         for variant in ("inbatch", "cache"):
             cfg = {k: v for k, v in vars(args).items() if k not in ("out", "single", "quick", "table_sizes")}
             cfg.update(variant=variant, table_size=size)
-            proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(cfg)], capture_output=True,
-                                  text=True, env=child_env())  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, __file__, "--single", json.dumps(cfg)],
+                capture_output=True,
+                text=True,
+                env=child_env(),
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"{variant} @ {size:g} failed:\n{proc.stderr[-4000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -247,17 +276,30 @@ def report(args, rows: list[dict]) -> dict:
         negs_in = b * (1 + m) - 1  # per query: every other batch document
         negs_cache = b - 1 + int(size) - b  # in-batch positives + the whole table (minus the batch's slots)
         cache_step = cac["step_s"]
-        table.append({
-            "table": f"{int(size):,} x {args.dim}", "inbatch_step_s": inb["step_s"], "cache_step_s": cache_step,
-            "cache_work_s": cac["times_s"]["cache_work"], "cache_work/inbatch": cac["times_s"]["cache_work"] / inb["step_s"],
-            "refresh_s": cac["refresh_s"], "peak_mib_inbatch": inb["peak_mib"], "peak_mib_cache": cac["peak_mib"],
-            "table_mib": cac["table_mib"],
-            "negs_per_q_per_s_ratio": (negs_cache / (cache_step + cac["refresh_s"])) / (negs_in / inb["step_s"]),
-        })  # fmt: skip
+        table.append(
+            {
+                "table": f"{int(size):,} x {args.dim}",
+                "inbatch_step_s": inb["step_s"],
+                "cache_step_s": cache_step,
+                "cache_work_s": cac["times_s"]["cache_work"],
+                "cache_work/inbatch": cac["times_s"]["cache_work"] / inb["step_s"],
+                "refresh_s": cac["refresh_s"],
+                "peak_mib_inbatch": inb["peak_mib"],
+                "peak_mib_cache": cac["peak_mib"],
+                "table_mib": cac["table_mib"],
+                "negs_per_q_per_s_ratio": (negs_cache / (cache_step + cac["refresh_s"]))
+                / (negs_in / inb["step_s"]),
+            }
+        )
     text = format_table(table)
     print(text)
-    out = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "summary": table, "table": text,
-           **environment_info(REPO)}  # fmt: skip
+    out = {
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+        "summary": table,
+        "table": text,
+        **environment_info(REPO),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

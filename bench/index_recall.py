@@ -58,10 +58,16 @@ def measure(
             start = time.perf_counter()
             _, found = index.search(queries, k)  # (Q, k)
             search_s = time.perf_counter() - start
-            rows.append({
-                "factory": factory, "params": params or "-", f"recall@{k}": knn_intersection_measure(found, truth),
-                "build_s": build_s, "search_ms_per_query": 1000 * search_s / len(queries), "index_mib": size_mib,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "factory": factory,
+                    "params": params or "-",
+                    f"recall@{k}": knn_intersection_measure(found, truth),
+                    "build_s": build_s,
+                    "search_ms_per_query": 1000 * search_s / len(queries),
+                    "index_mib": size_mib,
+                }
+            )
     return rows
 
 
@@ -81,8 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     rows = measure(corpus, queries, args.factories, args.k, args.threads)
     table = format_table(rows)
     print(f"{len(corpus)} docs x {len(queries)} queries, dim {corpus.shape[1]}\n{table}")
-    report = {"config": vars(args), "num_docs": len(corpus), "num_queries": len(queries), "rows": rows,
-              "table": table, **environment_info(Path(__file__).parent), "python_platform": platform.platform()}  # fmt: skip
+    report = {
+        "config": vars(args),
+        "num_docs": len(corpus),
+        "num_queries": len(queries),
+        "rows": rows,
+        "table": table,
+        **environment_info(Path(__file__).parent),
+        "python_platform": platform.platform(),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -56,8 +56,14 @@ def run_single(cfg: dict) -> dict:
     torch.manual_seed(0)
     accelerator = Accelerator(mixed_precision=cfg["precision"], cpu=cfg["device"] == "cpu")
     device = accelerator.device
-    bert = BertModel(BertConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
-                                num_attention_heads=cfg["hidden"] // 64, intermediate_size=4 * cfg["hidden"]))  # fmt: skip
+    bert = BertModel(
+        BertConfig(
+            hidden_size=cfg["hidden"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["hidden"] // 64,
+            intermediate_size=4 * cfg["hidden"],
+        )
+    )
     model = DualEncoder(HFEncoder(bert), None, None, DualEncoderConfig())
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -68,11 +74,17 @@ def run_single(cfg: dict) -> dict:
     b, g = cfg["batch_size"], cfg["group_size"]
 
     def tokens(n, length):
-        return {"input_ids": torch.randint(1000, 30000, (n, length), device=device),
-                "attention_mask": torch.ones(n, length, dtype=torch.long, device=device)}  # fmt: skip
+        return {
+            "input_ids": torch.randint(1000, 30000, (n, length), device=device),
+            "attention_mask": torch.ones(n, length, dtype=torch.long, device=device),
+        }
 
-    batch = {"query": tokens(b, cfg["query_len"]), "doc": tokens(b * g, cfg["passage_len"]),
-             "doc_idx": torch.arange(b * g, device=device), "positives": torch.arange(b * g, device=device).view(b, g)[:, :1]}  # fmt: skip
+    batch = {
+        "query": tokens(b, cfg["query_len"]),
+        "doc": tokens(b * g, cfg["passage_len"]),
+        "doc_idx": torch.arange(b * g, device=device),
+        "positives": torch.arange(b * g, device=device).view(b, g)[:, :1],
+    }
 
     def step():
         out = module(batch)
@@ -91,8 +103,12 @@ def run_single(cfg: dict) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {**cfg, "step_s": statistics.median(times), "peak_mib": peak / 2**20,
-            "docs_per_s": b * g / statistics.median(times)}  # fmt: skip
+    return {
+        **cfg,
+        "step_s": statistics.median(times),
+        "peak_mib": peak / 2**20,
+        "docs_per_s": b * g / statistics.median(times),
+    }
 
 
 def main(argv=None) -> dict:
@@ -109,19 +125,37 @@ def main(argv=None) -> dict:
     for precision in args.precisions:
         cfg = {k: v for k, v in vars(args).items() if k not in ("out", "single", "precisions")}
         cfg["precision"] = precision
-        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(cfg)], capture_output=True, text=True,
-                              env=child_env())  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, __file__, "--single", json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{precision} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = rows[0]["step_s"]
-    summary = [{"precision": r["precision"], "step_s": r["step_s"], "speedup": base / r["step_s"],
-                "peak_mib": r["peak_mib"], "docs_per_s": r["docs_per_s"]} for r in rows]  # fmt: skip
+    summary = [
+        {
+            "precision": r["precision"],
+            "step_s": r["step_s"],
+            "speedup": base / r["step_s"],
+            "peak_mib": r["peak_mib"],
+            "docs_per_s": r["docs_per_s"],
+        }
+        for r in rows
+    ]
     table = format_table(summary)
-    print(f"{args.layers}-layer BERT (hidden {args.hidden}), batch {args.batch_size} x group {args.group_size}, "
-          f"{args.query_len}/{args.passage_len} tokens, {args.device}\n{table}")  # fmt: skip
-    report = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table,
-              **environment_info(REPO)}  # fmt: skip
+    print(
+        f"{args.layers}-layer BERT (hidden {args.hidden}), batch {args.batch_size} x group {args.group_size}, "
+        f"{args.query_len}/{args.passage_len} tokens, {args.device}\n{table}"
+    )
+    report = {
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+        "table": table,
+        **environment_info(REPO),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

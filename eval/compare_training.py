@@ -90,8 +90,11 @@ def _run_wall_s(summary: dict, run_dir: Path) -> float | None:
     """The run's training wall time, or None when unknown: a resumed run whose summary predates
     ``session_wall_s`` holds the last session's time only."""
     if summary.get("resumed_from") and "session_wall_s" not in summary:
-        print(f"{run_dir}: resumed, and its train_summary.json holds the last session's wall time only: "
-              "left out of the wall-time figures", file=sys.stderr)  # fmt: skip
+        print(
+            f"{run_dir}: resumed, and its train_summary.json holds the last session's wall time only: "
+            "left out of the wall-time figures",
+            file=sys.stderr,
+        )
         return None
     return summary["wall_s"]
 
@@ -138,8 +141,9 @@ def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
 
     report = _read_json(Path(report_path))
     if "run_file" not in report or "qrels" not in report.get("config", {}):
-        raise InputError("not an eval report (no run_file / config.qrels): per-query scores need them",
-                         path=report_path)  # fmt: skip
+        raise InputError(
+            "not an eval report (no run_file / config.qrels): per-query scores need them", path=report_path
+        )
     qrels, run = read_qrels(report["config"]["qrels"]), read_run(report["run_file"])
     return {qid: values[measure] for qid, values in evaluate_per_query(qrels, run, [measure]).items()}
 
@@ -150,9 +154,14 @@ def paired_randomization_pvalue(a: np.ndarray, b: np.ndarray, *, num_resamples: 
     from scipy import stats
 
     result = stats.permutation_test(
-        (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples", vectorized=True,
-        n_resamples=num_resamples, alternative="two-sided", random_state=0,
-    )  # fmt: skip
+        (a, b),
+        lambda x, y, axis: np.mean(x - y, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=num_resamples,
+        alternative="two-sided",
+        random_state=0,
+    )
     return float(result.pvalue)
 
 
@@ -178,10 +187,19 @@ def paired_comparison(runs: list[dict], baseline: str, measure: str) -> list[dic
         if scores.keys() != per_name[baseline].keys():
             raise InputError(f"{name!r} and {baseline!r} were scored on different queries")
         other = np.array([scores[q] for q in queries])  # (Q,)
-        rows.append({"name": name, "vs": baseline, "measure": measure, "queries": len(queries),
-                     "mean diff": float((other - base).mean()), "better": int((other > base).sum()),
-                     "worse": int((other < base).sum()), "p randomization": paired_randomization_pvalue(other, base),
-                     "p paired t": float(stats.ttest_rel(other, base).pvalue)})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "vs": baseline,
+                "measure": measure,
+                "queries": len(queries),
+                "mean diff": float((other - base).mean()),
+                "better": int((other > base).sum()),
+                "worse": int((other < base).sum()),
+                "p randomization": paired_randomization_pvalue(other, base),
+                "p paired t": float(stats.ttest_rel(other, base).pvalue),
+            }
+        )
     return rows
 
 
@@ -230,12 +248,20 @@ def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measu
         for ax, key in zip(axes, panels, strict=True):
             points = run["curves"][key]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o" if key == "dev" else None, label=label,
-                        color=colour, linestyle=style)  # fmt: skip
+                ax.plot(
+                    *zip(*points, strict=True),
+                    marker="o" if key == "dev" else None,
+                    label=label,
+                    color=colour,
+                    linestyle=style,
+                )
     if zero_shot_dev is not None:
         axes[1].axhline(zero_shot_dev, color="grey", linewidth=3, alpha=0.5, label="before training")
-    labels = {"loss": "training loss (each over its own negatives)", "dev": f"dev {measure}",
-              "staleness": "table staleness of refreshed slots"}  # fmt: skip
+    labels = {
+        "loss": "training loss (each over its own negatives)",
+        "dev": f"dev {measure}",
+        "staleness": "table staleness of refreshed slots",
+    }
     for ax, key in zip(axes, panels, strict=True):
         ax.set(xlabel="optimizer step", ylabel=labels[key])
         ax.grid(True, alpha=0.3)
@@ -280,16 +306,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dev_measure = runs[0]["eval_measure"]
     zero_dev = _read_json(Path(args.zero_shot_dev))["measures"][dev_measure] if args.zero_shot_dev else None
     per_run = [
-        {"run": Path(r["run_dir"]).name, **{f"test {m}": r["test"][m] for m in measures},
-         f"best dev {dev_measure}": r["best_dev"], "best step": r["best_step"], "steps": r["steps"],
-         "wall s": r["wall_s"], "median step s": r["median_step_s"], "peak RSS GiB": r["peak_rss_gib"],
-         "doc mean cos": r["doc_mean_cos"]}
+        {
+            "run": Path(r["run_dir"]).name,
+            **{f"test {m}": r["test"][m] for m in measures},
+            f"best dev {dev_measure}": r["best_dev"],
+            "best step": r["best_step"],
+            "steps": r["steps"],
+            "wall s": r["wall_s"],
+            "median step s": r["median_step_s"],
+            "peak RSS GiB": r["peak_rss_gib"],
+            "doc mean cos": r["doc_mean_cos"],
+        }
         for r in runs
-    ]  # fmt: skip
+    ]
     zero_cos = None if zero is None else corpus_mean_cosine(zero)
     if zero is not None:
-        per_run.insert(0, {"run": "zero-shot", **{f"test {m}": zero["measures"][m] for m in measures},
-                           "doc mean cos": zero_cos})  # fmt: skip
+        per_run.insert(
+            0,
+            {
+                "run": "zero-shot",
+                **{f"test {m}": zero["measures"][m] for m in measures},
+                "doc mean cos": zero_cos,
+            },
+        )
     table = format_table(per_run)
     by_name = aggregate(runs, measures)
     name_table = format_table(by_name)

@@ -86,8 +86,11 @@ def prepare_scifact(
             qrels[(row["id"], doc_id)] = None
     atomic.write_lines(out_dir / "corpus.jsonl", docs)
     counts = {"docs": len(docs), "queries": len(queries), "qrels": len(qrels)}
-    for split, keep in (("train-all", lambda q: True), ("train", lambda q: not _is_dev(q, dev_fraction)),
-                        ("dev", lambda q: _is_dev(q, dev_fraction))):  # fmt: skip
+    for split, keep in (
+        ("train-all", lambda q: True),
+        ("train", lambda q: not _is_dev(q, dev_fraction)),
+        ("dev", lambda q: _is_dev(q, dev_fraction)),
+    ):
         chosen = {qid: text for qid, text in queries.items() if keep(qid)}
         atomic.write_lines(
             out_dir / f"queries.{split}.tsv", (f"{qid}\t{text}" for qid, text in chosen.items())

@@ -53,8 +53,10 @@ from dualenc.recsys.sasrec import SASRec
 logger = logging.getLogger("sasrec")
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("NDCG@10", "HR@10", "COV@10")
-MEMORY_METHOD = ("CPU resident set size of this process: ru_maxrss (resource.getrusage, process lifetime) "
-                 "and VmHWM after a /proc/self/clear_refs reset at the start of each seed")  # fmt: skip
+MEMORY_METHOD = (
+    "CPU resident set size of this process: ru_maxrss (resource.getrusage, process lifetime) "
+    "and VmHWM after a /proc/self/clear_refs reset at the start of each seed"
+)
 
 
 def load_split(cfg: SASRecConfig) -> SequenceSplit:
@@ -71,8 +73,13 @@ def load_split(cfg: SASRecConfig) -> SequenceSplit:
     return temporal_split(inter, cfg.test_quantile)
 
 
-def batch_loss(cfg: SASRecConfig, model: SASRec, sce: ScalableCE, batch: tuple[Tensor, Tensor, Tensor],
-               generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:  # fmt: skip
+def batch_loss(
+    cfg: SASRecConfig,
+    model: SASRec,
+    sce: ScalableCE,
+    batch: tuple[Tensor, Tensor, Tensor],
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, float]]:
     """Next-item loss of one batch; every position with a non-pad target is a training example."""
     inputs, targets, history = batch  # (B, L), (B, L), (B, H)
     hidden = model(inputs)  # (B, L, D)
@@ -116,8 +123,14 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def train_epoch(cfg: SASRecConfig, model: SASRec, optimizer: torch.optim.Optimizer, sce: ScalableCE,
-                sequences: list, gens: list[torch.Generator]) -> dict[str, float]:  # fmt: skip
+def train_epoch(
+    cfg: SASRecConfig,
+    model: SASRec,
+    optimizer: torch.optim.Optimizer,
+    sce: ScalableCE,
+    sequences: list,
+    gens: list[torch.Generator],
+) -> dict[str, float]:
     """One shuffled pass over the training sequences; returns the epoch means of the loss and its logs."""
     model.train()
     losses, logs = [], []
@@ -138,8 +151,9 @@ def train_seed(cfg: SASRecConfig, split: SequenceSplit, seed: int) -> dict:
     """Train one model, keep the weights of the best validation NDCG@10, return its metrics and costs."""
     torch.manual_seed(seed)  # dropout masks only; everything else has its own generator
     gens = [torch.Generator().manual_seed(seed + offset) for offset in (0, 1_000_003, 2_000_006)]
-    model = SASRec(split.num_items, cfg.maxlen, cfg.hidden, cfg.num_blocks, cfg.num_heads, cfg.dropout,
-                   generator=gens[0])  # fmt: skip
+    model = SASRec(
+        split.num_items, cfg.maxlen, cfg.hidden, cfg.num_blocks, cfg.num_heads, cfg.dropout, generator=gens[0]
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, cfg.adam_beta2))
     sce = ScalableCE(cfg.n_buckets, cfg.bucket_size_x, cfg.bucket_size_y, mix=cfg.mix, pad_item=PAD)
     sequences = [s for s in split.train if len(s) >= 2]
@@ -171,12 +185,19 @@ def train_seed(cfg: SASRecConfig, split: SequenceSplit, seed: int) -> dict:
     train_s = time.perf_counter() - start
     model.load_state_dict(best_state)
     hwm = _vm_kib("VmHWM") if reset_ok else None
-    return {"seed": seed, "epochs": len(history), "best_epoch": best_epoch, "train_s": train_s,
-            "s_per_epoch": train_s / len(history), "valid": scores(split.valid_inputs, split.valid_targets),
-            "test": scores(split.test_inputs, split.test_targets),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_run_mib": hwm / 1024 if hwm else None,
-            "rss_start_mib": rss_start / 1024 if rss_start else None, "history": history}  # fmt: skip
+    return {
+        "seed": seed,
+        "epochs": len(history),
+        "best_epoch": best_epoch,
+        "train_s": train_s,
+        "s_per_epoch": train_s / len(history),
+        "valid": scores(split.valid_inputs, split.valid_targets),
+        "test": scores(split.test_inputs, split.test_targets),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_run_mib": hwm / 1024 if hwm else None,
+        "rss_start_mib": rss_start / 1024 if rss_start else None,
+        "history": history,
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -190,13 +211,33 @@ def summarise(runs: list[dict]) -> dict:
 def print_table(name: str, runs: list[dict], summary: dict) -> None:
     """One row per seed and a mean ± std row: epochs, best epoch, valid/test metrics, memory, time."""
     head = ["run", "seed", "epochs", "best", "val NDCG@10", *METRICS, "peak RSS MiB", "train s"]
-    rows = [[name, r["seed"], r["epochs"], r["best_epoch"], f"{r['valid']['NDCG@10']:.4f}",
-             *(f"{r['test'][m]:.4f}" for m in METRICS), f"{r['peak_rss_mib']:.0f}", f"{r['train_s']:.0f}"]
-            for r in runs]  # fmt: skip
+    rows = [
+        [
+            name,
+            r["seed"],
+            r["epochs"],
+            r["best_epoch"],
+            f"{r['valid']['NDCG@10']:.4f}",
+            *(f"{r['test'][m]:.4f}" for m in METRICS),
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['train_s']:.0f}",
+        ]
+        for r in runs
+    ]
     mean, std = summary["mean"], summary["std"]
     cells = [f"{mean['test_' + m]:.4f}±{std['test_' + m]:.4f}" for m in METRICS]
-    rows.append([name, "mean", f"{mean['epochs']:.1f}", "", "", *cells, f"{mean['peak_rss_mib']:.0f}",
-                 f"{mean['train_s']:.0f}"])  # fmt: skip
+    rows.append(
+        [
+            name,
+            "mean",
+            f"{mean['epochs']:.1f}",
+            "",
+            "",
+            *cells,
+            f"{mean['peak_rss_mib']:.0f}",
+            f"{mean['train_s']:.0f}",
+        ]
+    )
     widths = [max(len(str(row[c])) for row in [head, *rows]) + 2 for c in range(len(head))]
     for row in [head, *rows]:
         print("".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
@@ -211,9 +252,16 @@ def run(cfg: SASRecConfig, seeds: Sequence[int]) -> dict:
     runs = [train_seed(cfg, split, seed) for seed in seeds]
     summary = summarise(runs)
     print_table(cfg.name, runs, summary)
-    result = {"name": cfg.name, "config": dataclasses.asdict(cfg), "seeds": list(seeds),
-              "dataset": split.stats(), "memory_method": MEMORY_METHOD, **environment_info(REPO), **summary,
-              "per_seed": runs}  # fmt: skip
+    result = {
+        "name": cfg.name,
+        "config": dataclasses.asdict(cfg),
+        "seeds": list(seeds),
+        "dataset": split.stats(),
+        "memory_method": MEMORY_METHOD,
+        **environment_info(REPO),
+        **summary,
+        "per_seed": runs,
+    }
     out = Path(cfg.output_json or f"outputs/sasrec/{cfg.name}.json")
     atomic.write_json(out, result)
     logger.info("wrote %s", out)

@@ -3,42 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
 import pytest
-
-WORDS = (
-    "the a of and to in is was for on with as by at from that this are be it "
-    "query passage document retrieval dense sparse vector index search rank score cache "
-    "negative positive train test model bert encoder tower table bucket softmax gradient"
-).split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"w{i}" for i in range(60)]
-
-
-def write_tokenizer_dir(path: Path) -> Path:
-    """Write a BERT WordPiece tokenizer (vocab.txt + tokenizer_config.json) loadable by AutoTokenizer."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}
-    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return path
-
-
-def tiny_bert_config(**overrides):
-    from transformers import BertConfig
-
-    kwargs = dict(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=128,
-    )
-    kwargs.update(overrides)
-    return BertConfig(**kwargs)
+from helpers import tiny_bert_config, write_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -108,20 +77,3 @@ def tiny_model_dir(tmp_path_factory, tiny_bert_dir) -> Path:
     path = tmp_path_factory.mktemp("tiny_dualenc") / "model"
     model.save_pretrained(path)
     return path
-
-
-def make_text(rng, min_words: int = 3, max_words: int = 20) -> str:
-    """A random sentence over the test vocabulary (so tokens are known words, lengths vary)."""
-    return " ".join(
-        rng.choice(WORDS[:20] + [f"w{i}" for i in range(60)], size=rng.integers(min_words, max_words))
-    )
-
-
-def write_collection(path: Path, num_docs: int, seed: int = 0, prefix: str = "d") -> list[str]:
-    """Write an MS MARCO style ``id<TAB>text`` collection of random texts; returns the ids."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    ids = [f"{prefix}{i:04d}" for i in range(num_docs)]
-    path.write_text("".join(f"{i}\t{make_text(rng)}\n" for i in ids), encoding="utf-8")
-    return ids

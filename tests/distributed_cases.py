@@ -177,8 +177,10 @@ def _cache_loss(model, loss_fn, batch: dict, cache, accelerator, step: int):
     terms = CacheTerms(rest_lse=draw.rest_lse, neg_emb=neg_emb, neg_weight=draw.weight)
     mask = false_negative_mask(doc_all, batch["positives"], targets)  # (b, P*b*G)
     output = loss_fn(LossInputs(q_emb, d_all, targets, mask, terms))
-    cache.write_back(torch.cat([batch["doc_idx"], draw.doc_idx.flatten()]),
-                     torch.cat([d_emb.detach(), neg_emb.detach().flatten(0, 1)]))  # fmt: skip
+    cache.write_back(
+        torch.cat([batch["doc_idx"], draw.doc_idx.flatten()]),
+        torch.cat([d_emb.detach(), neg_emb.detach().flatten(0, 1)]),
+    )
     return draw, output
 
 

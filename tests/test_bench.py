@@ -13,8 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
+from helpers import REPO
 
 GPU_MACHINE_BLOCKER = """
 import importlib.abc, sys
@@ -38,15 +37,24 @@ def _gpu_machine_env(tmp: Path, **extra: str) -> dict:
 def _run(script: str, args: list[str], out: Path) -> dict:
     """Run a bench script as it would run on the GPU machine."""
     env = _gpu_machine_env(out.parent)
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def test_the_blocker_blocks(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "import ir_measures"], capture_output=True, text=True,
-                          env=_gpu_machine_env(tmp_path))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", "import ir_measures"],
+        capture_output=True,
+        text=True,
+        env=_gpu_machine_env(tmp_path),
+    )
     assert proc.returncode != 0 and "not installed on the GPU machine" in proc.stderr
 
 
@@ -60,8 +68,22 @@ def test_cache_step_bench_quick(tmp_path):
 
 
 def test_train_step_bench_small(tmp_path):
-    args = ["--layers", "1", "--hidden", "64", "--batch-size", "2", "--group-size", "2", "--query-len", "8",
-            "--passage-len", "16", "--repeats", "1"]  # fmt: skip
+    args = [
+        "--layers",
+        "1",
+        "--hidden",
+        "64",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "2",
+        "--query-len",
+        "8",
+        "--passage-len",
+        "16",
+        "--repeats",
+        "1",
+    ]
     report = _run("train_step.py", args, tmp_path / "train.json")
     assert [r["precision"] for r in report["rows"]] == ["no", "bf16"]
     assert all(r["step_s"] > 0 and r["peak_mib"] >= 0 for r in report["rows"])
@@ -76,8 +98,13 @@ def test_gpu_checks_script_smoke_on_cpu(tmp_path):
     """scripts/gpu_checks.sh (what runs on a machine with a GPU) in its CPU smoke mode, data libraries blocked."""
     out = tmp_path / "gpu"
     env = _gpu_machine_env(tmp_path, DEVICE="cpu", QUICK="1", OUT=str(out))
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh")], capture_output=True, text=True,
-                          timeout=600, env=env)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_checks.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "0 failed step(s)" in proc.stdout
     for name in ("loss_memory_cpu.json", "cache_step_cpu.json", "train_step_cpu.json"):

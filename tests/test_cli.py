@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_text, write_collection
-from helpers import load_script
+from helpers import load_script, make_text, write_collection
 
 from dualenc.cli import main
 from dualenc.io.embeddings import load_embeddings
@@ -346,8 +345,13 @@ def test_eval_script_end_to_end(tiny_model_dir, corpus, capsys):
 
     run = corpus / "baseline.trec"
     run.write_text("q0 Q0 d0000 1 2.0 t\nq1 Q0 d0007 1 1.0 t\n")
-    defaults = {"collection": str(corpus / "collection.tsv"), "topics": str(corpus / "topics.tsv"),
-                "qrels": str(corpus / "qrels.txt"), "measures": "RR@10 nDCG@10", "baselines": [f"base={run}"]}  # fmt: skip
+    defaults = {
+        "collection": str(corpus / "collection.tsv"),
+        "topics": str(corpus / "topics.tsv"),
+        "qrels": str(corpus / "qrels.txt"),
+        "measures": "RR@10 nDCG@10",
+        "baselines": [f"base={run}"],
+    }
     argv = [
         "--model",
         str(tiny_model_dir),

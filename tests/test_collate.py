@@ -144,9 +144,12 @@ def test_train_collator(tiny_model_dir):
 
     model = DualEncoder.from_pretrained(tiny_model_dir)
     corpus = datasets.Dataset.from_dict(
-        {"id": ["a", "b", "c", "d"], "title": ["the index", "", "index", ""],
-         "text": ["query passage", "dense vector search", "", "w1 w2 w3 w4 w5 w6"]}
-    )  # fmt: skip
+        {
+            "id": ["a", "b", "c", "d"],
+            "title": ["the index", "", "index", ""],
+            "text": ["query passage", "dense vector search", "", "w1 w2 w3 w4 w5 w6"],
+        }
+    )
     items = [
         {"query": "dense retrieval", "doc_idx": [0, 1, 3], "positives": [0]},
         {"query": "the model is a bert encoder", "doc_idx": [2, 3, 3], "positives": [2, 1, 0]},

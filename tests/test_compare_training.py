@@ -27,8 +27,14 @@ def _make_run(root: Path, name: str, ndcg: float, wall: float, steps=(5, 10)) ->
     log = [{"step": s, "loss": 2.0 / s, "step_time_s": 0.5 * s} for s in steps]
     log += [{"step": steps[-1], "dev/nDCG@10": ndcg - 0.1}]
     (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    summary = {"steps": steps[-1], "best_step": steps[-1], "best_metric": ndcg - 0.1, "eval_measure": "nDCG@10",
-               "wall_s": wall, "peak_rss_gib": 1.5}  # fmt: skip
+    summary = {
+        "steps": steps[-1],
+        "best_step": steps[-1],
+        "best_metric": ndcg - 0.1,
+        "eval_measure": "nDCG@10",
+        "wall_s": wall,
+        "peak_rss_gib": 1.5,
+    }
     (run / "train_summary.json").write_text(json.dumps(summary))
     (run / "test.json").write_text(json.dumps({"measures": {"nDCG@10": ndcg, "R@100": 0.9}, "commit": "abc"}))
     return run
@@ -83,8 +89,9 @@ def test_plot_is_written(compare, tmp_path):
     zero_dev = tmp_path / "zero_dev.json"
     zero_dev.write_text(json.dumps({"measures": {"nDCG@10": 0.5}}))
     png = tmp_path / "c.png"
-    compare["main"]([f"r={run}", "--out", str(tmp_path / "c.json"), "--plot", str(png),
-                     "--zero-shot-dev", str(zero_dev)])  # fmt: skip
+    compare["main"](
+        [f"r={run}", "--out", str(tmp_path / "c.json"), "--plot", str(png), "--zero-shot-dev", str(zero_dev)]
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -13,8 +13,17 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").g
 
 
 def test_overrides_bare_and_dotted(tmp_path):
-    cfg = load_config(None, ["random_init=true", "output_dir=runs/x", "train.learning_rate=3e-4", "normalize=false",
-                             "query_max_len=null", "temperature=0.02"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "random_init=true",
+            "output_dir=runs/x",
+            "train.learning_rate=3e-4",
+            "normalize=false",
+            "query_max_len=null",
+            "temperature=0.02",
+        ],
+    )
     assert cfg.train.output_dir == "runs/x" and cfg.train.learning_rate == 3e-4
     assert cfg.model.normalize is False and cfg.model.query_max_len is None and cfg.loss.temperature == 0.02
 

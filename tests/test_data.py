@@ -180,26 +180,51 @@ BAD_TABLES = [
     ("empty-text", "collection", "c.tsv", "1\ta\n2\t  \n", 2, ["empty text", "'2'"]),
     ("empty-text-3col", "collection", "c.tsv", "1\tt\ta\n2\t \t \n", 2, ["empty text", "'2'"]),
     ("empty-query", "queries", "q.tsv", "1\ta\n\n\n007\t \n", 4, ["empty text", "'007'"]),
-    ("duplicate", "collection", "c.tsv", "1\ta\n\n007\tb\n2\tc\n\n007\td\n", 6,
-     ["duplicate id '007'", "line 3"]),
+    (
+        "duplicate",
+        "collection",
+        "c.tsv",
+        "1\ta\n\n007\tb\n2\tc\n\n007\td\n",
+        6,
+        ["duplicate id '007'", "line 3"],
+    ),
     ("duplicate-first-repeat", "queries", "q.tsv", "A\ta\nB\tb\n\nB\tc\nA\td\n", 4, ["'B'", "line 2"]),
     ("non-utf8", "collection", "c.tsv", b"1\ta\n2\tb\xff\xfec\n3\td\n", 2, ["UTF-8", "xff"]),
     ("non-utf8-gz", "queries", "q.tsv.gz", b"1\ta\n\n3\t\xe9t\xe9\n", 3, ["UTF-8"]),
-    ("bad-json", "collection", "c.jsonl", '{"_id": "1", "text": "a"}\n{"_id": "2", "text": \n', 2,
-     ["invalid JSON"]),
+    (
+        "bad-json",
+        "collection",
+        "c.jsonl",
+        '{"_id": "1", "text": "a"}\n{"_id": "2", "text": \n',
+        2,
+        ["invalid JSON"],
+    ),
     ("json-not-object", "queries", "q.jsonl", '{"_id": "1", "text": "a"}\n["2", "b"]\n', 2, ["JSON object"]),
     ("json-no-id", "collection", "c.jsonl", '{"_id": "1", "text": "a"}\n\n{"text": "b"}\n', 3, ["'_id'"]),
     ("json-no-text", "queries", "q.jsonl", '{"_id": "1", "title": "a"}\n', 1, ["'text'"]),
-    ("json-text-not-str", "collection", "c.jsonl", '{"_id": "1", "text": 5}\n', 1,
-     ["'text' must be a string"]),
+    (
+        "json-text-not-str",
+        "collection",
+        "c.jsonl",
+        '{"_id": "1", "text": 5}\n',
+        1,
+        ["'text' must be a string"],
+    ),
     ("json-empty-id", "collection", "c.jsonl", '{"_id": "", "text": "a"}\n', 1, ["empty id"]),
-    ("json-duplicate", "collection", "c.jsonl", jsonl({"_id": "x", "text": "a"}, {"_id": "x", "text": "b"}),
-     2, ["duplicate id 'x'", "line 1"]),
-]  # fmt: skip
+    (
+        "json-duplicate",
+        "collection",
+        "c.jsonl",
+        jsonl({"_id": "x", "text": "a"}, {"_id": "x", "text": "b"}),
+        2,
+        ["duplicate id 'x'", "line 1"],
+    ),
+]
 
 
-@pytest.mark.parametrize(("kind", "name", "content", "line", "words"), [c[1:] for c in BAD_TABLES],
-                         ids=[c[0] for c in BAD_TABLES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "name", "content", "line", "words"), [c[1:] for c in BAD_TABLES], ids=[c[0] for c in BAD_TABLES]
+)
 def test_bad_collection_or_queries(tmp_path, hf, kind, name, content, line, words):
     path = write(tmp_path / name, content)
     reader = read_collection if kind == "collection" else read_queries

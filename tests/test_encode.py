@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import write_collection
+from helpers import write_collection
 
 from dualenc.errors import InputError
 from dualenc.io.embeddings import load_embeddings, shard_paths

@@ -12,7 +12,7 @@ import custom_towers
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB
+from helpers import VOCAB
 from torch import nn
 
 from dualenc.errors import InputError

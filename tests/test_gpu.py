@@ -32,11 +32,20 @@ def _table(device: str, size: int = 3000, dim: int = 16, dtype=torch.float32) ->
 def _scan(table: EmbeddingTable, queries: torch.Tensor, device: str, *, with_mean: bool, block: int):
     q = queries.to(device)  # (Q, D)
     return scan_table(
-        table, q, 5.0, pos_score=torch.full((q.shape[0],), 2.0, device=device),
-        mask_rows=torch.arange(q.shape[0], device=device), mask_slots=torch.arange(q.shape[0], device=device) * 3,
-        home_slots=None, num_samples=2, replacement=True, key=GumbelKey(0, 1),
-        query_ids=torch.arange(q.shape[0], device=device), block_size=block, with_mean=with_mean,
-    )  # fmt: skip
+        table,
+        q,
+        5.0,
+        pos_score=torch.full((q.shape[0],), 2.0, device=device),
+        mask_rows=torch.arange(q.shape[0], device=device),
+        mask_slots=torch.arange(q.shape[0], device=device) * 3,
+        home_slots=None,
+        num_samples=2,
+        replacement=True,
+        key=GumbelKey(0, 1),
+        query_ids=torch.arange(q.shape[0], device=device),
+        block_size=block,
+        with_mean=with_mean,
+    )
 
 
 def test_table_scan_statistics_equal_cpu():
@@ -70,8 +79,9 @@ def test_keyed_noise_on_cuda_equals_cpu_bit_for_bit():
     assert torch.equal(keyed_bits(key, queries.cuda(), docs.cuda(), 3).cpu(), bits)
     for dtype in (torch.float32, torch.float64):
         cpu = keyed_gumbel(key, queries, docs, 1, dtype)
-        torch.testing.assert_close(keyed_gumbel(key, queries.cuda(), docs.cuda(), 1, dtype).cpu(), cpu,
-                                   rtol=1e-6, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            keyed_gumbel(key, queries.cuda(), docs.cuda(), 1, dtype).cpu(), cpu, rtol=1e-6, atol=1e-6
+        )
 
 
 def test_table_operations_equal_cpu():

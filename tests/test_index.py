@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from test_topk import K, assert_ties_present, brute_force, gauss_data, ids_of, int_data
+from helpers import K, assert_ties_present, brute_force, gauss_data, ids_of, int_data
 
 from dualenc.errors import InputError
 from dualenc.io.embeddings import write_meta, write_shard

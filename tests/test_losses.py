@@ -92,16 +92,25 @@ def cached_loss_per_example(q, pos, cache, neg, scale=1.0, inbatch=False):
     loss_fn = CachedCE(temperature=1.0 / scale, inbatch=inbatch).double()
     for i in range(q.shape[0]):
         rest_lse = torch.logsumexp(scale * (q[i : i + 1] @ cache.T), dim=1)  # (1,)
-        out = call(loss_fn, q[i : i + 1], pos[i : i + 1], targets=torch.tensor([0]), mask=None,
-                      neg_emb=neg[i : i + 1, None], neg_weight=torch.ones(1, 1), rest_lse=rest_lse)  # fmt: skip
+        out = call(
+            loss_fn,
+            q[i : i + 1],
+            pos[i : i + 1],
+            targets=torch.tensor([0]),
+            mask=None,
+            neg_emb=neg[i : i + 1, None],
+            neg_weight=torch.ones(1, 1),
+            rest_lse=rest_lse,
+        )
         values.append(out.loss)
     return torch.stack(values)
 
 
 def test_interpretable_loss_fixture():
     values = cached_loss_per_example(QUERY, POSITIVE, CACHE, CACHE[RETRIEVED])
-    torch.testing.assert_close(values, torch.tensor([3.169846, 0.349012, 0.694385], dtype=torch.float64),
-                               atol=1e-6, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        values, torch.tensor([3.169846, 0.349012, 0.694385], dtype=torch.float64), atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(torch.exp(-values), P_POS, atol=2e-6, rtol=0)  # fixture has 6 decimals
 
 
@@ -114,8 +123,9 @@ def test_reference_surrogate_fixture_and_score_transform():
         expected = (1 - P_POS) * torch.tensor([1.0, -3.0, 0.0], dtype=torch.float64)
         torch.testing.assert_close(training, expected, atol=5e-6, rtol=0)
         torch.testing.assert_close(interpretable, -torch.log(P_POS), atol=1e-5, rtol=0)
-        values = cached_loss_per_example(factor * QUERY, factor * POSITIVE, factor * CACHE,
-                                         factor * CACHE[RETRIEVED], scale=scale)  # fmt: skip
+        values = cached_loss_per_example(
+            factor * QUERY, factor * POSITIVE, factor * CACHE, factor * CACHE[RETRIEVED], scale=scale
+        )
         torch.testing.assert_close(values, interpretable, atol=1e-12, rtol=0)
 
 
@@ -125,12 +135,21 @@ def test_scalar_parameter_gradients_fixture():
     b = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     q, pos, neg = a * QUERY, b * POSITIVE, b * CACHE[RETRIEVED]  # the doc tower re-encodes the negative
     rest_lse = torch.logsumexp(q @ CACHE.T, dim=1)  # stale cache scores
-    out = call(CachedCE(inbatch=False).double(), q, pos, targets=torch.arange(3), mask=None, neg_emb=neg[:, None],
-                                           neg_weight=torch.ones(3, 1), rest_lse=rest_lse)  # fmt: skip
+    out = call(
+        CachedCE(inbatch=False).double(),
+        q,
+        pos,
+        targets=torch.arange(3),
+        mask=None,
+        neg_emb=neg[:, None],
+        neg_weight=torch.ones(3, 1),
+        rest_lse=rest_lse,
+    )
     grads = torch.autograd.grad(out.loss, [a, b])
     # the fixture was computed in TF float32: 1e-6 absolute
-    torch.testing.assert_close(torch.stack(grads), torch.tensor([0.024715006] * 2, dtype=torch.float64),
-                               atol=1e-6, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.stack(grads), torch.tensor([0.024715006] * 2, dtype=torch.float64), atol=1e-6, rtol=0
+    )
     # and the reference surrogate gives the same gradient (its value differs: only its gradient is meaningful)
     q, pos, neg = a * QUERY, b * POSITIVE, b * CACHE[RETRIEVED]
     training, _ = reference_surrogate((q * pos).sum(1), (q * neg).sum(1), q @ CACHE.T)
@@ -143,8 +162,16 @@ def test_p_pos_and_cache_get_no_gradient_sampled_and_positive_do():
     pos, neg = POSITIVE.clone().requires_grad_(True), CACHE[RETRIEVED].clone().requires_grad_(True)
     cache = CACHE.clone().requires_grad_(True)
     rest_lse = torch.logsumexp(q @ cache.T, dim=1)
-    out = call(CachedCE(inbatch=False).double(), q, pos, targets=torch.arange(3), mask=None, neg_emb=neg[:, None],
-                                           neg_weight=torch.ones(3, 1), rest_lse=rest_lse)  # fmt: skip
+    out = call(
+        CachedCE(inbatch=False).double(),
+        q,
+        pos,
+        targets=torch.arange(3),
+        mask=None,
+        neg_emb=neg[:, None],
+        neg_weight=torch.ones(3, 1),
+        rest_lse=rest_lse,
+    )
     out.loss.backward()
     assert cache.grad is None  # stale embeddings are constants
     assert pos.grad is not None and neg.grad is not None and q.grad is not None
@@ -187,10 +214,16 @@ def test_fresh_cache_with_enumerated_expectation_equals_full_softmax(inbatch):
     rest_idx = torch.tensor(rows)  # (3, |R|)
     stale_scores = scale * torch.einsum("bd,brd->br", q.detach(), stale[rest_idx])  # (3, |R|)
     weights = stale_scores.softmax(dim=1)  # q_R, enumerated
-    loss = call(CachedCE(temperature=1 / scale, inbatch=inbatch).double(),
-        q, d[batch_docs], targets=torch.arange(3), mask=mask if inbatch else None, neg_emb=d[rest_idx],
-        neg_weight=weights, rest_lse=torch.logsumexp(stale_scores, dim=1),
-    ).loss  # fmt: skip
+    loss = call(
+        CachedCE(temperature=1 / scale, inbatch=inbatch).double(),
+        q,
+        d[batch_docs],
+        targets=torch.arange(3),
+        mask=mask if inbatch else None,
+        neg_emb=d[rest_idx],
+        neg_weight=weights,
+        rest_lse=torch.logsumexp(stale_scores, dim=1),
+    ).loss
     grads = torch.autograd.grad(loss, [wq, wd])
     assert float(loss.detach()) == pytest.approx(float(full.detach()), abs=1e-12)
     for g, ref in zip(grads, full_grads, strict=True):
@@ -201,9 +234,16 @@ def test_empty_cache_is_plain_inbatch_ce():
     torch.manual_seed(2)
     q, d = torch.randn(4, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
     targets = torch.arange(4) * 2
-    cached = call(CachedCE(temperature=0.1).double(), q, d, targets=targets, mask=None, neg_emb=torch.zeros(4, 1, 6,
-                                                dtype=torch.float64), neg_weight=torch.zeros(4, 1),
-                                                rest_lse=torch.full((4,), float("-inf"), dtype=torch.float64))  # fmt: skip
+    cached = call(
+        CachedCE(temperature=0.1).double(),
+        q,
+        d,
+        targets=targets,
+        mask=None,
+        neg_emb=torch.zeros(4, 1, 6, dtype=torch.float64),
+        neg_weight=torch.zeros(4, 1),
+        rest_lse=torch.full((4,), float("-inf"), dtype=torch.float64),
+    )
     plain = call(InBatchCE(temperature=0.1), q, d, targets=targets)
     assert float(cached.loss) == pytest.approx(float(plain.loss), abs=1e-12)
 
@@ -222,10 +262,16 @@ def test_monte_carlo_gradient_converges_to_the_full_gradient():
         q, d = qx @ wq, dx @ wd
         stale = scale * torch.einsum("bd,brd->br", q.detach(), d.detach()[rest])  # (2, 11)
         draws = torch.multinomial(stale.softmax(1), n, replacement=True, generator=generator)  # (2, n)
-        loss = call(CachedCE(temperature=1 / scale, inbatch=False).double(),
-            q, d[:2], targets=torch.arange(2), mask=None, neg_emb=d[rest.gather(1, draws)],
-            neg_weight=torch.full((2, n), 1.0 / n, dtype=torch.float64), rest_lse=torch.logsumexp(stale, 1),
-        ).loss  # fmt: skip
+        loss = call(
+            CachedCE(temperature=1 / scale, inbatch=False).double(),
+            q,
+            d[:2],
+            targets=torch.arange(2),
+            mask=None,
+            neg_emb=d[rest.gather(1, draws)],
+            neg_weight=torch.full((2, n), 1.0 / n, dtype=torch.float64),
+            rest_lse=torch.logsumexp(stale, 1),
+        ).loss
         grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [wq, wd])])
         errors[n] = float((grad - full_grad).norm() / full_grad.norm())
     assert errors[1024] < errors[16] / 3  # sqrt(64) = 8 in expectation; 3 leaves room for noise

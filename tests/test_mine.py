@@ -137,10 +137,13 @@ def test_round_trip_through_load_train_data(tmp_path, run_qrels, caplog):
     assert "train data format: groups" in caplog.text
     ids = list(data.corpus["id"])
     loaded = [
-        {"query_id": g["query_id"], "positive_ids": [ids[r] for r in g["positives"]],
-         "negative_ids": [ids[r] for r in g["negatives"]]}
+        {
+            "query_id": g["query_id"],
+            "positive_ids": [ids[r] for r in g["positives"]],
+            "negative_ids": [ids[r] for r in g["negatives"]],
+        }
         for g in data.groups
-    ]  # fmt: skip
+    ]
     assert loaded == groups
     assert list(data.groups["query"]) == ["first query", "second query"]
     assert data.groups[0]["negatives"] == [0, 2, 4, 5]  # d1 d3 d5 d6 -> rows of corpus.tsv

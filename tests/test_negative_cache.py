@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, last_logged_step, read_log, tiny_overrides, train_subprocess, write_triples
 from scipy import stats
-from test_train import REPO, _train_subprocess, last_logged_step, read_log, tiny_overrides, write_triples
 
 from dualenc.negcache.gumbel import GumbelKey, combine_lse, keyed_gumbel
 from dualenc.negcache.negative_cache import NegativeCache
@@ -119,10 +119,10 @@ def test_kill_9_and_resume_restores_table_and_losses(tmp_path):
     steps = 16
     config = str(REPO / "recipes" / "configs" / "tiny_cache.yaml")
     base = tiny_overrides(tmp_path, max_steps=steps, save_steps=8, save_total_limit=0, refresh_fraction=0.2)
-    reference = _train_subprocess(tmp_path, False, [*base, f"output_dir={tmp_path / 'ref'}"], config=config)
+    reference = train_subprocess(tmp_path, False, [*base, f"output_dir={tmp_path / 'ref'}"], config=config)
     assert reference.wait(timeout=600) == 0
     killed = tmp_path / "killed"
-    victim = _train_subprocess(tmp_path, True, [*base, f"output_dir={killed}"], config=config)
+    victim = train_subprocess(tmp_path, True, [*base, f"output_dir={killed}"], config=config)
     deadline = time.time() + 600
     # past the checkpoint: the slowed-down TrainingModule.forward (which loss=cache runs) leaves time to kill
     while not ((killed / "checkpoints" / "step_00000008").exists() and last_logged_step(killed) > 8):
@@ -136,7 +136,7 @@ def test_kill_9_and_resume_restores_table_and_losses(tmp_path):
     ref_table = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000008" / name))
     got_table = load_file(str(killed / "checkpoints" / "step_00000008" / name))
     assert all(torch.equal(ref_table[k], got_table[k]) for k in ref_table)  # the table as checkpointed
-    resumed = _train_subprocess(
+    resumed = train_subprocess(
         tmp_path, False, [*base, f"output_dir={killed}", "resume_from=latest"], config=config
     )
     assert resumed.wait(timeout=600) == 0
@@ -144,7 +144,10 @@ def test_kill_9_and_resume_restores_table_and_losses(tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, steps + 1))
     for a, b in zip(ref[8:], got[8:], strict=True):  # after the resume point: same draws, same losses
         assert (a["loss"], a["cache/pos_rank"], a["cache/staleness_refresh"]) == (
-            b["loss"], b["cache/pos_rank"], b["cache/staleness_refresh"])  # fmt: skip
+            b["loss"],
+            b["cache/pos_rank"],
+            b["cache/staleness_refresh"],
+        )
     final = "step_00000016"
     ref_table = load_file(str(tmp_path / "ref" / "checkpoints" / final / name))
     got_table = load_file(str(killed / "checkpoints" / final / name))
@@ -245,9 +248,15 @@ def test_cache_ce_equals_the_dense_softmax_over_the_table(tmp_path, tiny_model_d
 def test_sce_with_full_coverage_equals_cache_ce(tmp_path, tiny_model_dir):
     """loss=sce with one bucket holding every query and every slot == dense cache-CE without the in-batch part."""
     cfg, acc, module, batch, cache = _one_process_cache(
-        tmp_path, tiny_model_dir,
-        ["loss=sce", "sce_n_buckets=1", "sce_bucket_size_x=4", f"sce_bucket_size_y={len(cache_rows(tmp_path))}"],
-    )  # fmt: skip
+        tmp_path,
+        tiny_model_dir,
+        [
+            "loss=sce",
+            "sce_n_buckets=1",
+            "sce_bucket_size_x=4",
+            f"sce_bucket_size_y={len(cache_rows(tmp_path))}",
+        ],
+    )
     table = cache.table.emb.clone()
     out = module(batch, cache, draw_id=0)
     assert float(out.logs["coverage"]) == 1.0
@@ -309,8 +318,20 @@ def _shard(table: EmbeddingTable, start: int, end: int) -> EmbeddingTable:
     return shard
 
 
-def sharded_scan(table: EmbeddingTable, bounds: list[int], queries, scale, *, mask_rows, mask_slots, home_slots,
-                 replacement: bool, with_mean: bool = False, merge=merge_shards, **kw) -> ScanResult:  # fmt: skip
+def sharded_scan(
+    table: EmbeddingTable,
+    bounds: list[int],
+    queries,
+    scale,
+    *,
+    mask_rows,
+    mask_slots,
+    home_slots,
+    replacement: bool,
+    with_mean: bool = False,
+    merge=merge_shards,
+    **kw,
+) -> ScanResult:
     """What P processes do: scan each shard [bounds[p], bounds[p+1]) of ``table``, then merge_shards.
 
     Masks are given in global slots; the result's ``slots`` are global slots (-1 = none)."""
@@ -318,14 +339,27 @@ def sharded_scan(table: EmbeddingTable, bounds: list[int], queries, scale, *, ma
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         inside = (mask_slots >= start) & (mask_slots < end)
         homes = None if home_slots is None else [h[(h >= start) & (h < end)] - start for h in home_slots]
-        scan = scan_table(_shard(table, start, end), queries, scale, mask_rows=mask_rows[inside],
-                          mask_slots=mask_slots[inside] - start, home_slots=homes, replacement=replacement,
-                          with_mean=with_mean, **kw)  # fmt: skip
+        scan = scan_table(
+            _shard(table, start, end),
+            queries,
+            scale,
+            mask_rows=mask_rows[inside],
+            mask_slots=mask_slots[inside] - start,
+            home_slots=homes,
+            replacement=replacement,
+            with_mean=with_mean,
+            **kw,
+        )
         parts.append((scan, torch.where(scan.slots >= 0, scan.slots + start, -1)))
     stack = lambda f: torch.stack([f(scan, slots) for scan, slots in parts])  # noqa: E731
-    return merge(stack(lambda s, _: s.lse), stack(lambda s, _: s.above), stack(lambda s, _: s.keys),
-                 stack(lambda _, g: g), replacement=replacement,
-                 mean=stack(lambda s, _: s.mean) if with_mean else None)  # fmt: skip
+    return merge(
+        stack(lambda s, _: s.lse),
+        stack(lambda s, _: s.above),
+        stack(lambda s, _: s.keys),
+        stack(lambda _, g: g),
+        replacement=replacement,
+        mean=stack(lambda s, _: s.mean) if with_mean else None,
+    )
 
 
 def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -346,16 +380,31 @@ def _gof_setup():
     queries = query.expand(GOF_QUERIES, -1).contiguous()  # (Q, D)
     scores = 0.8 * (query @ table.emb.T)[0].double()  # (M,)
     scores[[2, 5, 7]] = float("-inf")
-    masks = dict(mask_rows=torch.arange(GOF_QUERIES), mask_slots=torch.full((GOF_QUERIES,), 5),
-                 home_slots=[torch.tensor([7])], pos_score=torch.zeros(GOF_QUERIES))  # fmt: skip
+    masks = dict(
+        mask_rows=torch.arange(GOF_QUERIES),
+        mask_slots=torch.full((GOF_QUERIES,), 5),
+        home_slots=[torch.tensor([7])],
+        pos_score=torch.zeros(GOF_QUERIES),
+    )
     return table, queries, scores.softmax(0), masks
 
 
 def _gof_draws(bounds: list[int], replacement: bool, m: int, scale: float = 0.8, merge=merge_shards):
     """Draws of queries whose true law is ``probs`` = softmax(0.8 · scores) minus the masked slots."""
     table, queries, probs, masks = _gof_setup()
-    scan = sharded_scan(table, bounds, queries, scale, replacement=replacement, num_samples=m, key=KEY,
-                        query_ids=torch.arange(GOF_QUERIES), block_size=3, merge=merge, **masks)  # fmt: skip
+    scan = sharded_scan(
+        table,
+        bounds,
+        queries,
+        scale,
+        replacement=replacement,
+        num_samples=m,
+        key=KEY,
+        query_ids=torch.arange(GOF_QUERIES),
+        block_size=3,
+        merge=merge,
+        **masks,
+    )
     return scan.slots, probs  # (Q, m) global slots, (M,)
 
 
@@ -424,8 +473,14 @@ def test_injected_noise_forces_the_draw_and_masked_slots_never_win(replacement, 
     table = _table(30, 6, seed=5, empty=(4,))
     queries = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))  # (4, D)
     dense = 1.3 * queries @ table.emb.T  # (4, 30)
-    common = dict(pos_score=torch.zeros(4), num_samples=3, replacement=replacement, key=KEY,
-                  query_ids=torch.arange(4), block_size=7)  # fmt: skip
+    common = dict(
+        pos_score=torch.zeros(4),
+        num_samples=3,
+        replacement=replacement,
+        key=KEY,
+        query_ids=torch.arange(4),
+        block_size=7,
+    )
     masks = dict(
         mask_rows=torch.tensor([1]), mask_slots=torch.tensor([20]), home_slots=[torch.tensor([13])] * 2
     )
@@ -455,8 +510,11 @@ def _invariance_setup():
     table = _table(50, 8, seed=0, empty=(3, 17))
     g = torch.Generator().manual_seed(1)
     queries, pos_score = torch.randn(6, 8, generator=g), torch.randn(6, generator=g) * 3
-    masks = dict(mask_rows=torch.tensor([0, 0, 5]), mask_slots=torch.tensor([1, 40, 7]),
-                 home_slots=[torch.tensor([2, 9]), torch.tensor([11, 33])])  # fmt: skip
+    masks = dict(
+        mask_rows=torch.tensor([0, 0, 5]),
+        mask_slots=torch.tensor([1, 40, 7]),
+        home_slots=[torch.tensor([2, 9]), torch.tensor([11, 33])],
+    )
     return table, queries, pos_score, masks
 
 
@@ -468,9 +526,19 @@ def test_draws_do_not_depend_on_block_size_or_sharding(replacement):
     for block in (1, 7, 50):
         for bounds in ([0, 50], [0, 13, 31, 50]):
             results[block, len(bounds) - 1] = sharded_scan(
-                table, bounds, queries, 2.0, pos_score=pos_score, num_samples=4, replacement=replacement, key=KEY,
-                query_ids=torch.arange(6) + 10, block_size=block, with_mean=True, **masks,
-            )  # fmt: skip
+                table,
+                bounds,
+                queries,
+                2.0,
+                pos_score=pos_score,
+                num_samples=4,
+                replacement=replacement,
+                key=KEY,
+                query_ids=torch.arange(6) + 10,
+                block_size=block,
+                with_mean=True,
+                **masks,
+            )
     ref = results[50, 1]
     assert not bool((ref.slots[:, 0] == ref.slots[0, 0]).all())  # not trivially constant
     for name, got in results.items():
@@ -479,9 +547,18 @@ def test_draws_do_not_depend_on_block_size_or_sharding(replacement):
         torch.testing.assert_close(got.keys, ref.keys, atol=1e-5, rtol=0, msg=str(name))
         torch.testing.assert_close(got.lse, ref.lse, atol=1e-5, rtol=1e-6, msg=str(name))
         torch.testing.assert_close(got.mean, ref.mean, atol=1e-5, rtol=1e-5, msg=str(name))
-    other_step = sharded_scan(table, [0, 50], queries, 2.0, pos_score=pos_score, num_samples=4,
-                              replacement=replacement, key=GumbelKey(KEY.seed, KEY.step + 1),
-                              query_ids=torch.arange(6) + 10, **masks)  # fmt: skip
+    other_step = sharded_scan(
+        table,
+        [0, 50],
+        queries,
+        2.0,
+        pos_score=pos_score,
+        num_samples=4,
+        replacement=replacement,
+        key=GumbelKey(KEY.seed, KEY.step + 1),
+        query_ids=torch.arange(6) + 10,
+        **masks,
+    )
     assert not torch.equal(other_step.slots, ref.slots)  # the step keys the noise
 
 
@@ -495,8 +572,19 @@ def test_block_scan_equals_a_dense_computation():
     dense[3:, [11, 33]] = float("-inf")
     ids = torch.arange(6)
     for replacement in (True, False):
-        scan = scan_table(table, queries, 2.0, pos_score=pos_score, num_samples=4, replacement=replacement,
-                          key=KEY, query_ids=ids, block_size=7, with_mean=True, **masks)  # fmt: skip
+        scan = scan_table(
+            table,
+            queries,
+            2.0,
+            pos_score=pos_score,
+            num_samples=4,
+            replacement=replacement,
+            key=KEY,
+            query_ids=ids,
+            block_size=7,
+            with_mean=True,
+            **masks,
+        )
         torch.testing.assert_close(scan.lse, torch.logsumexp(dense, 1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(scan.mean, dense.softmax(1) @ table.emb, atol=1e-5, rtol=1e-5)
         assert torch.equal(scan.above, (dense > pos_score[:, None]).sum(1))
@@ -513,19 +601,48 @@ def test_sce_candidates_full_coverage_equals_the_dense_scan_and_truncation_lower
     table = _table(40, 8, seed=3, empty=(5,))
     g = torch.Generator().manual_seed(4)
     queries, pos_score = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
-    common = dict(pos_score=pos_score, mask_rows=torch.tensor([0, 3]), mask_slots=torch.tensor([2, 9]),
-                  home_slots=[torch.tensor([1, 7])], num_samples=3, key=KEY, query_ids=torch.arange(6))  # fmt: skip
+    common = dict(
+        pos_score=pos_score,
+        mask_rows=torch.tensor([0, 3]),
+        mask_slots=torch.tensor([2, 9]),
+        home_slots=[torch.tensor([1, 7])],
+        num_samples=3,
+        key=KEY,
+        query_ids=torch.arange(6),
+    )
     for replacement in (True, False):
         dense = scan_table(table, queries, 1.5, replacement=replacement, **common)
-        full = scan_candidates(table, queries, 1.5, generator=torch.Generator().manual_seed(0), num_buckets=1,
-                               bucket_size_x=6, bucket_size_y=39, mix=False, replacement=replacement,
-                               **common)  # fmt: skip
+        full = scan_candidates(
+            table,
+            queries,
+            1.5,
+            generator=torch.Generator().manual_seed(0),
+            num_buckets=1,
+            bucket_size_x=6,
+            bucket_size_y=39,
+            mix=False,
+            replacement=replacement,
+            **common,
+        )
         torch.testing.assert_close(full.lse, dense.lse, atol=1e-5, rtol=1e-5)
         assert torch.equal(full.above, dense.above)
         assert torch.equal(full.slots, dense.slots)  # same keyed noise on the same candidates: the same draws
-    parts = [scan_candidates(table, queries, 1.5, generator=torch.Generator().manual_seed(0), num_buckets=3,
-                             bucket_size_x=2, bucket_size_y=8, mix=True, replacement=True, block_size=block,
-                             **common) for block in (1, 7, 40)]  # fmt: skip
+    parts = [
+        scan_candidates(
+            table,
+            queries,
+            1.5,
+            generator=torch.Generator().manual_seed(0),
+            num_buckets=3,
+            bucket_size_x=2,
+            bucket_size_y=8,
+            mix=True,
+            replacement=True,
+            block_size=block,
+            **common,
+        )
+        for block in (1, 7, 40)
+    ]
     for other in parts[1:]:  # the block size changes nothing
         assert torch.equal(other.slots, parts[0].slots) and torch.equal(other.above, parts[0].above)
         torch.testing.assert_close(other.lse, parts[0].lse, atol=1e-6, rtol=1e-6)
@@ -579,8 +696,10 @@ def _simulated_cache(acc, table: EmbeddingTable, **cfg) -> NegativeCache:
     """A corpus-mode NegativeCache whose shard holds this process's slots of ``table``."""
     cache = NegativeCache(CacheConfig(**cfg), [None] * table.num_slots, acc, table.dim, seed=KEY.seed)
     start = cache.table.slot_offset
-    cache.table.fill_corpus(table.emb[start : start + cache.table.num_slots].clone(),
-                            torch.arange(start, start + cache.table.num_slots))  # fmt: skip
+    cache.table.fill_corpus(
+        table.emb[start : start + cache.table.num_slots].clone(),
+        torch.arange(start, start + cache.table.num_slots),
+    )
     return cache
 
 
@@ -595,13 +714,30 @@ def test_negative_cache_sample_is_the_same_for_1_and_3_processes(replacement, in
     batch_docs = torch.tensor([0, 1, 5, 6, 9, 10, 12, 13, 33, 2, 20, 21])  # (12,) 2 per query
 
     def run(acc):
-        cache = _simulated_cache(acc, table, num_cache_negatives=5, cache_sample_with_replacement=replacement,
-                                 cache_score_block_size=7, cache_inbatch=inbatch)  # fmt: skip
+        cache = _simulated_cache(
+            acc,
+            table,
+            num_cache_negatives=5,
+            cache_sample_with_replacement=replacement,
+            cache_score_block_size=7,
+            cache_inbatch=inbatch,
+        )
         b = 6 // acc.num_processes
         mine = slice(acc.process_index * b, (acc.process_index + 1) * b)
         docs = batch_docs[2 * mine.start : 2 * mine.stop]
-        draws = [cache.sample(q_emb[mine], pos_score[mine], positives[mine], docs, torch.tensor(3.0), step,
-                              cross_device=True, with_mean=True) for step in (0, 1, 9)]  # fmt: skip
+        draws = [
+            cache.sample(
+                q_emb[mine],
+                pos_score[mine],
+                positives[mine],
+                docs,
+                torch.tensor(3.0),
+                step,
+                cross_device=True,
+                with_mean=True,
+            )
+            for step in (0, 1, 9)
+        ]
         return draws
 
     one, three = run_processes(1, run), run_processes(3, run)
@@ -636,8 +772,14 @@ def test_refresh_selects_the_same_documents_for_1_2_and_3_processes(monkeypatch)
         return rows[:, None].float().expand(-1, 4) + model
 
     monkeypatch.setattr(NegativeCache, "_encode_rows", encode_rows)
-    written = [[0, 1, 2, 11, 12, 13], [7, 8, 9, 3, 4, 14], [22, 3, 15, 6, 7, 8], [14, 4, 5, 0, 1, 2],
-               [16, 17, 18, 19, 20, 21], [19, 20, 21, 9, 10, 22]]  # fmt: skip  # per step, 6 docs
+    written = [  # the 6 documents written at each step, one step per line
+        [0, 1, 2, 11, 12, 13],
+        [7, 8, 9, 3, 4, 14],
+        [22, 3, 15, 6, 7, 8],
+        [14, 4, 5, 0, 1, 2],
+        [16, 17, 18, 19, 20, 21],
+        [19, 20, 21, 9, 10, 22],
+    ]
 
     def run(acc):
         cache = _simulated_cache(acc, table, refresh_fraction=0.15)  # k = round(0.15 * 23) = 3
@@ -686,8 +828,15 @@ def test_sce_buckets_are_built_from_the_same_centres_and_queries_on_every_proces
         cache = _simulated_cache(acc, table, cache_candidates="sce", num_cache_negatives=2)
         mine = slice(2 * acc.process_index, 2 * acc.process_index + 2)
         for step in (0, 1):
-            cache.sample(q_emb[mine], torch.zeros(2), torch.full((2, 1), -1), torch.tensor([0, 1]),
-                         torch.tensor(2.0), step, cross_device=True)  # fmt: skip
+            cache.sample(
+                q_emb[mine],
+                torch.zeros(2),
+                torch.full((2, 1), -1),
+                torch.tensor([0, 1]),
+                torch.tensor(2.0),
+                step,
+                cross_device=True,
+            )
 
     run_processes(3, run)
     for step in (0, 1):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import REPO
 from torch import nn
 
 from dualenc.errors import InputError
@@ -28,7 +29,6 @@ from dualenc.recsys.data import (
 from dualenc.recsys.evaluate import evaluate, exclude_seen, ranking_metrics
 from dualenc.recsys.sasrec import SASRec
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs" / "sasrec").glob("*.yaml"))
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 
@@ -133,12 +133,27 @@ def test_filter_counts_distinct_users_then_distinct_items():
 
 
 SPLIT_ROWS = [  # 20 distinct timestamps; quantile 0.7 (nearest) = sorted[round(0.7 * 19) = 13] = 14
-    ("c", "i1", 3), ("c", "i2", 14), ("c", "i3", 16), ("c", "i4", 18), ("c", "i9", 20),  # i9: not in training
-    ("d", "i1", 15), ("d", "i5", 17),  # test user with 2 late interactions: dropped
+    ("c", "i1", 3),
+    ("c", "i2", 14),
+    ("c", "i3", 16),
+    ("c", "i4", 18),
+    ("c", "i9", 20),  # i9: not in training
+    ("d", "i1", 15),
+    ("d", "i5", 17),  # test user with 2 late interactions: dropped
     ("e", "i2", 19),
-    ("a", "i1", 1), ("a", "i2", 2), ("a", "i3", 4), ("a", "i1", 5), ("a", "i4", 6), ("a", "i5", 7),
-    ("b", "i6", 9), ("b", "i5", 8), ("b", "i10", 10), ("b", "i4", 11), ("b", "i3", 12), ("b", "i1", 13),
-]  # fmt: skip
+    ("a", "i1", 1),
+    ("a", "i2", 2),
+    ("a", "i3", 4),
+    ("a", "i1", 5),
+    ("a", "i4", 6),
+    ("a", "i5", 7),
+    ("b", "i6", 9),
+    ("b", "i5", 8),
+    ("b", "i10", 10),
+    ("b", "i4", 11),
+    ("b", "i3", 12),
+    ("b", "i1", 13),
+]
 
 
 def test_temporal_split_by_hand():
@@ -229,8 +244,15 @@ def test_seen_items_and_pad_are_never_recommended():
 
 
 def tiny_model(seed: int = 0) -> SASRec:
-    return SASRec(num_items=20, maxlen=8, hidden=16, num_blocks=2, num_heads=2, dropout=0.2,
-                  generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return SASRec(
+        num_items=20,
+        maxlen=8,
+        hidden=16,
+        num_blocks=2,
+        num_heads=2,
+        dropout=0.2,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_causality():
@@ -323,13 +345,28 @@ def synthetic_inter(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("loss", ["ce", "sce", "bce", "gbce", "ce_minus"])
 def test_smoke_run_every_loss(tmp_path, loss):
     out = tmp_path / f"{loss}.json"
-    result = load_recipe().main([
-        "--config", str(REPO / "recipes" / "configs" / "sasrec" / f"sasrec_{loss}.yaml"), "--seeds", "3", "4",
-        f"data_path={synthetic_inter(tmp_path)}", "min_item_count=0", "min_user_count=0",
-        "test_quantile=0.92",
-        "maxlen=8", "hidden=16", "batch_size=6", "max_epochs=2", "num_negatives=4", "bucket_size_y=4",
-        "learning_rate=1e-2", "num_threads=null", f"output_json={out}",
-    ])  # fmt: skip
+    result = load_recipe().main(
+        [
+            "--config",
+            str(REPO / "recipes" / "configs" / "sasrec" / f"sasrec_{loss}.yaml"),
+            "--seeds",
+            "3",
+            "4",
+            f"data_path={synthetic_inter(tmp_path)}",
+            "min_item_count=0",
+            "min_user_count=0",
+            "test_quantile=0.92",
+            "maxlen=8",
+            "hidden=16",
+            "batch_size=6",
+            "max_epochs=2",
+            "num_negatives=4",
+            "bucket_size_y=4",
+            "learning_rate=1e-2",
+            "num_threads=null",
+            f"output_json={out}",
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["name"] == loss and saved["seeds"] == [3, 4] and saved["dataset"]["test_users"] == 6
     assert {"config", "commit", "machine", "memory_method", "mean", "std", "per_seed"} <= saved.keys()
@@ -363,9 +400,19 @@ def test_smoke_run_every_loss(tmp_path, loss):
 
 
 def test_smoke_run_is_deterministic(tmp_path):
-    args = [f"data_path={synthetic_inter(tmp_path)}", "min_item_count=0", "min_user_count=0",
-            "test_quantile=0.92", "maxlen=8", "hidden=16", "batch_size=6", "max_epochs=1", "loss=bce",
-            "num_negatives=4", "num_threads=null"]  # fmt: skip
+    args = [
+        f"data_path={synthetic_inter(tmp_path)}",
+        "min_item_count=0",
+        "min_user_count=0",
+        "test_quantile=0.92",
+        "maxlen=8",
+        "hidden=16",
+        "batch_size=6",
+        "max_epochs=1",
+        "loss=bce",
+        "num_negatives=4",
+        "num_threads=null",
+    ]
     a = load_recipe(real_provenance=True).main(args + [f"output_json={tmp_path / 'a.json'}"])
     b = load_recipe().main(args + [f"output_json={tmp_path / 'b.json'}"])
     assert a["per_seed"][0]["history"] == b["per_seed"][0]["history"]

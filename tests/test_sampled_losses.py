@@ -108,8 +108,13 @@ def test_gbce_t0_is_bce_and_t1_has_beta_alpha():  # oracle 19
     s_pos = (x * w[t]).sum(1)
     s_neg = torch.einsum("nd,nkd->nk", x, w[neg])
     logit = torch.log(1 / (torch.sigmoid(s_pos) ** (-beta) - 1))
-    terms = torch.cat([F.binary_cross_entropy_with_logits(logit, torch.ones(8, dtype=F64), reduction="none")[:, None],
-                       F.binary_cross_entropy_with_logits(s_neg, torch.zeros_like(s_neg), reduction="none")], 1)  # fmt: skip
+    terms = torch.cat(
+        [
+            F.binary_cross_entropy_with_logits(logit, torch.ones(8, dtype=F64), reduction="none")[:, None],
+            F.binary_cross_entropy_with_logits(s_neg, torch.zeros_like(s_neg), reduction="none"),
+        ],
+        1,
+    )
     assert_close(gbce_loss(x, w, t, neg, t=1.0), terms.mean(1).mean())
 
 

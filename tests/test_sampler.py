@@ -129,8 +129,12 @@ def test_same_key_same_stream_on_any_call() -> None:
     state = torch.random.get_rng_state()
     keyed_gumbel(KEY, queries, docs, 0)
     assert torch.equal(torch.random.get_rng_state(), state)  # never touches the global RNG
-    assert torch.allclose(keyed_uniform(KEY, queries, docs, 2, torch.float32).double(),
-                          keyed_uniform(KEY, queries, docs, 2, torch.float64), atol=2**-23, rtol=0)  # fmt: skip
+    assert torch.allclose(
+        keyed_uniform(KEY, queries, docs, 2, torch.float32).double(),
+        keyed_uniform(KEY, queries, docs, 2, torch.float64),
+        atol=2**-23,
+        rtol=0,
+    )
 
 
 def test_different_keys_give_different_streams() -> None:

@@ -10,49 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import K, assert_ties_present, brute_force, gauss_data, int_data
 
 from dualenc.retrieval import topk as topk_mod
 from dualenc.retrieval.topk import exact_search_torch
-
-K = 20
-
-
-def brute_force(queries: np.ndarray, docs: np.ndarray, keys: np.ndarray, k: int):
-    """Oracle: rank every doc by (-score, key) with numpy lexsort; float64 scores."""
-    scores = queries.astype(np.float64) @ docs.astype(np.float64).T  # (Q, N)
-    order = np.stack([np.lexsort((keys, -row))[:k] for row in scores])  # (Q, k)
-    return np.take_along_axis(scores, order, 1), order
-
-
-def int_data(seed: int = 0, num_docs: int = 2000, dim: int = 16, num_queries: int = 60):
-    """Integer-valued float32 vectors (every dot product exact in float32) with many duplicate docs (ties).
-
-    Doc ids are a shuffled, unpadded numbering ("D17" > "D100" as strings), so id order != row order.
-    """
-    rng = np.random.default_rng(seed)
-    docs = rng.integers(-50, 51, size=(num_docs, dim)).astype(np.float32)
-    docs[num_docs // 2 :: 2] = docs[rng.integers(0, num_docs // 2, size=len(docs[num_docs // 2 :: 2]))]
-    queries = rng.integers(-50, 51, size=(num_queries, dim)).astype(np.float32)
-    queries[: num_queries // 2] = docs[rng.integers(0, num_docs, size=num_queries // 2)]  # self hits
-    doc_ids = [f"D{i}" for i in rng.permutation(num_docs)]
-    return queries, docs, doc_ids
-
-
-def gauss_data(seed: int = 2, num_docs: int = 2000, dim: int = 64, num_queries: int = 50):
-    rng = np.random.default_rng(seed)
-    docs = rng.standard_normal((num_docs, dim)).astype(np.float32)
-    queries = rng.standard_normal((num_queries, dim)).astype(np.float32)
-    return queries, docs, [f"g{i:05d}" for i in range(num_docs)]
-
-
-def assert_ties_present(ref_scores: np.ndarray) -> None:
-    """The exact tests are only meaningful if equal scores occur inside (or at the edge of) the top k."""
-    tied = (np.diff(ref_scores, axis=1) == 0).any(axis=1)
-    assert tied.sum() >= 10, tied.sum()
-
-
-def ids_of(rows: np.ndarray, doc_ids: list[str]) -> list[list[str]]:
-    return [[doc_ids[i] for i in row if i >= 0] for row in rows]
 
 
 @pytest.mark.parametrize("data", [int_data, gauss_data])

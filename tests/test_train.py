@@ -3,66 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_text
+from helpers import REPO, last_logged_step, read_log, tiny_overrides, train_subprocess, write_triples
 
 from dualenc.model.encoder import DualEncoder
 from dualenc.training.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_triples(path: Path, num_queries: int = 48, seed: int = 0) -> Path:
-    """Text triples where the positive repeats the query's words (learnable) and the negative does not."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(num_queries):
-        query = make_text(rng, 3, 6)
-        positive = f"{query} {make_text(rng, 2, 8)}"
-        lines.append(f"{query}\t{positive}\t{make_text(rng, 4, 12)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
-    values = {
-        "train_file": str(write_triples(tmp_path / "triples.tsv")),
-        "train_format": "triples",
-        "datasets_cache_dir": str(tmp_path / "hf"),
-        "output_dir": str(tmp_path / "run"),
-        "max_steps": 30,
-        "logging_steps": 1,
-        "save_steps": 0,
-        "per_device_train_batch_size": 8,
-        "random_vocab_size": 300,
-    }
-    values.update(extra)
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [
-        json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()
-    ]
-
-
-def last_logged_step(run_dir: Path) -> int:
-    """The step of the last complete line of a log another process is writing (0 when there is none yet)."""
-    path = run_dir / "train_log.jsonl"
-    lines = (
-        path.read_text().split("\n")[:-1] if path.exists() else []
-    )  # a line counts once its newline is out
-    return json.loads(lines[-1])["step"] if lines else 0
 
 
 @pytest.fixture(autouse=True)
@@ -150,48 +101,14 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
 
 # ---------------------------------------------------------------- kill -9, resume, same losses
 
-TRAIN_SCRIPT = textwrap.dedent(
-    """
-    import sys, time
-    import dualenc.training.loop as train_module
-    import dualenc.training.step as train_step
-    from dualenc.training.config import load_config
-
-    slow = sys.argv[1] == "1"
-    if slow:  # slow every micro-batch down (every loss runs it) so the parent can kill us after a checkpoint
-        forward = train_step.TrainingModule.forward
-        def slow_forward(*args, **kwargs):
-            time.sleep(0.15)
-            return forward(*args, **kwargs)
-        train_step.TrainingModule.forward = slow_forward
-    train_module.train(load_config(sys.argv[2], sys.argv[3:]))
-    """
-)
-
-
-def _train_subprocess(
-    tmp_path: Path, slow: bool, overrides: list[str], config: str | None = None
-) -> subprocess.Popen:
-    script = tmp_path / "train_script.py"
-    script.write_text(TRAIN_SCRIPT)
-    cmd = [
-        sys.executable,
-        str(script),
-        "1" if slow else "0",
-        config or str(REPO / "recipes" / "configs" / "tiny.yaml"),
-        *overrides,
-    ]
-    return subprocess.Popen(cmd, env={**os.environ, "PYTHONHASHSEED": "0"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-
 
 def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     steps = 24
     base = tiny_overrides(tmp_path, max_steps=steps, save_steps=8, save_total_limit=0)
-    reference = _train_subprocess(tmp_path, False, [*base, f"output_dir={tmp_path / 'ref'}"])
+    reference = train_subprocess(tmp_path, False, [*base, f"output_dir={tmp_path / 'ref'}"])
     assert reference.wait(timeout=600) == 0
     killed_dir = tmp_path / "killed"
-    victim = _train_subprocess(tmp_path, True, [*base, f"output_dir={killed_dir}"])
+    victim = train_subprocess(tmp_path, True, [*base, f"output_dir={killed_dir}"])
     deadline = time.time() + 600
     while not (killed_dir / "checkpoints" / "step_00000008").exists() or last_logged_step(killed_dir) <= 8:
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -200,7 +117,7 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     assert victim.wait(timeout=60) == -signal.SIGKILL
     logged = [row["step"] for row in read_log(killed_dir)]
     assert not (killed_dir / "final_model").exists() and 8 < max(logged) < steps  # killed past the checkpoint
-    resumed = _train_subprocess(tmp_path, False, [*base, f"output_dir={killed_dir}", "resume_from=latest"])
+    resumed = train_subprocess(tmp_path, False, [*base, f"output_dir={killed_dir}", "resume_from=latest"])
     assert resumed.wait(timeout=600) == 0
     ref = {row["step"]: row["loss"] for row in read_log(tmp_path / "ref")}
     got = {row["step"]: row["loss"] for row in read_log(killed_dir)}

@@ -120,9 +120,13 @@ def test_tevatron_without_ids_uses_content_hashes(tmp_path, hf):
 def test_tevatron_with_corpus_file_uses_that_corpus(tmp_path, hf):
     corpus_file = write(tmp_path / "corpus.tsv", "d4\tF\tfour\n1\t\tone\nd2\t\ttwo\nd9\t\tunused\n")
     content = jsonl(
-        {"query_id": "q9", "query": "a", "positive_passages": [{"docid": "d4", "text": "not compared"}],
-         "negative_passages": [{"docid": "d2", "text": "t"}, {"docid": 1, "text": "an integer docid"}]},
-    )  # fmt: skip
+        {
+            "query_id": "q9",
+            "query": "a",
+            "positive_passages": [{"docid": "d4", "text": "not compared"}],
+            "negative_passages": [{"docid": "d2", "text": "t"}, {"docid": 1, "text": "an integer docid"}],
+        },
+    )
     data = load_train_data(write(tmp_path / "t.jsonl", content), corpus_file=corpus_file, cache_dir=hf)
     assert data.corpus.cache_files == read_collection(corpus_file, cache_dir=hf).cache_files
     assert corpus_rows(data) == [

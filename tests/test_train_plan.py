@@ -7,15 +7,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from dualenc.errors import InputError
 from dualenc.training.plan import EpochSampler, StepPlan, micro_seed
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _walk(batches_per_epoch: int, accumulation: int, total_steps: int) -> list[tuple[int, int, int]]:
@@ -99,10 +97,24 @@ def test_accelerate_launch_with_cpu_and_two_processes_warns(tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process: the trainer says so."""
     triples = tmp_path / "t.tsv"
     triples.write_text("".join(f"query {i} w{i}\tquery {i} w{i} passage\tw{i + 1} other\n" for i in range(8)))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           str(REPO / "recipes" / "train.py"), f"train_file={triples}", "train_format=triples",
-           f"output_dir={tmp_path / 'run'}", f"datasets_cache_dir={tmp_path / 'hf'}", "random_init=true",
-           "random_vocab_size=100", "per_device_train_batch_size=4", "max_steps=1", "cpu=true"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        str(REPO / "recipes" / "train.py"),
+        f"train_file={triples}",
+        "train_format=triples",
+        f"output_dir={tmp_path / 'run'}",
+        f"datasets_cache_dir={tmp_path / 'hf'}",
+        "random_init=true",
+        "random_vocab_size=100",
+        "per_device_train_batch_size=4",
+        "max_steps=1",
+        "cpu=true",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_text, tiny_bert_config, write_tokenizer_dir
-from test_train import last_logged_step
+from helpers import REPO, last_logged_step, make_text, tiny_bert_config, write_tokenizer_dir
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_QUERIES = 44  # global batch 8 -> 40 used per epoch (a different 4 left out each epoch) -> 5 batches
 GLOBAL_BATCH, MAX_STEPS, WARMUP_RATIO, LR = 8, 7, 0.3, 1e-3
 LOSSES = ["inbatch", "cache", "cache_ce"]  # loss=sce runs on one process only (refused on more)
@@ -79,20 +77,44 @@ def _free_port() -> int:
 def _command(processes: int, script: Path, overrides: list[str]) -> list[str]:
     if processes == 1:
         return [sys.executable, str(script), *overrides]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
     return [*launcher, str(script), *overrides, "cpu=true"]
 
 
 def _overrides(setup: dict, out: Path, processes: int, loss: str, gas: int, **extra) -> list[str]:
     values = {
-        "train_file": setup["triples"], "train_format": "triples", "datasets_cache_dir": out.parent / f"hf-{out.name}",
-        "model_name_or_path": setup["model"], "random_init": "false", "output_dir": out, "train_group_size": 2,
-        "per_device_train_batch_size": GLOBAL_BATCH // processes, "gradient_accumulation_steps": gas,
-        "max_steps": MAX_STEPS, "warmup_ratio": WARMUP_RATIO, "lr_scheduler_type": "linear", "learning_rate": LR,
-        "logging_steps": 1, "save_steps": 0, "temperature": 0.05, "loss": loss, "refresh_fraction": 0.1,
-        "num_cache_negatives": 2, "cache_fill_batch_size": 16, "seed": 7,
-    }  # fmt: skip
+        "train_file": setup["triples"],
+        "train_format": "triples",
+        "datasets_cache_dir": out.parent / f"hf-{out.name}",
+        "model_name_or_path": setup["model"],
+        "random_init": "false",
+        "output_dir": out,
+        "train_group_size": 2,
+        "per_device_train_batch_size": GLOBAL_BATCH // processes,
+        "gradient_accumulation_steps": gas,
+        "max_steps": MAX_STEPS,
+        "warmup_ratio": WARMUP_RATIO,
+        "lr_scheduler_type": "linear",
+        "learning_rate": LR,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "temperature": 0.05,
+        "loss": loss,
+        "refresh_fraction": 0.1,
+        "num_cache_negatives": 2,
+        "cache_fill_batch_size": 16,
+        "seed": 7,
+    }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -101,8 +123,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
 def _train(processes: int, overrides: list[str], script: Path = REPO / "recipes" / "train.py") -> None:
-    proc = subprocess.run(_command(processes, script, overrides), env=ENV, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        _command(processes, script, overrides), env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
@@ -151,8 +174,13 @@ def test_two_processes_follow_the_one_process_run(setup, loss, gas, tmp_path):
 
 def test_sce_on_two_processes_is_refused_before_any_work(setup, tmp_path):
     out = tmp_path / "sce"
-    proc = subprocess.run(_command(2, REPO / "recipes" / "train.py", _overrides(setup, out, 2, "sce", 1)),
-                          env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        _command(2, REPO / "recipes" / "train.py", _overrides(setup, out, 2, "sce", 1)),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0 and "loss=sce runs on one process" in proc.stderr
     assert not (out / "cache_fill").exists() and not (out / "train_log.jsonl").exists()
 
@@ -190,8 +218,13 @@ def test_kill_9_two_processes_then_resume_is_exact(setup, loss, tmp_path):
     overrides = _overrides(setup, killed, 2, loss, gas, **extra)
     script = tmp_path / "slow_train.py"
     script.write_text(SLOW_SCRIPT)
-    victim = subprocess.Popen([*_command(2, script, [str(REPO / "recipes"), *overrides])], env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    victim = subprocess.Popen(
+        [*_command(2, script, [str(REPO / "recipes"), *overrides])],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while not ((killed / "checkpoints" / f"step_{save:08d}").exists() and last_logged_step(killed) > save):
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"

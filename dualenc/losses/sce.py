@@ -51,13 +51,17 @@ def check_inputs(x: Tensor, w: Tensor, targets: Tensor, mask: Tensor | None) -> 
     if x.shape[1] != w.shape[1]:
         raise InputError(f"dimension mismatch: x has D={x.shape[1]} but w has D={w.shape[1]}")
     if targets.shape != (x.shape[0],) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise InputError(f"targets must be an integer tensor of shape ({x.shape[0]},), got {targets.dtype} "
-                         f"{tuple(targets.shape)}")  # fmt: skip
+        raise InputError(
+            f"targets must be an integer tensor of shape ({x.shape[0]},), got {targets.dtype} "
+            f"{tuple(targets.shape)}"
+        )
     if mask is None:
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # (N,)
     elif mask.dtype != torch.bool or mask.shape != (x.shape[0],):
-        raise InputError(f"mask must be a bool tensor of shape ({x.shape[0]},) (True = real row), got "
-                         f"{mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+        raise InputError(
+            f"mask must be a bool tensor of shape ({x.shape[0]},) (True = real row), got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
     real_targets = targets[mask]  # (N_real,)
     bad = (real_targets < 0) | (real_targets >= w.shape[0])  # (N_real,)
     if bool(bad.any()):
@@ -254,8 +258,12 @@ class ScalableCE(nn.Module):
         pad_item: int | None = None,
     ):
         super().__init__()
-        for name, value in [("n_buckets", n_buckets), ("bucket_size_x", bucket_size_x),
-                            ("bucket_size_y", bucket_size_y), ("block_size", block_size)]:  # fmt: skip
+        for name, value in [
+            ("n_buckets", n_buckets),
+            ("bucket_size_x", bucket_size_x),
+            ("bucket_size_y", bucket_size_y),
+            ("block_size", block_size),
+        ]:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InputError(f"{name} must be a positive integer or None, got {value!r}")
         if pad_item is not None and (not isinstance(pad_item, int) or pad_item < 0):
@@ -278,8 +286,10 @@ class ScalableCE(nn.Module):
             logger.debug("bucket_size_x=%d > %d real rows: pad rows fill the buckets", b_x, num_real)
         selectable = num_items - (self.pad_item is not None)
         if self.bucket_size_y > selectable:
-            raise InputError(f"bucket_size_y={self.bucket_size_y} exceeds the {selectable} selectable rows of w "
-                             f"(C={num_items}{', minus the pad item' if self.pad_item is not None else ''})")  # fmt: skip
+            raise InputError(
+                f"bucket_size_y={self.bucket_size_y} exceeds the {selectable} selectable rows of w "
+                f"(C={num_items}{', minus the pad item' if self.pad_item is not None else ''})"
+            )
         return n_b, b_x, self.bucket_size_y
 
     @torch.no_grad()

@@ -34,9 +34,17 @@ class TableSCE(nn.Module):
     citation = SCE_CITATION
     cache_terms = "table"
 
-    def __init__(self, temperature: float = 1.0, learn_temperature: bool = False, *, n_buckets: int | None = None,
-                 bucket_size_x: int | None = None, bucket_size_y: int = 256, mix: bool = False,
-                 block_size: int = 65_536):  # fmt: skip
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
+        *,
+        n_buckets: int | None = None,
+        bucket_size_x: int | None = None,
+        bucket_size_y: int = 256,
+        mix: bool = False,
+        block_size: int = 65_536,
+    ):
         super().__init__()
         self.temperature = Temperature(temperature, learn_temperature)
         self.sce = ScalableCE(n_buckets, bucket_size_x, bucket_size_y, mix=mix, block_size=block_size)

@@ -29,14 +29,13 @@ from torch import Tensor, nn
 from dualenc.errors import InputError
 from dualenc.io.atomic import atomic_dir, write_json
 from dualenc.model.custom_tower import is_custom_tower_dir, load_custom_tower, tower_spec, write_custom_tower
+from dualenc.model.options import POOLINGS, check_pooling, resolve_dtype
 from dualenc.model.st_folder import read_json, read_st_dir, write_st_folder
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean")
 CONFIG_NAME = "dualenc_config.json"  # our own file, next to the sentence-transformers files
 FORMAT_VERSION = 1  # bump when the directory layout changes incompatibly
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -66,8 +65,7 @@ def pool(last_hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
     Shapes:
         last_hidden (B, L, H), attention_mask (B, L) -> (B, H).
     """
-    if pooling not in POOLINGS:
-        raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    check_pooling(pooling)
     if last_hidden.dim() != 3 or attention_mask.shape != last_hidden.shape[:2]:
         raise ValueError(
             f"shape mismatch: last_hidden {tuple(last_hidden.shape)}, mask {tuple(attention_mask.shape)}"
@@ -79,15 +77,6 @@ def pool(last_hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
     summed = (last_hidden.to(acc) * mask).sum(dim=1)  # (B, H)
     count = mask.sum(dim=1).clamp(min=1e-9)  # (B, 1)
     return (summed / count).to(last_hidden.dtype)  # (B, H)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """Map ``"float32" | "bfloat16" | "float16"`` (or a ``torch.dtype``, or None) to a ``torch.dtype``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def _dtype_kwargs(dtype: str | torch.dtype | None) -> dict[str, torch.dtype]:
@@ -131,10 +120,8 @@ class HFEncoder(nn.Module):
 
     def __init__(self, model: nn.Module, *, pooling: str = "cls", normalize: bool = False):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise InputError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
         self.model = model
-        self.pooling = pooling
+        self.pooling = check_pooling(pooling)
         self.normalize = normalize
         # BERT-style models also run a pooler head we never use; its parameters would get no gradient, which
         # stalls DDP's gradient buckets (find_unused_parameters=False). Freeze it: it is saved unchanged.
@@ -200,8 +187,7 @@ class DualEncoderConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise InputError(f"unknown pooling {self.pooling!r}; expected one of {', '.join(POOLINGS)}")
+        check_pooling(self.pooling)
         for name in ("normalize", "shared"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from dualenc.io.readers import doc_text
+from dualenc.model.options import resolve_dtype
 from dualenc.negcache.gumbel import GumbelKey, derived_seed, staleness
 from dualenc.negcache.scan import ScanResult, merge_shards, scan_candidates, scan_table
 from dualenc.negcache.table import EmbeddingTable
@@ -42,8 +43,6 @@ from dualenc.retrieval.encode import shard_bounds
 from dualenc.training.config_sections import CacheConfig, SCEConfig
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -83,8 +82,13 @@ class NegativeCache:
             start, end = shard_bounds(len(corpus), rank, world)
         else:
             start, end = shard_bounds(cfg.cache_size, rank, world)
-        self.table = EmbeddingTable(end - start, dim, dtype=DTYPES[cfg.cache_dtype], device=accelerator.device,
-                                    slot_offset=start)  # fmt: skip
+        self.table = EmbeddingTable(
+            end - start,
+            dim,
+            dtype=resolve_dtype(cfg.cache_dtype),
+            device=accelerator.device,
+            slot_offset=start,
+        )
         self._stats = _empty_stats(self.table.emb.device)
 
     # ------------------------------------------------------------------------------------------- filling
@@ -94,10 +98,17 @@ class NegativeCache:
 
         acc = self.accelerator
         path = encode_collection(
-            model, self.corpus, work_dir, batch_size=batch_size, process_index=acc.process_index,
-            num_processes=acc.num_processes, device=acc.device, progress=acc.is_local_main_process,
-            autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None, model_id=model_fingerprint(model),
-        )  # fmt: skip
+            model,
+            self.corpus,
+            work_dir,
+            batch_size=batch_size,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+            device=acc.device,
+            progress=acc.is_local_main_process,
+            autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None,
+            model_id=model_fingerprint(model),
+        )
         emb = torch.from_numpy(np.load(path))  # (M_local, D)
         rows = torch.arange(
             self.table.slot_offset, self.table.slot_offset + self.table.num_slots
@@ -129,8 +140,18 @@ class NegativeCache:
         return rows[hit], slots[hit], home
 
     @torch.no_grad()
-    def sample(self, q_emb: Tensor, pos_score: Tensor, positives: Tensor, batch_docs: Tensor, scale: Tensor,
-               step: int, *, cross_device: bool, with_mean: bool = False) -> CacheDraw:  # fmt: skip
+    def sample(
+        self,
+        q_emb: Tensor,
+        pos_score: Tensor,
+        positives: Tensor,
+        batch_docs: Tensor,
+        scale: Tensor,
+        step: int,
+        *,
+        cross_device: bool,
+        with_mean: bool = False,
+    ) -> CacheDraw:
         """Draw ``num_cache_negatives`` per local query, exactly from the softmax over the whole (sharded) table.
 
         Shapes: q_emb (B, D), pos_score (B,) scaled live positive scores, positives (B, P) corpus rows padded with
@@ -150,16 +171,28 @@ class NegativeCache:
         rows = torch.where(scan.slots >= 0, self.table.doc_idx[scan.slots.clamp(min=0)], -1)  # (Q, m)
         mine = slice(acc.process_index * q_emb.shape[0], (acc.process_index + 1) * q_emb.shape[0])
         merged = merge_shards(
-            self._gather(scan.lse)[:, mine], self._gather(scan.above)[:, mine], self._gather(scan.keys)[:, mine],
-            self._gather(rows)[:, mine], replacement=self.cfg.cache_sample_with_replacement,
+            self._gather(scan.lse)[:, mine],
+            self._gather(scan.above)[:, mine],
+            self._gather(scan.keys)[:, mine],
+            self._gather(rows)[:, mine],
+            replacement=self.cfg.cache_sample_with_replacement,
             mean=self._gather(scan.mean)[:, mine] if with_mean else None,
-        )  # fmt: skip
+        )
         valid = merged.slots >= 0  # (B, m)
         weight = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)  # (B, m)
         return CacheDraw(merged.slots, weight, merged.lse, 1 + merged.above, merged.mean)
 
-    def _scan(self, queries: Tensor, pos_score: Tensor, positives: Tensor, batch_docs: Tensor, scale: Tensor,
-              step: int, cross_device: bool, with_mean: bool) -> ScanResult:  # fmt: skip
+    def _scan(
+        self,
+        queries: Tensor,
+        pos_score: Tensor,
+        positives: Tensor,
+        batch_docs: Tensor,
+        scale: Tensor,
+        step: int,
+        cross_device: bool,
+        with_mean: bool,
+    ) -> ScanResult:
         """This shard's scan for every gathered query (global query id = row of ``queries``). Shapes as sample."""
         device, world = self.table.emb.device, self.accelerator.num_processes
         all_pos = self._gather(positives).flatten(0, 1)  # (Q, P)
@@ -171,18 +204,29 @@ class NegativeCache:
         all_pos_score = self._gather(pos_score.detach().float()).flatten()  # (Q,)
         mask_rows, mask_slots, home_slots = self._masks(all_pos.to(device), seen)
         common = dict(
-            pos_score=all_pos_score.to(device), mask_rows=mask_rows, mask_slots=mask_slots, home_slots=home_slots,
-            num_samples=self.cfg.num_cache_negatives, replacement=self.cfg.cache_sample_with_replacement,
-            key=GumbelKey(self.seed, step), query_ids=torch.arange(queries.shape[0], device=device),
+            pos_score=all_pos_score.to(device),
+            mask_rows=mask_rows,
+            mask_slots=mask_slots,
+            home_slots=home_slots,
+            num_samples=self.cfg.num_cache_negatives,
+            replacement=self.cfg.cache_sample_with_replacement,
+            key=GumbelKey(self.seed, step),
+            query_ids=torch.arange(queries.shape[0], device=device),
             block_size=self.cfg.cache_score_block_size,
-        )  # fmt: skip
+        )
         if self.cfg.cache_candidates == "sce":
             default = max(1, int(2 * queries.shape[0] ** 0.5))
             return scan_candidates(
-                self.table, queries, scale, num_buckets=self.sce.sce_n_buckets or default,
-                bucket_size_x=self.sce.sce_bucket_size_x or default, bucket_size_y=self.sce.sce_bucket_size_y,
-                mix=self.sce.sce_mix, generator=shared_generator(self.seed, step, 0, device), **common,
-            )  # fmt: skip
+                self.table,
+                queries,
+                scale,
+                num_buckets=self.sce.sce_n_buckets or default,
+                bucket_size_x=self.sce.sce_bucket_size_x or default,
+                bucket_size_y=self.sce.sce_bucket_size_y,
+                mix=self.sce.sce_mix,
+                generator=shared_generator(self.seed, step, 0, device),
+                **common,
+            )
         return scan_table(self.table, queries, scale, with_mean=with_mean, **common)
 
     def negative_texts(self, draw: CacheDraw) -> list[str]:
@@ -272,8 +316,9 @@ class NegativeCache:
         texts = self._row_texts(rows.tolist())
         was_training = model.training
         model.eval()  # cached embeddings without dropout noise
-        fresh = encode_texts(model, texts, kind="doc", batch_size=self.cfg.cache_fill_batch_size,
-                             device=self.table.emb.device)  # fmt: skip
+        fresh = encode_texts(
+            model, texts, kind="doc", batch_size=self.cfg.cache_fill_batch_size, device=self.table.emb.device
+        )
         model.train(was_training)
         return torch.from_numpy(fresh).to(self.table.emb.device)  # (k, D)
 
@@ -288,13 +333,21 @@ class NegativeCache:
         table, device = self.table, self.table.emb.device
         age = table.age.double()  # (M,)
         top = age.max() if table.num_slots else age.new_tensor(float("-inf"))  # ()
-        local = torch.cat([self._stats["refresh"], self._stats["written"],
-                           torch.stack([age.sum(), table.filled.sum().double(), age.new_tensor(table.num_slots), top])])  # fmt: skip
+        local = torch.cat(
+            [
+                self._stats["refresh"],
+                self._stats["written"],
+                torch.stack([age.sum(), table.filled.sum().double(), age.new_tensor(table.num_slots), top]),
+            ]
+        )
         stats = self._gather(local.to(device)).cpu()  # (P, 8)
         ref_sum, ref_n, wr_sum, wr_n, age_sum, filled, slots = stats[:, :7].sum(0).tolist()
         self._stats = _empty_stats(device)
-        logs = {"cache/age_mean": age_sum / max(slots, 1), "cache/age_max": float(stats[:, 7].max()),
-                "cache/filled": filled / max(slots, 1)}  # fmt: skip
+        logs = {
+            "cache/age_mean": age_sum / max(slots, 1),
+            "cache/age_max": float(stats[:, 7].max()),
+            "cache/filled": filled / max(slots, 1),
+        }
         if refreshed:
             logs.update(
                 {"cache/staleness_refresh": ref_sum / max(ref_n, 1), "cache/refreshed": refreshed / slots}

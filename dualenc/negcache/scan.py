@@ -230,9 +230,21 @@ def scan_candidates(
     empty = table.doc_idx < 0  # (M,)
     size_y = min(bucket_size_y, int((~empty).sum()))
     if size_y < 1:
-        return scan_table(table, queries, scale, pos_score=pos_score, mask_rows=mask_rows, mask_slots=mask_slots,
-                          home_slots=home_slots, num_samples=num_samples, replacement=replacement, key=key,
-                          query_ids=query_ids, noise=noise, block_size=block_size)  # fmt: skip
+        return scan_table(
+            table,
+            queries,
+            scale,
+            pos_score=pos_score,
+            mask_rows=mask_rows,
+            mask_slots=mask_slots,
+            home_slots=home_slots,
+            num_samples=num_samples,
+            replacement=replacement,
+            key=key,
+            query_ids=query_ids,
+            noise=noise,
+            block_size=block_size,
+        )
     _, items = blockwise_topk(
         centres, table.emb.float(), size_y, block_size=block_size, exclude=empty
     )  # (n_b, b_y)

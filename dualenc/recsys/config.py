@@ -69,9 +69,22 @@ class SASRecConfig:
     output_json: str | None = _help(None, "results JSON; null = outputs/sasrec/<run_name>.json")
 
     def __post_init__(self) -> None:
-        for name in ("maxlen", "hidden", "num_blocks", "num_heads", "num_negatives", "bucket_size_y",
-                     "batch_size", "max_epochs", "patience", "eval_every", "eval_batch_size", "n_buckets",
-                     "bucket_size_x", "num_threads"):  # fmt: skip
+        for name in (
+            "maxlen",
+            "hidden",
+            "num_blocks",
+            "num_heads",
+            "num_negatives",
+            "bucket_size_y",
+            "batch_size",
+            "max_epochs",
+            "patience",
+            "eval_every",
+            "eval_batch_size",
+            "n_buckets",
+            "bucket_size_x",
+            "num_threads",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{name}={value} must be >= 1")

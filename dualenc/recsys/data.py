@@ -228,12 +228,16 @@ def temporal_split(inter: Interactions, quantile: float = 0.95) -> SequenceSplit
     candidates, histories = _group(inter.users[order], test_rows, codes)
     kept = [(u, h) for u, h in zip(candidates, histories, strict=True) if len(h) >= 3]
     return SequenceSplit(
-        item_ids=item_ids, time_point=time_point, train_users=train_users, train=train,
-        test_users=[u for u, _ in kept], valid_inputs=[h[:-2] for _, h in kept],
+        item_ids=item_ids,
+        time_point=time_point,
+        train_users=train_users,
+        train=train,
+        test_users=[u for u, _ in kept],
+        valid_inputs=[h[:-2] for _, h in kept],
         valid_targets=np.asarray([h[-2] for _, h in kept], dtype=np.int64),
         test_inputs=[h[:-1] for _, h in kept],
         test_targets=np.asarray([h[-1] for _, h in kept], dtype=np.int64),
-    )  # fmt: skip
+    )
 
 
 def left_pad(sequences: Sequence[np.ndarray], maxlen: int) -> torch.Tensor:

@@ -80,7 +80,13 @@ def recommend(model: SASRec, inputs: Sequence[np.ndarray], k: int, batch_size: i
     return np.concatenate(tops) if tops else np.zeros((0, k), dtype=np.int64)
 
 
-def evaluate(model: SASRec, inputs: Sequence[np.ndarray], targets: np.ndarray, num_items: int,
-             ks: Sequence[int] = (10,), batch_size: int = 256) -> dict:  # fmt: skip
+def evaluate(
+    model: SASRec,
+    inputs: Sequence[np.ndarray],
+    targets: np.ndarray,
+    num_items: int,
+    ks: Sequence[int] = (10,),
+    batch_size: int = 256,
+) -> dict:
     """Rank the full catalog for every user and return :func:`ranking_metrics`."""
     return ranking_metrics(recommend(model, inputs, max(ks), batch_size), targets, num_items, ks)

@@ -57,8 +57,17 @@ class SASRec(nn.Module):
         Kang & McAuley, ICDM 2018 (``SASREC_CITATION``); Mezentsev et al., RecSys 2024, code ``model.py``.
     """
 
-    def __init__(self, num_items: int, maxlen: int, hidden: int = 64, num_blocks: int = 2, num_heads: int = 1,
-                 dropout: float = 0.3, *, generator: torch.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        num_items: int,
+        maxlen: int,
+        hidden: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.3,
+        *,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.maxlen = maxlen
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=PAD)

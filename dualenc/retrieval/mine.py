@@ -102,8 +102,12 @@ def _mine(
     logger.info(
         "mined %d query groups (%d with no negative left); skipped %d qrels queries absent from the run "
         "and %d with no judgment >= %d",
-        counts["groups"], counts["no_negative"], counts["not_in_run"], counts["no_positive"], min_relevance,
-    )  # fmt: skip
+        counts["groups"],
+        counts["no_negative"],
+        counts["not_in_run"],
+        counts["no_positive"],
+        min_relevance,
+    )
 
 
 def write_groups(groups: Iterable[dict], path: str | os.PathLike) -> int:

@@ -65,8 +65,10 @@ class GroupDataset(torch.utils.data.Dataset):
             if num_short:
                 logger.warning(
                     "%d of %d query groups have fewer than %d negatives: theirs are drawn with replacement",
-                    num_short, len(num_neg), group_size - 1,
-                )  # fmt: skip
+                    num_short,
+                    len(num_neg),
+                    group_size - 1,
+                )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the draws of ``epoch`` (>= 0)."""

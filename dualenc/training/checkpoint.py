@@ -98,8 +98,11 @@ def load_process_state(checkpoint: Path, accelerator, name: str) -> dict:
 
     path = _process_file(Path(checkpoint), name, accelerator)
     if not path.exists():
-        raise InputError(f"checkpoint has no {name} state for process {accelerator.process_index} (saved with "
-                         "a different number of processes?)", path=path)  # fmt: skip
+        raise InputError(
+            f"checkpoint has no {name} state for process {accelerator.process_index} (saved with "
+            "a different number of processes?)",
+            path=path,
+        )
     # read on the CPU, then move: "cpu:0", the device Accelerate reports for CPU processes, is no safetensors device
     return {k: v.to(accelerator.device) for k, v in load_file(str(path), device="cpu").items()}
 

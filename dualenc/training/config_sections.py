@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-POOLINGS = ("cls", "mean")
-DTYPES = ("float32", "bfloat16", "float16")
+from dualenc.model.options import POOLINGS, TORCH_DTYPES
+
+DTYPES = tuple(TORCH_DTYPES)
 TRAIN_FORMATS = ("auto", "tevatron", "groups", "triples", "qrels")
 LOSSES = ("inbatch", "cache", "cache_ce", "sce")
 CACHE_MODES = ("corpus", "stream")
@@ -193,10 +194,12 @@ class LossConfig:
 
     loss: str = field(
         default="inbatch",
-        metadata={"help": "inbatch: softmax CE over in-batch + hard negatives; cache: + negatives sampled from the "
-                  "negative cache (section cache); cache_ce: exact softmax over the whole cached table as constants; "
-                  "sce: Scalable CE over the cached table (section sce), the memory-light cache_ce"},
-    )  # fmt: skip
+        metadata={
+            "help": "inbatch: softmax CE over in-batch + hard negatives; cache: + negatives sampled from the "
+            "negative cache (section cache); cache_ce: exact softmax over the whole cached table as constants; "
+            "sce: Scalable CE over the cached table (section sce), the memory-light cache_ce"
+        },
+    )
     temperature: float = field(default=1.0, metadata={"help": "scores are q.d / temperature (Tevatron)"})
     learn_temperature: bool = field(
         default=False, metadata={"help": "learn log(1/temperature), start at the above"}
@@ -220,8 +223,10 @@ class LossConfig:
         if self.loss == "cache_ce" and cfg.cache.cache_candidates != "dense":
             raise ValueError("loss=cache_ce is the exact softmax over every slot: use cache_candidates=dense")
         if self.loss == "sce" and (cfg.cache.cache_mode != "corpus" or cfg.cache.cache_dtype != "float32"):
-            raise ValueError("loss=sce needs cache_mode=corpus (each positive must have a slot in the table) and "
-                             "cache_dtype=float32")  # fmt: skip
+            raise ValueError(
+                "loss=sce needs cache_mode=corpus (each positive must have a slot in the table) and "
+                "cache_dtype=float32"
+            )
 
 
 @dataclass
@@ -261,9 +266,11 @@ class CacheConfig:
     cache_fill_batch_size: int = field(default=128, metadata={"help": "texts per forward pass when filling"})
     cache_candidates: str = field(
         default="dense",
-        metadata={"help": "dense: score every slot; sce: only the slots of SCE buckets (section sce: sce_n_buckets, "
-                  "sce_bucket_size_x, sce_bucket_size_y, sce_mix), for tables too large to score densely"},
-    )  # fmt: skip
+        metadata={
+            "help": "dense: score every slot; sce: only the slots of SCE buckets (section sce: sce_n_buckets, "
+            "sce_bucket_size_x, sce_bucket_size_y, sce_mix), for tables too large to score densely"
+        },
+    )
     cache_score_block_size: int = field(
         default=65_536, metadata={"help": "slots scored at once when sampling (memory O(queries x block))"}
     )

@@ -297,9 +297,13 @@ class _Groups:
         logger.info(
             "%d lines -> %d query groups; %d positives, %d negatives (%d repeated pairs merged); dropped %d "
             "negatives that are positives of the same query",
-            self.num_records, num_groups, len(pos_rows), len(neg_rows),
-            len(pos_keys) + len(neg_keys) - len(pos_rows) - len(neg_rows) - num_dropped, num_dropped,
-        )  # fmt: skip
+            self.num_records,
+            num_groups,
+            len(pos_rows),
+            len(neg_rows),
+            len(pos_keys) + len(neg_keys) - len(pos_rows) - len(neg_rows) - num_dropped,
+            num_dropped,
+        )
         for group in range(num_groups):
             yield {
                 "query_id": self.query_ids[group],

@@ -283,8 +283,10 @@ def qrels_groups(
         yield {"query_id": query_id, "query": query, "positives": positives, "negatives": []}
     logger.info(
         "qrels: %d of %d judged queries have a grade >= %d (the others are skipped)",
-        num_groups, len(qrels), min_relevance,
-    )  # fmt: skip
+        num_groups,
+        len(qrels),
+        min_relevance,
+    )
     if num_groups == 0:
         raise InputError(f"no query has a judgment with grade >= {min_relevance}", path=qrels_file)
 

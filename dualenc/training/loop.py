@@ -61,8 +61,15 @@ def build_loss(cfg: RunConfig) -> nn.Module:
         from dualenc.losses.table_sce import TableSCE
 
         s = cfg.sce
-        return TableSCE(t, learn, n_buckets=s.sce_n_buckets or None, bucket_size_x=s.sce_bucket_size_x or None,
-                        bucket_size_y=s.sce_bucket_size_y, mix=s.sce_mix, block_size=s.sce_block_size)  # fmt: skip
+        return TableSCE(
+            t,
+            learn,
+            n_buckets=s.sce_n_buckets or None,
+            bucket_size_x=s.sce_bucket_size_x or None,
+            bucket_size_y=s.sce_bucket_size_y,
+            mix=s.sce_mix,
+            block_size=s.sce_block_size,
+        )
     if cfg.loss.loss in ("cache", "cache_ce"):
         return CachedCE(t, learn, inbatch=cfg.cache.cache_inbatch, sampled=cfg.loss.loss == "cache")
     return InBatchCE(t, learn)
@@ -152,10 +159,14 @@ def train(
     batch_size, processes = cfg.train.per_device_train_batch_size, accelerator.num_processes
     set_seed(seed)
     data: TrainData = load_train_data(
-        cfg.data.train_file, format=cfg.data.train_format, corpus_file=cfg.data.corpus_file,
-        queries_file=cfg.data.queries_file, qrels_file=cfg.data.qrels_file, min_relevance=cfg.data.min_relevance,
+        cfg.data.train_file,
+        format=cfg.data.train_format,
+        corpus_file=cfg.data.corpus_file,
+        queries_file=cfg.data.queries_file,
+        qrels_file=cfg.data.qrels_file,
+        min_relevance=cfg.data.min_relevance,
         cache_dir=cfg.data.datasets_cache_dir,
-    )  # fmt: skip
+    )
     if model is None:
         model = build_model(
             cfg.model, data, seed=seed, init_dir=out / "initial_model", accelerator=accelerator
@@ -168,13 +179,19 @@ def train(
     dataset = GroupDataset(data, cfg.data.train_group_size, seed=seed)
     sampler = EpochSampler(len(dataset), seed=seed, multiple_of=batch_size * processes)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=TrainCollator(model, data.corpus),
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=TrainCollator(model, data.corpus),
         num_workers=cfg.data.dataloader_num_workers,
-    )  # fmt: skip
+    )
     plan = StepPlan.make(
-        len(sampler) // (batch_size * processes), cfg.train.gradient_accumulation_steps, cfg.train.max_steps,
+        len(sampler) // (batch_size * processes),
+        cfg.train.gradient_accumulation_steps,
+        cfg.train.max_steps,
         cfg.train.num_train_epochs,
-    )  # fmt: skip
+    )
     module = TrainingModule(model, build_loss(cfg), cfg.loss)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, cfg.train.weight_decay), lr=cfg.train.learning_rate
@@ -183,9 +200,11 @@ def train(
     # sized in optimizer steps and stepped once per optimizer step: not wrapped by prepare (whose wrapper
     # steps it once per process), registered so that save_state/load_state carry it
     scheduler = get_scheduler(
-        cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * plan.total_steps),
+        cfg.train.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(cfg.train.warmup_ratio * plan.total_steps),
         num_training_steps=plan.total_steps,
-    )  # fmt: skip
+    )
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process:
         _log_startup(cfg, processes, len(dataset), len(data.corpus), plan)
@@ -247,8 +266,9 @@ def train(
                     output: StepOutput = module(batch, cache=cache, draw_id=draw_id)
                     accelerator.backward(output.loss / num_micro)
                 if cache is not None:  # fresh embeddings of the batch's documents and drawn negatives
-                    cache.write_back(output.fresh_idx, output.fresh_emb,
-                                     insert=torch.arange(output.num_batch_docs))  # fmt: skip
+                    cache.write_back(
+                        output.fresh_idx, output.fresh_emb, insert=torch.arange(output.num_batch_docs)
+                    )
                 step_logs.append(output.logs)
             grad_norm = None
             if cfg.train.max_grad_norm > 0:
@@ -273,8 +293,15 @@ def train(
             if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == plan.total_steps:
                 state.elapsed_s = time.perf_counter() - clock_origin
                 per_process = {"cache": cache.table.state_dict()} if cache is not None else None
-                save_checkpoint(accelerator, out, step, dataclasses.asdict(state), config_yaml,
-                                cfg.train.save_total_limit, per_process)  # fmt: skip
+                save_checkpoint(
+                    accelerator,
+                    out,
+                    step,
+                    dataclasses.asdict(state),
+                    config_yaml,
+                    cfg.train.save_total_limit,
+                    per_process,
+                )
     bar.close()
     final = out / "final_model"
     if accelerator.is_main_process:
@@ -308,9 +335,22 @@ def _log_startup(cfg: RunConfig, processes: int, num_groups: int, num_docs: int,
         "accumulation = %d queries per optimizer step; documents per query %d -> negatives per query %d "
         "(%d in-batch/cross-device + %d hard); %d micro-batches per process per epoch = %d optimizer steps per "
         "epoch; %d optimizer steps (%d epochs)",
-        num_groups, num_docs, processes, b, processes, gas, b * processes * gas, shown, shown - 1, shown - g,
-        g - 1, plan.batches_per_epoch, plan.steps_per_epoch, plan.total_steps, plan.num_epochs(),
-    )  # fmt: skip
+        num_groups,
+        num_docs,
+        processes,
+        b,
+        processes,
+        gas,
+        b * processes * gas,
+        shown,
+        shown - 1,
+        shown - g,
+        g - 1,
+        plan.batches_per_epoch,
+        plan.steps_per_epoch,
+        plan.total_steps,
+        plan.num_epochs(),
+    )
 
 
 def _step_logs(

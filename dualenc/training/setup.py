@@ -59,10 +59,15 @@ def _random_model(cfg: ModelConfig, data, overrides: dict, seed: int) -> DualEnc
 
     texts = itertools.chain(data.groups["query"], data.corpus["text"])
     bert, tokenizer = random_bert(
-        itertools.islice(texts, VOCAB_TEXTS), vocab_size=cfg.random_vocab_size,
-        hidden_size=cfg.random_hidden_size, num_layers=cfg.random_num_layers, num_heads=cfg.random_num_heads,
-        intermediate_size=cfg.random_intermediate_size, dropout=cfg.random_dropout, seed=seed,
-    )  # fmt: skip
+        itertools.islice(texts, VOCAB_TEXTS),
+        vocab_size=cfg.random_vocab_size,
+        hidden_size=cfg.random_hidden_size,
+        num_layers=cfg.random_num_layers,
+        num_heads=cfg.random_num_heads,
+        intermediate_size=cfg.random_intermediate_size,
+        dropout=cfg.random_dropout,
+        seed=seed,
+    )
     config = DualEncoderConfig(**{**overrides, "shared": not cfg.untie_encoder})
     tower = HFEncoder(bert, pooling=config.pooling, normalize=config.normalize)
     return DualEncoder(tower, copy.deepcopy(tower) if cfg.untie_encoder else None, tokenizer, config)
@@ -107,8 +112,9 @@ class DevSet:
         model.eval()
         docs = encode_texts(model, self.doc_texts, kind="doc", batch_size=batch_size, device=device)  # (N, D)
         queries = encode_texts(model, self.query_texts, kind="query", batch_size=batch_size, device=device)
-        scores, rows = exact_search_torch(queries, docs, min(self.hits, len(docs)), device=str(device),
-                                          doc_ids=self.doc_ids)  # fmt: skip
+        scores, rows = exact_search_torch(
+            queries, docs, min(self.hits, len(docs)), device=str(device), doc_ids=self.doc_ids
+        )
         run = run_from_search(self.query_ids, self.doc_ids, scores, rows)
         return evaluate(self.qrels, run, measure)
 

@@ -108,8 +108,16 @@ class TrainingModule(nn.Module):
         scale = self.loss.temperature().detach()  # ()
         pos_score = scale * (q_emb.detach() * positive.detach()).sum(-1)  # (B,)
         _, world = rank_and_world()
-        draw = cache.sample(q_emb, pos_score, batch["positives"], batch["doc_idx"], scale, draw_id,
-                            cross_device=self.cross_device and world > 1, with_mean=needs == "mean")  # fmt: skip
+        draw = cache.sample(
+            q_emb,
+            pos_score,
+            batch["positives"],
+            batch["doc_idx"],
+            scale,
+            draw_id,
+            cross_device=self.cross_device and world > 1,
+            with_mean=needs == "mean",
+        )
         logs = {
             "cache/pos_rank": draw.pos_rank.float().mean(),
             "cache/draws": (draw.doc_idx >= 0).float().sum(1).mean(),
