@@ -1,24 +1,24 @@
 """ANN recall and speed vs exact search on real embeddings: Flat, IVF, HNSW, IVF-PQ (FAISS, inner product).
 
     python bench/index_recall.py --corpus outputs/zeroshot/dl19/corpus --queries outputs/bench/dev-queries
-    python bench/index_recall.py --corpus EMB_DIR --queries QEMB_DIR --factories "IVF256,Flat" "HNSW32" --k 100
+    python bench/index_recall.py --corpus EMB_DIR --queries QEMB_DIR --factories "IVF256,Flat" HNSW32 --k 100
 
-``--corpus`` and ``--queries`` are embeddings directories (``dualenc encode --collection`` / ``--topics``). For each
-factory string the index is built once (train + add timed), then searched with each parameter setting; recall@k is
-the fraction of the exact top-k (``IndexFlatIP``) found by the ANN index, averaged over queries (faiss's
-``knn_intersection_measure``). All rows are measured side by side in one run. Output: a table and a JSON file.
+``--corpus`` and ``--queries`` are embeddings directories (``dualenc encode --collection`` / ``--topics``).
+For each factory string the index is built once (train + add timed), then searched with each parameter
+setting; recall@k is the fraction of the exact top-k (``IndexFlatIP``) found by the ANN index, averaged over
+queries (faiss's ``knn_intersection_measure``). All rows are measured side by side in one run. Output: a
+table and a JSON file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from bench_common import print_table, write_report
 
 DEFAULT_FACTORIES = ["Flat", "IVF256,Flat", "HNSW32", "IVF256,PQ32"]
 DEFAULT_PARAMS = {
@@ -80,26 +80,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: all)")
     p.add_argument("--out", default="bench/results/index_recall_cpu.json")
     args = p.parse_args(argv)
-    from dualenc.io.provenance import environment_info
-    from dualenc.io.text_table import format_table
-
     corpus, queries = _load(args.corpus), _load(args.queries)
     rows = measure(corpus, queries, args.factories, args.k, args.threads)
-    table = format_table(rows)
-    print(f"{len(corpus)} docs x {len(queries)} queries, dim {corpus.shape[1]}\n{table}")
+    title = f"{len(corpus)} docs x {len(queries)} queries, dim {corpus.shape[1]}"
     report = {
         "config": vars(args),
         "num_docs": len(corpus),
         "num_queries": len(queries),
         "rows": rows,
-        "table": table,
-        **environment_info(Path(__file__).parent),
+        "table": print_table(rows, title),
         "python_platform": platform.platform(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

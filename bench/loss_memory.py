@@ -10,38 +10,50 @@ during setup, before the baseline is taken: only the loss is measured, as in the
 (ALGORITHMS.md Part B 2.3-2.4). Full CE configurations whose estimated memory exceeds ``--max-gib`` get a
 "skipped" row instead of crashing the machine.
 
-Memory, CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the memory allocated
-before the call (tensors only, no allocator cache).
+Memory, CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the memory
+allocated before the call (tensors only, no allocator cache).
 
-Memory, CPU (method recorded as ``memory_method`` in the JSON): tracemalloc cannot see torch's C++ allocations and
-``ru_maxrss`` never goes down, so we use the kernel's own high-water mark. After setup and one warm-up call (lazy
-one-time initialisation is not loss memory) we call glibc ``malloc_trim(0)``, so memory freed so far goes back
-to the OS instead of being reused unseen, read VmRSS as the baseline, reset VmHWM by writing "5" to
-``/proc/self/clear_refs``, run the measured call and report VmHWM - baseline. That is exact at page granularity,
-unlike a sampling thread, which misses peaks shorter than its period. Where clear_refs is not writable the
-fallback is ``ru_maxrss`` - baseline, i.e. the warm-up call's peak (a slight overestimate). RSS counts pages
-actually touched, so it includes allocator overhead and OpenMP buffers.
+Memory, CPU (method recorded as ``memory_method`` in the JSON): tracemalloc cannot see torch's C++
+allocations and ``ru_maxrss`` never goes down, so we use the kernel's own high-water mark. After setup and one
+warm-up call (lazy one-time initialisation is not loss memory) we call glibc ``malloc_trim(0)``, so memory
+freed so far goes back to the OS instead of being reused unseen, read VmRSS as the baseline, reset VmHWM by
+writing "5" to ``/proc/self/clear_refs``, run the measured call and report VmHWM - baseline. That is exact at
+page granularity, unlike a sampling thread, which misses peaks shorter than its period. Where clear_refs is
+not writable the fallback is ``ru_maxrss`` - baseline, i.e. the warm-up call's peak (a slight overestimate).
+RSS counts pages actually touched, so it includes allocator overhead and OpenMP buffers.
 
-Output: a table (MiB, ms, ratios vs full CE), a JSON file (config, machine, rows) and a log-log PNG.
+Output: a table (MiB, ms, ratios vs full CE), a JSON file (config, machine, commit, rows) and a log-log PNG.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
-import math
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import bench_common
+
+if TYPE_CHECKING:
+    import torch
 
 LOSSES = ("ce", "ce_chunked", "sce", "bce", "gbce", "ce_minus")
-REPO = Path(__file__).resolve().parents[1]
+COLUMNS = (  # the printed table: (header, row key, width, number format)
+    ("C", "num_items", 9, ""),
+    ("loss", "loss", 10, ""),
+    ("status", "status", 7, ""),
+    ("peak MiB", "peak_mib", 10, ".1f"),
+    ("time ms", "time_ms", 10, ".1f"),
+    ("mem/CE", "mem_ratio_vs_ce", 8, ".4f"),
+    ("time/CE", "time_ratio_vs_ce", 8, ".3f"),
+    ("rel.err", "rel_err_vs_ce", 8, ".3f"),
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,14 +83,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.catalog_sizes, args.num_rows, args.dim, args.seq_len = [2000.0], 64, 16, 8
         args.bucket_size_y, args.num_negatives, args.chunk, args.repeats = 32, 16, 16, 1
     if args.out is None:
-        args.out = REPO / "bench" / "results" / f"loss_memory_{args.device}.json"
+        args.out = bench_common.REPO / "bench" / "results" / f"loss_memory_{args.device}.json"
     return args
 
 
 def estimate_gib(loss: str, cfg: dict) -> float:
     """Rough peak of one call in GiB (fp32): the largest live activations plus the grads of X and W."""
     n, c, d, k = cfg["num_rows"], cfg["num_items"], cfg["dim"], cfg["num_negatives"]
-    n_b = max(1, int(2 * math.sqrt(n)))
+    from dualenc.losses.sce import default_bucket_count
+
+    n_b = default_bucket_count(n)
     floats = {
         "ce": 3 * n * c,  # logits, log-softmax output, their grad
         "ce_chunked": 3 * cfg["chunk"] * c,
@@ -92,29 +106,14 @@ def estimate_gib(loss: str, cfg: dict) -> float:
     return 4 * (floats + c * d + n * d) / 2**30
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _setup(cfg: dict):
     """Build X, W, targets (and negatives) on the device; return the loss closure and the leaves."""
     import torch
 
-    from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
-    from dualenc.losses.sce import ScalableCE, full_ce
+    from dualenc.losses.dense import full_ce
+    from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_loss
+    from dualenc.losses.sce import ScalableCE
+    from dualenc.losses.uniform_negatives import sample_uniform, sample_unseen
 
     dev, n, c, d = cfg["device"], cfg["num_rows"], cfg["num_items"], cfg["dim"]
     gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
@@ -142,14 +141,29 @@ def _setup(cfg: dict):
     return (lambda: ce_minus_loss(x, w, targets, neg)), x, w, targets
 
 
+def peak_of_call(call: Callable[[], float], device: torch.device) -> tuple[float, int, str]:
+    """Run ``call`` once, measured: its value, its peak bytes above the memory in use before, the method."""
+    if device.type == "cuda":
+        baseline = bench_common.memory_baseline(device)
+        value = call()
+        return value, bench_common.memory_peak(device, baseline), "cuda.max_memory_allocated"
+    bench_common.trim_heap()  # hand freed setup memory back to the OS, so the call cannot reuse it unseen
+    base_kib = bench_common.status_kib("VmRSS")
+    if bench_common.reset_hwm():
+        value = call()
+        return value, (bench_common.status_kib("VmHWM") - base_kib) * 1024, "VmHWM (clear_refs)"
+    value = call()
+    return value, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) * 1024, "ru_maxrss"
+
+
 def run_single(cfg: dict) -> dict:
     """Measure one configuration in this (fresh) process; returns one result row."""
     import torch
 
-    from dualenc.losses.sce import full_ce
+    from dualenc.losses.dense import full_ce
 
-    cuda = cfg["device"] == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    device = torch.device(cfg["device"])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(cfg["seed"])
     fn, x, w, targets = _setup(cfg)
 
@@ -161,26 +175,7 @@ def run_single(cfg: dict) -> dict:
         return float(loss)
 
     call()  # warm-up: one-time lazy initialisation (kernels, thread pools) is not loss memory
-    if cuda:
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        value = call()
-        peak, method = torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
-    else:
-        try:  # hand freed setup memory back to the OS, so the call cannot reuse it unseen
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        base_kib = _status_kib("VmRSS")
-        method = "VmHWM (clear_refs)" if _reset_hwm() else "ru_maxrss"
-        value = call()
-        peak_kib = (
-            _status_kib("VmHWM")
-            if method.startswith("VmHWM")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        )
-        peak = (peak_kib - base_kib) * 1024
+    value, peak, method = peak_of_call(call, device)
     times = []
     for _ in range(cfg["repeats"]):
         start = time.perf_counter()
@@ -196,15 +191,11 @@ def run_single(cfg: dict) -> dict:
 
 
 def _run_child(cfg: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", json.dumps(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        return {
-            "status": "failed",
-            "error": proc.stderr.strip().splitlines()[-1:] or [f"rc={proc.returncode}"],
-        }
-    return {"status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])}
+    """One configuration in a fresh subprocess: ``status`` ok and its row, or failed and its last error."""
+    try:
+        return {"status": "ok", **bench_common.run_config(__file__, cfg)}
+    except bench_common.ConfigFailed as err:
+        return {"status": "failed", "error": err.stderr.strip().splitlines()[-1:] or [f"rc={err.returncode}"]}
 
 
 def _machine(device: str) -> dict:
@@ -218,23 +209,21 @@ def _machine(device: str) -> dict:
     return info
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def print_table(rows: list[dict]) -> None:
-    head = f"{'C':>9} {'loss':>10} {'status':>7} {'peak MiB':>10} {'time ms':>10} {'mem/CE':>8} {'time/CE':>8} {'rel.err':>8}"
+    """Fixed-width table, one row per (C, loss); ``-`` where a row has no value."""
+    head = " ".join(f"{header:>{width}}" for header, _, width, _ in COLUMNS)
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(
-            f"{r['num_items']:>9} {r['loss']:>10} {r['status']:>7} {_fmt(r.get('peak_mib'), '10.1f')} "
-            f"{_fmt(r.get('time_ms'), '10.1f')} {_fmt(r.get('mem_ratio_vs_ce'), '8.4f')} "
-            f"{_fmt(r.get('time_ratio_vs_ce'), '8.3f')} {_fmt(r.get('rel_err_vs_ce'), '8.3f')}"
-        )
+        cells = [
+            "-".rjust(width) if r.get(key) is None else format(r[key], f">{width}{spec}")
+            for _, key, width, spec in COLUMNS
+        ]
+        print(" ".join(cells))
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    """Memory and time vs catalog size, log-log, one line per loss; False (with a message) without matplotlib."""
+    """Memory and time vs catalog size, log-log, one line per loss; False (and a message) without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -266,11 +255,8 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.single is not None:
-        print(json.dumps(run_single(json.loads(args.single))))
+    if bench_common.serve_single(args.single, run_single):
         return {}
-    from dualenc.io.atomic import write_json
-
     keys = ["device", "num_rows", "dim", "seq_len", "bucket_size_y", "num_negatives", "chunk", "logit_std"]
     base = {k: getattr(args, k) for k in keys} | {"repeats": args.repeats, "seed": args.seed}
     machine = _machine(args.device)  # includes the load average before the runs: the machine may be shared
@@ -292,12 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "config": base | {"max_gib": args.max_gib, "losses": args.losses},
         "machine": machine,
+        "memory_method": next((r["memory_method"] for r in rows if "memory_method" in r), None),
+        "rows": rows,
     }
-    result |= {"memory_method": next((r["memory_method"] for r in rows if "memory_method" in r), None)}
-    result["rows"] = rows
-    write_json(args.out, result)
+    result = bench_common.write_report(args.out, result)
     plot(rows, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
     return result
 
 

@@ -1,29 +1,26 @@
-"""Training-step time and peak memory of the msmarco_inbatch recipe's shape, fp32 vs bf16 autocast, side by side.
+"""Training-step time and peak memory of the msmarco_inbatch recipe's shape, fp32 vs bf16 autocast.
 
-    python bench/train_step.py                                    # CPU: 2-layer BERT, batch 8 x group 2 (smoke-sized)
-    python bench/train_step.py --device cuda --layers 12 --batch-size 64 --group-size 8   # the msmarco config, one GPU
+    python bench/train_step.py        # CPU: 2-layer BERT, batch 8 x group 2 (smoke-sized)
+    python bench/train_step.py --device cuda --layers 12 --batch-size 64 --group-size 8   # msmarco, one GPU
 
-Runs the real training path (``TrainingModule`` (one micro-batch's loss) + AdamW through ``Accelerator``) on random
-token ids with a randomly initialised BERT (hidden 768 = BERT-base width); each precision runs in a fresh
-subprocess. Memory: CUDA ``max_memory_allocated``; CPU: peak RSS above the post-setup baseline. Output: a table and
-``bench/results/train_step_<device>.json``.
+Runs the real training path (``TrainingModule`` (one micro-batch's loss) + AdamW through ``Accelerator``) on
+random token ids with a randomly initialised BERT (hidden 768 = BERT-base width); each precision runs in a
+fresh subprocess, side by side. Memory: CUDA ``max_memory_allocated``; CPU: peak RSS above the post-setup
+baseline. Output: a table and ``bench/results/train_step_<device>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+import bench_common
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--layers", type=int, default=2)
@@ -38,18 +35,18 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.out = args.out or REPO / "bench" / "results" / f"train_step_{args.device}.json"
+    args.out = args.out or bench_common.REPO / "bench" / "results" / f"train_step_{args.device}.json"
     return args
 
 
 def run_single(cfg: dict) -> dict:
+    """One precision's training steps in this process: median step time, peak memory, documents/s."""
     import torch
     from accelerate import Accelerator
-    from cache_step import _memory_baseline, _memory_peak
     from transformers import BertConfig, BertModel
 
-    from dualenc.losses.base import InBatchCE
-    from dualenc.model.encoder import DualEncoder, DualEncoderConfig, HFEncoder
+    from dualenc.losses.inbatch import InBatchCE
+    from dualenc.model import DualEncoder, DualEncoderConfig, HFEncoder
     from dualenc.training.config import load_config
     from dualenc.training.step import TrainingModule
 
@@ -73,20 +70,14 @@ def run_single(cfg: dict) -> dict:
     module, optimizer = accelerator.prepare(module, optimizer)
     b, g = cfg["batch_size"], cfg["group_size"]
 
-    def tokens(n, length):
-        return {
-            "input_ids": torch.randint(1000, 30000, (n, length), device=device),
-            "attention_mask": torch.ones(n, length, dtype=torch.long, device=device),
-        }
-
     batch = {
-        "query": tokens(b, cfg["query_len"]),
-        "doc": tokens(b * g, cfg["passage_len"]),
-        "doc_idx": torch.arange(b * g, device=device),
-        "positives": torch.arange(b * g, device=device).view(b, g)[:, :1],
+        "query": bench_common.random_tokens(b, cfg["query_len"], device),
+        "doc": bench_common.random_tokens(b * g, cfg["passage_len"], device),
+        "doc_idx": torch.arange(b * g, device=device),  # (B*G,)
+        "positives": torch.arange(b * g, device=device).view(b, g)[:, :1],  # (B, 1) first of each group
     }
 
-    def step():
+    def step() -> None:
         out = module(batch)
         accelerator.backward(out.loss)
         optimizer.step()
@@ -94,10 +85,7 @@ def run_single(cfg: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    baseline = _memory_baseline(device)
-    step()
-    peak = _memory_peak(device, baseline)
+    peak = bench_common.peak_of_step(step, device)
     times = []
     for _ in range(cfg["repeats"]):
         start = time.perf_counter()
@@ -111,29 +99,18 @@ def run_single(cfg: dict) -> dict:
     }
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.single:
-        print(json.dumps(run_single(json.loads(args.single))))
+    if bench_common.serve_single(args.single, run_single):
         return {}
-    from cache_step import child_env
-
-    from dualenc.io.provenance import environment_info
-    from dualenc.io.text_table import format_table
-
     rows = []
     for precision in args.precisions:
         cfg = {k: v for k, v in vars(args).items() if k not in ("out", "single", "precisions")}
         cfg["precision"] = precision
-        proc = subprocess.run(
-            [sys.executable, __file__, "--single", json.dumps(cfg)],
-            capture_output=True,
-            text=True,
-            env=child_env(),
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"{precision} failed:\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        try:
+            rows.append(bench_common.run_config(__file__, cfg))
+        except bench_common.ConfigFailed as err:
+            raise SystemExit(f"{precision} failed:\n{err.stderr[-4000:]}") from None
     base = rows[0]["step_s"]
     summary = [
         {
@@ -145,21 +122,13 @@ def main(argv=None) -> dict:
         }
         for r in rows
     ]
-    table = format_table(summary)
-    print(
-        f"{args.layers}-layer BERT (hidden {args.hidden}), batch {args.batch_size} x group {args.group_size}, "
-        f"{args.query_len}/{args.passage_len} tokens, {args.device}\n{table}"
+    title = (
+        f"{args.layers}-layer BERT (hidden {args.hidden}), batch {args.batch_size} x group "
+        f"{args.group_size}, {args.query_len}/{args.passage_len} tokens, {args.device}"
     )
-    report = {
-        "config": {k: str(v) for k, v in vars(args).items()},
-        "rows": rows,
-        "table": table,
-        **environment_info(REPO),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
+    table = bench_common.print_table(summary, title)
+    config = {k: str(v) for k, v in vars(args).items()}
+    return bench_common.write_report(args.out, {"config": config, "rows": rows, "table": table})
 
 
 if __name__ == "__main__":

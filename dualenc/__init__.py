@@ -1,6 +1,9 @@
 """dualenc: train and evaluate dense passage retrievers (dual encoders).
 
-The public API is imported lazily so that ``import dualenc`` stays cheap and has no side effects.
+The library is seven layers of packages, each importing only the layers below it (docs/architecture.md):
+``cli``; ``training`` and ``recsys``; ``evaluation`` and ``negcache``; ``retrieval``; ``model`` and
+``losses``; ``io``; ``errors``. Import from the packages, e.g. ``from dualenc.training import train,
+load_config``; ``import dualenc`` itself loads nothing but the error type.
 """
 
 from __future__ import annotations

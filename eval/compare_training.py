@@ -5,13 +5,13 @@
         inbatch=outputs/scifact_compare/inbatch_s42 cache=outputs/scifact_compare/cache_s42 ...
 
 Each ``NAME=RUN_DIR`` is a ``recipes/train.py`` output directory holding ``train_log.jsonl``,
-``train_summary.json`` and ``test.json`` (the eval script's report on its best model; ``--test-report`` names
-another file). Runs sharing a NAME (several seeds) are also summarised as mean ± sample std. Prints a table per
-run, one per name, and paired significance tests of each name against a baseline on the test queries
-(per-query scores averaged over seeds; randomization test and paired t-test). Writes JSON and a PNG: training
-loss, dev measure and, for cache runs, the staleness of the refreshed table slots, against the optimizer step.
-Where the eval report's work dir still holds the corpus embeddings, "doc mean cos" is their mean pairwise cosine
-(how crowded the trained model's document space is).
+``train_summary.json`` and ``test.json`` (the eval script's report on its best model; ``--test-report``
+names another file). Runs sharing a NAME (several seeds) are also summarised as mean ± sample std. Prints a
+table per run, one per name, and paired significance tests of each name against a baseline on the test
+queries (per-query scores averaged over seeds; randomization test and paired t-test). Writes JSON and a PNG:
+training loss, dev measure and, for cache runs, the staleness of the refreshed table slots, against the
+optimizer step. Where the eval report's work dir still holds the corpus embeddings, "doc mean cos" is their
+mean pairwise cosine (how crowded the trained model's document space is).
 """
 
 from __future__ import annotations
@@ -24,43 +24,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from compare_plot import plot_curves
+from compare_stats import mean_pairwise_cosine, paired_randomization_pvalue
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
+from dualenc.io.input_files import existing_file, iter_lines, read_json
 from dualenc.io.provenance import environment_info
 from dualenc.io.text_table import format_table
 
 STALENESS = "cache/staleness_refresh"  # ||e_cached - e_fresh||^2 / ||e_fresh||^2 of the refreshed slots
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError("file not found", path=path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"not JSON: {err.msg}", path=path, line=err.lineno) from None
-
-
 def read_log(path: Path) -> list[dict]:
     """The records of a ``train_log.jsonl``, in file order."""
-    if not path.is_file():
-        raise InputError("file not found", path=path)
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_no, line in iter_lines(existing_file(path)):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise InputError(f"not JSON: {err.msg}", path=path, line=line_no) from None
+            raise InputError(f"invalid JSON: {err.msg}", path=path, line=line_no) from None
     return records
 
 
 def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
     """One run's numbers: test measures of its best model, best dev score, time, memory, curves."""
-    summary = _read_json(run_dir / "train_summary.json")
-    test = _read_json(run_dir / test_report)
+    summary = read_json(run_dir / "train_summary.json")
+    test = read_json(run_dir / test_report)
     log = read_log(run_dir / "train_log.jsonl")
     measure = summary["eval_measure"]
     losses = [(r["step"], r["loss"]) for r in log if "loss" in r]
@@ -99,30 +89,6 @@ def _run_wall_s(summary: dict, run_dir: Path) -> float | None:
     return summary["wall_s"]
 
 
-def _unit_row_sum(emb: np.ndarray, block_rows: int) -> np.ndarray:
-    """sum_i e_i / ||e_i|| over the rows of ``emb`` (n, D), read ``block_rows`` at a time (memmaps stay on disk)."""
-    total = np.zeros(emb.shape[1], dtype=np.float64)  # (D,)
-    for start in range(0, emb.shape[0], block_rows):
-        rows = np.asarray(emb[start : start + block_rows], dtype=np.float64)  # (b, D)
-        norms = np.linalg.norm(rows, axis=1, keepdims=True)  # (b, 1)
-        if (norms == 0).any():
-            raise ValueError(f"row {start + int(np.argmin(norms[:, 0]))} is the zero vector: no cosine")
-        total += (rows / norms).sum(axis=0)
-    return total
-
-
-def mean_pairwise_cosine(*embs: np.ndarray, block_rows: int = 65_536) -> float:
-    """Mean cosine similarity over the n(n-1) ordered pairs of distinct rows of ``embs`` (arrays (n_k, D) taken
-    together, e.g. the shards of a corpus), in O(D) extra memory: (||sum_i u_i||^2 - n) / (n (n - 1)) with
-    u_i = e_i / ||e_i||. Near 0: the embeddings spread over the sphere; near 1: crowded into a narrow cone (the
-    anisotropy of Ethayarajh, EMNLP 2019)."""
-    n = sum(emb.shape[0] for emb in embs)
-    if n < 2:
-        raise ValueError("the mean pairwise cosine needs at least 2 rows")
-    total = sum(_unit_row_sum(emb, block_rows) for emb in embs)  # (D,)
-    return float((total @ total - n) / (n * (n - 1)))
-
-
 def corpus_mean_cosine(report: dict) -> float | None:
     """Mean pairwise cosine of the corpus embeddings an eval report left in ``<work_dir>/corpus``, if any."""
     from dualenc.io.embeddings import load_embeddings
@@ -136,33 +102,16 @@ def corpus_mean_cosine(report: dict) -> float | None:
 def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
     """Per-query ``measure`` of the run an eval report points at, scored against the report's qrels."""
     from dualenc.evaluation.measures import evaluate_per_query
-    from dualenc.io.readers import read_qrels
+    from dualenc.io.qrels import read_qrels
     from dualenc.io.runs import read_run
 
-    report = _read_json(Path(report_path))
+    report = read_json(Path(report_path))
     if "run_file" not in report or "qrels" not in report.get("config", {}):
         raise InputError(
             "not an eval report (no run_file / config.qrels): per-query scores need them", path=report_path
         )
     qrels, run = read_qrels(report["config"]["qrels"]), read_run(report["run_file"])
     return {qid: values[measure] for qid, values in evaluate_per_query(qrels, run, [measure]).items()}
-
-
-def paired_randomization_pvalue(a: np.ndarray, b: np.ndarray, *, num_resamples: int = 10_000) -> float:
-    """Two-sided paired randomization (sign-flip) test of mean(a - b) = 0, the IR default for comparing systems
-    on the same queries (Smucker, Allan, Carterette, CIKM 2007); exact when 2^n <= ``num_resamples``."""
-    from scipy import stats
-
-    result = stats.permutation_test(
-        (a, b),
-        lambda x, y, axis: np.mean(x - y, axis=axis),
-        permutation_type="samples",
-        vectorized=True,
-        n_resamples=num_resamples,
-        alternative="two-sided",
-        random_state=0,
-    )
-    return float(result.pvalue)
 
 
 def paired_comparison(runs: list[dict], baseline: str, measure: str) -> list[dict]:
@@ -226,54 +175,6 @@ def aggregate(runs: list[dict], measures: Sequence[str]) -> list[dict]:
     return rows
 
 
-def plot_curves(runs: list[dict], zero_shot_dev: float | None, path: Path, measure: str) -> bool:
-    """Training loss, dev measure (and cache staleness) against the step, one line per run; False without
-    matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return False
-    panels = ["loss", "dev"] + (["staleness"] if any(r["curves"]["staleness"] for r in runs) else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    names = list(dict.fromkeys(r["name"] for r in runs))  # one colour per name, one line style per seed
-    for run in runs:
-        label = f"{run['name']} ({Path(run['run_dir']).name})"
-        colour = colours[names.index(run["name"]) % len(colours)]
-        style = ["-", "--", ":", "-."][[r for r in runs if r["name"] == run["name"]].index(run) % 4]
-        for ax, key in zip(axes, panels, strict=True):
-            points = run["curves"][key]
-            if points:
-                ax.plot(
-                    *zip(*points, strict=True),
-                    marker="o" if key == "dev" else None,
-                    label=label,
-                    color=colour,
-                    linestyle=style,
-                )
-    if zero_shot_dev is not None:
-        axes[1].axhline(zero_shot_dev, color="grey", linewidth=3, alpha=0.5, label="before training")
-    labels = {
-        "loss": "training loss (each over its own negatives)",
-        "dev": f"dev {measure}",
-        "staleness": "table staleness of refreshed slots",
-    }
-    for ax, key in zip(axes, panels, strict=True):
-        ax.set(xlabel="optimizer step", ylabel=labels[key])
-        ax.grid(True, alpha=0.3)
-    handles, labels_ = axes[1].get_legend_handles_labels()  # every run has a dev curve; outside the panels
-    axes[-1].legend(handles, labels_, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return True
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="NAME=RUN_DIR (repeat a NAME for several seeds)")
@@ -289,23 +190,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    try:
-        runs = []
-        for spec in args.runs:
-            name, sep, run_dir = spec.partition("=")
-            if not sep or not name or not run_dir:
-                raise InputError(f"expected NAME=RUN_DIR, got {spec!r}")
-            runs.append(summarise_run(name, Path(run_dir), args.test_report))
-        zero = _read_json(Path(args.zero_shot)) if args.zero_shot else None
-    except InputError as err:
-        print(f"compare_training: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    measures = list(runs[0]["test"])
-    dev_measure = runs[0]["eval_measure"]
-    zero_dev = _read_json(Path(args.zero_shot_dev))["measures"][dev_measure] if args.zero_shot_dev else None
-    per_run = [
+def _fail(err: InputError) -> SystemExit:
+    print(f"compare_training: error: {err}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def read_runs(specs: Sequence[str], test_report: str) -> list[dict]:
+    """:func:`summarise_run` of each ``NAME=RUN_DIR``."""
+    runs = []
+    for spec in specs:
+        name, sep, run_dir = spec.partition("=")
+        if not sep or not name or not run_dir:
+            raise InputError(f"expected NAME=RUN_DIR, got {spec!r}")
+        runs.append(summarise_run(name, Path(run_dir), test_report))
+    return runs
+
+
+def per_run_rows(runs: list[dict], zero: dict | None, zero_cos: float | None) -> list[dict]:
+    """One table row per run, under a zero-shot row when there is a zero-shot report."""
+    measures, dev_measure = list(runs[0]["test"]), runs[0]["eval_measure"]
+    rows = [
         {
             "run": Path(r["run_dir"]).name,
             **{f"test {m}": r["test"][m] for m in measures},
@@ -319,36 +223,43 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
         for r in runs
     ]
+    if zero is None:
+        return rows
+    zero_row = {"run": "zero-shot", **{f"test {m}": zero["measures"][m] for m in measures}}
+    return [zero_row | {"doc mean cos": zero_cos}, *rows]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        runs = read_runs(args.runs, args.test_report)
+        zero = read_json(Path(args.zero_shot)) if args.zero_shot else None
+        zero_dev_report = read_json(Path(args.zero_shot_dev)) if args.zero_shot_dev else None
+    except InputError as err:
+        raise _fail(err) from err
+    measures, dev_measure = list(runs[0]["test"]), runs[0]["eval_measure"]
+    zero_dev = None if zero_dev_report is None else zero_dev_report["measures"][dev_measure]
     zero_cos = None if zero is None else corpus_mean_cosine(zero)
-    if zero is not None:
-        per_run.insert(
-            0,
-            {
-                "run": "zero-shot",
-                **{f"test {m}": zero["measures"][m] for m in measures},
-                "doc mean cos": zero_cos,
-            },
-        )
-    table = format_table(per_run)
+    table = format_table(per_run_rows(runs, zero, zero_cos))
     by_name = aggregate(runs, measures)
     name_table = format_table(by_name)
-    paired, paired_table = [], ""
+    paired = []
     if not args.no_tests and len({r["name"] for r in runs}) > 1:
         try:
             paired = paired_comparison(runs, args.baseline or runs[0]["name"], measures[0])
         except InputError as err:
-            print(f"compare_training: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from err
+            raise _fail(err) from err
         except ImportError:
             print("scipy is not installed: no significance tests (pip install scipy)", file=sys.stderr)
-        paired_table = format_table(paired)
+    paired_table = format_table(paired)
     print(table, "\n", name_table, "\n", paired_table, sep="\n")
+    zero_shot = None
+    if zero is not None:
+        zero_shot = {"measures": zero["measures"], "commit": zero.get("commit"), "doc_mean_cos": zero_cos}
     result = {
         "runs": runs,
         "by_name": by_name,
-        "zero_shot": None
-        if zero is None
-        else {"measures": zero["measures"], "commit": zero.get("commit"), "doc_mean_cos": zero_cos},
+        "zero_shot": zero_shot,
         "table": table,
         "name_table": name_table,
         "paired": paired,

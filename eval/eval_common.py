@@ -1,4 +1,4 @@
-"""Shared command line of the ``eval/`` scripts: run the pipeline, add baselines, print a table, write JSON."""
+"""The shared command line of the ``eval/`` scripts: run the pipeline, score baselines, print, write JSON."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
@@ -17,6 +18,26 @@ from dualenc.io import atomic
 def data_root() -> Path:
     """``$DUALENC_DATA`` or ``../shared/data`` next to the repository."""
     return Path(os.environ.get("DUALENC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def anserini_defaults(
+    data: Path,
+    name: str,
+    measures: str,
+    *,
+    collection: Path,
+    topics_suffix: str = ".txt",
+    baselines: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """The ``defaults`` of :func:`main` for files named as Anserini ships them, in ``data``:
+    ``topics.<name><topics_suffix>`` and ``qrels.<name>.txt``; ``baselines`` maps a label to a run file."""
+    return {
+        "collection": str(collection),
+        "topics": str(data / f"topics.{name}{topics_suffix}"),
+        "qrels": str(data / f"qrels.{name}.txt"),
+        "measures": measures,
+        "baselines": [f"{label}={path}" for label, path in (baselines or {}).items()],
+    }
 
 
 def build_parser(name: str, defaults: dict, description: str) -> argparse.ArgumentParser:
@@ -47,16 +68,27 @@ def build_parser(name: str, defaults: dict, description: str) -> argparse.Argume
     return p
 
 
-def main(name: str, defaults: dict, description: str, argv: Sequence[str] | None = None) -> dict:
-    """Run one eval script; returns the report it wrote."""
-    from dualenc.evaluation.measures import evaluate, format_table
+def main(
+    name: str,
+    defaults: dict,
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    prepare: Callable[[argparse.Namespace], None] | None = None,
+) -> dict:
+    """Run one eval script; returns the report it wrote.
+
+    ``prepare``, if given, sees the parsed arguments first (e.g. to write a default input file on first use).
+    """
+    from dualenc.evaluation.measures import evaluate
     from dualenc.evaluation.pipeline import PipelineConfig, run_pipeline
-    from dualenc.io.readers import read_qrels
+    from dualenc.io.qrels import read_qrels
     from dualenc.io.runs import read_run
+    from dualenc.io.text_table import format_table
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser(name, defaults, description).parse_args(argv)
-    from dualenc.model.encoder import resolve_model_path
+    from dualenc.model.model_dir import resolve_model_path
 
     model_path = resolve_model_path(args.model).resolve()
     model_name = (
@@ -81,6 +113,8 @@ def main(name: str, defaults: dict, description: str, argv: Sequence[str] | None
         passage_max_len=args.passage_max_len,
     )
     try:
+        if prepare is not None:
+            prepare(args)
         report = run_pipeline(cfg)
         rows = [{"system": args.label or f"{model_name} ({args.factory})", **report["measures"]}]
         report["baselines"] = {}

@@ -1,28 +1,37 @@
-"""Convert the SciFact release shipped as ``scifact.hf-csv.zip`` into standard BEIR-style files.
+"""Convert the SciFact release shipped as ``scifact.hf-csv.zip`` into BEIR-style files.
 
-The zip (``../shared/data/scifact``) holds ``corpus_train.csv`` (``doc_id, title, abstract, structured``; the
-abstract is a printed numpy array of sentence strings) and ``claims_{train,validation,test}.csv`` (one row per
-claim × evidence document). BEIR's SciFact *test* split is SciFact's validation claims (300 queries), whose
-topics and qrels ship separately as Anserini files; BEIR's *train* split is the 809 training claims with their
-919 cited documents. This script writes::
+    python eval/prepare_scifact.py ../shared/data/scifact/scifact.hf-csv.zip outputs/scifact
 
-    out_dir/corpus.jsonl        {"_id", "title", "text"}; text = abstract sentences joined by one space (as BEIR)
-    out_dir/queries.train.tsv   qid<TAB>claim (809)
-    out_dir/qrels.train.txt     "qid 0 docid 1" (919)
+The zip holds ``corpus_train.csv`` (``doc_id, title, abstract, structured``; the abstract is a printed numpy
+array of sentence strings) and ``claims_{train,validation,test}.csv`` (one row per claim × evidence
+document). BEIR's SciFact *test* split is SciFact's validation claims (300 queries), whose topics and qrels
+ship separately as Anserini files; BEIR's *train* split is the 809 training claims with their 919
+(claim, cited abstract) pairs. This script writes, with the counts for the shipped zip::
 
-The conversion is deterministic; files are written atomically.
+    OUT_DIR/corpus.jsonl            {"_id", "title", "text"} (5,183); text = abstract sentences joined by one
+                                    space, as BEIR joins them
+    OUT_DIR/queries.train-all.tsv   qid<TAB>claim: the BEIR train claims (809)
+    OUT_DIR/qrels.train-all.txt     "qid 0 docid 1" (919)
+    OUT_DIR/queries.train.tsv       the train claims minus the dev ones (729), qrels.train.txt (822)
+    OUT_DIR/queries.dev.tsv         ~10% of them chosen by a hash of the claim id (80), qrels.dev.txt (97)
+
+The dev claims are for model selection without touching the test claims. The conversion is deterministic;
+files are written atomically.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import csv
 import hashlib
 import io
 import json
 import os
+import sys
 import tokenize
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from dualenc.errors import InputError
@@ -32,8 +41,8 @@ from dualenc.io import atomic
 def parse_sentences(printed: str) -> list[str]:
     """Sentences from a printed numpy string array such as ``"['First.'\\n 'Second.']"``.
 
-    ``ast.literal_eval`` would concatenate the adjacent literals into one string, so the string tokens are read
-    one by one with :mod:`tokenize` instead.
+    ``ast.literal_eval`` would concatenate the adjacent literals into one string, so the string tokens are
+    read one by one with :mod:`tokenize` instead.
     """
     tokens = tokenize.generate_tokens(io.StringIO(printed).readline)
     return [ast.literal_eval(tok.string) for tok in tokens if tok.type == tokenize.STRING]
@@ -59,17 +68,26 @@ def prepare_scifact(
 ) -> dict[str, int]:
     """Write corpus.jsonl, the train claims (all, and split into train/dev) and their qrels; return counts.
 
-    Files: ``queries.train-all.tsv`` / ``qrels.train-all.txt`` (the 809 BEIR train claims), and the same split by a
-    hash of the claim id into ``queries.train.tsv`` / ``qrels.train.txt`` (~90%) and ``queries.dev.tsv`` /
-    ``qrels.dev.txt`` (~``dev_fraction``) for model selection without touching the test claims.
+    Files: ``queries.train-all.tsv`` / ``qrels.train-all.txt`` (the 809 BEIR train claims), and the same
+    split by a hash of the claim id into ``queries.train.tsv`` / ``qrels.train.txt`` (~90%) and
+    ``queries.dev.tsv`` / ``qrels.dev.txt`` (~``dev_fraction``).
+
+    Returns:
+        ``docs``, ``queries`` and ``qrels`` (all train claims), and ``queries.<split>`` for each split.
+
+    Raises:
+        InputError: the zip is missing, lacks a member, or holds an empty abstract.
     """
     zip_path = str(zip_path)
     if not Path(zip_path).exists():
         raise InputError("file not found", path=zip_path)
     out_dir = Path(out_dir)
-    with zipfile.ZipFile(zip_path) as archive:
-        corpus = _rows(archive, "corpus_train.csv", zip_path)
-        claims = _rows(archive, "claims_train.csv", zip_path)
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            corpus = _rows(archive, "corpus_train.csv", zip_path)
+            claims = _rows(archive, "claims_train.csv", zip_path)
+    except zipfile.BadZipFile:
+        raise InputError("not a zip file", path=zip_path) from None
     docs = []
     for line, row in enumerate(corpus, start=2):
         sentences = parse_sentences(row["abstract"])
@@ -100,10 +118,24 @@ def prepare_scifact(
     return counts
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: Sequence[str] | None = None) -> dict[str, int]:
+    """The command line: ``python eval/prepare_scifact.py ZIP OUT_DIR``; prints and returns the counts."""
+    parser = argparse.ArgumentParser(
+        prog="python eval/prepare_scifact.py", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("zip", metavar="ZIP", help="scifact.hf-csv.zip (in ../shared/data/scifact)")
+    parser.add_argument(
+        "out_dir", metavar="OUT_DIR", help="folder for the BEIR-style files, e.g. outputs/scifact"
+    )
+    args = parser.parse_args(argv)
+    try:
+        counts = prepare_scifact(args.zip, args.out_dir)
+    except InputError as err:
+        print(f"prepare_scifact: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print(counts)
+    return counts
 
-    zip_arg, out_arg = (sys.argv[1:] + [None, None])[:2]
-    if zip_arg is None or out_arg is None:
-        raise SystemExit("usage: python eval/prepare_scifact.py ZIP OUT_DIR")
-    print(prepare_scifact(zip_arg, out_arg))
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Train SASRec with CE, SCE, BCE, gBCE or CE⁻ on a temporal split; select on validation, report test metrics.
+"""SASRec with CE, SCE, BCE, gBCE or CE⁻ on a temporal split: select on validation, report test metrics.
 
     python recipes/sasrec.py --config recipes/configs/sasrec/sasrec_sce.yaml [key=value ...] [--seeds 1235 37]
     python recipes/sasrec.py --combine bench/results/sasrec_ml100k.json outputs/sasrec/*.json
@@ -34,8 +34,10 @@ from torch import Tensor
 from dualenc.errors import InputError
 from dualenc.io import atomic
 from dualenc.io.provenance import environment_info
-from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_loss, sample_uniform, sample_unseen
-from dualenc.losses.sce import ScalableCE, full_ce
+from dualenc.losses.dense import full_ce
+from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_loss
+from dualenc.losses.sce import ScalableCE
+from dualenc.losses.uniform_negatives import sample_uniform, sample_unseen
 from dualenc.recsys.config import SASRecConfig, describe_sasrec_config, load_sasrec_config
 from dualenc.recsys.data import (
     PAD,
@@ -61,12 +63,9 @@ MEMORY_METHOD = (
 
 def load_split(cfg: SASRecConfig) -> SequenceSplit:
     """Read, filter and split the interactions named by the config."""
-    prefix = "recbole:"
-    path = (
-        recbole_example_path(cfg.data_path[len(prefix) :])
-        if cfg.data_path.startswith(prefix)
-        else cfg.data_path
-    )
+    path = cfg.data_path
+    if path.startswith("recbole:"):  # a dataset shipped inside the recbole package
+        path = recbole_example_path(path.removeprefix("recbole:"))
     inter = read_interactions(path, fmt=cfg.data_format, delimiter=cfg.delimiter)
     if cfg.min_item_count > 1 or cfg.min_user_count > 1:
         inter = filter_interactions(inter, cfg.min_item_count, cfg.min_user_count)
@@ -84,7 +83,9 @@ def batch_loss(
     inputs, targets, history = batch  # (B, L), (B, L), (B, H)
     hidden = model(inputs)  # (B, L, D)
     x, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (B*L, D), (B*L,)
-    mask, table, num_rows = y != PAD, model.item_table, model.item_table.shape[0]  # (B*L,), (C+1, D), C+1
+    mask = y != PAD  # (B*L,)
+    table = model.item_table  # (C+1, D): row 0 is the pad item
+    num_rows = table.shape[0]  # C+1
     if cfg.loss == "ce_minus":  # one negative set per sequence, shared by its positions
         negatives = sample_unseen(history, num_rows, cfg.num_negatives, generator, pad_item=PAD)  # (B, n)
         return ce_minus_loss(x, table, y, negatives, mask=mask), {}
@@ -93,10 +94,8 @@ def batch_loss(
         return full_ce(x, table[1:], y - 1), {}  # softmax over the C items, pad row left out
     if cfg.loss == "sce":
         out = sce(x, table, y, generator=generator)
-        return out.loss, {
-            "sce_coverage": float(out.logs["coverage"]),
-            "sce_n_buckets": float(out.logs["n_buckets"]),
-        }
+        logs = {"sce_coverage": float(out.logs["coverage"]), "sce_n_buckets": float(out.logs["n_buckets"])}
+        return out.loss, logs
     if cfg.loss == "bce":  # fresh negatives per position, none from the user's history
         seq_of_row = torch.arange(inputs.shape[0]).repeat_interleave(inputs.shape[1])[mask]  # (N,)
         negatives = sample_unseen(history[seq_of_row], num_rows, cfg.num_negatives, generator, pad_item=PAD)
@@ -129,61 +128,86 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     sce: ScalableCE,
     sequences: list,
-    gens: list[torch.Generator],
+    order_gen: torch.Generator,
+    sample_gen: torch.Generator,
 ) -> dict[str, float]:
-    """One shuffled pass over the training sequences; returns the epoch means of the loss and its logs."""
+    """One shuffled pass over the training sequences; returns the epoch means of the loss and its logs.
+
+    ``order_gen`` shuffles the batches; ``sample_gen`` draws the negatives (or the SCE centres).
+    """
     model.train()
     losses, logs = [], []
-    for idx in batch_order(len(sequences), cfg.batch_size, gens[1]):
+    for idx in batch_order(len(sequences), cfg.batch_size, order_gen):
         batch = training_batch([sequences[i] for i in idx.tolist()], cfg.maxlen)
-        loss, batch_logs = batch_loss(cfg, model, sce, batch, gens[2])
+        loss, batch_logs = batch_loss(cfg, model, sce, batch, sample_gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         logs.append(batch_logs)
-    return {"train_loss": statistics.fmean(losses)} | {
-        k: statistics.fmean(g[k] for g in logs) for k in logs[0]
-    }
+    log_means = {k: statistics.fmean(g[k] for g in logs) for k in logs[0]}
+    return {"train_loss": statistics.fmean(losses), **log_means}
+
+
+def score(cfg: SASRecConfig, model: SASRec, split: SequenceSplit, part: str) -> dict[str, float]:
+    """NDCG@10, HR@10 and COV@10 of ``model`` on the ``"valid"`` or ``"test"`` users of ``split``."""
+    inputs, targets = {
+        "valid": (split.valid_inputs, split.valid_targets),
+        "test": (split.test_inputs, split.test_targets),
+    }[part]
+    return evaluate(model, inputs, targets, split.num_items, batch_size=cfg.eval_batch_size)
+
+
+def fit(
+    cfg: SASRecConfig,
+    model: SASRec,
+    split: SequenceSplit,
+    seed: int,
+    order_gen: torch.Generator,
+    sample_gen: torch.Generator,
+) -> tuple[list[dict], int]:
+    """Train until ``max_epochs``, or until ``patience`` validations bring no better NDCG@10; leave ``model``
+    with the weights of its best validation. Returns the per-epoch history and the best epoch."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, cfg.adam_beta2))
+    sce = ScalableCE(cfg.n_buckets, cfg.bucket_size_x, cfg.bucket_size_y, mix=cfg.mix, pad_item=PAD)
+    sequences = [s for s in split.train if len(s) >= 2]
+    best, best_epoch, best_state, waited, history = -1.0, 0, None, 0, []
+    for epoch in range(1, cfg.max_epochs + 1):
+        row = {"epoch": epoch} | train_epoch(cfg, model, optimizer, sce, sequences, order_gen, sample_gen)
+        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+            row["valid_NDCG@10"] = score(cfg, model, split, "valid")["NDCG@10"]
+            waited += 1
+            if row["valid_NDCG@10"] > best:
+                best, best_epoch, waited = row["valid_NDCG@10"], epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+        history.append(row)
+        rounded = {k: round(v, 4) for k, v in row.items() if k != "epoch"}
+        logger.info("seed %d epoch %d %s", seed, epoch, rounded)
+        if waited >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    return history, best_epoch
 
 
 def train_seed(cfg: SASRecConfig, split: SequenceSplit, seed: int) -> dict:
     """Train one model, keep the weights of the best validation NDCG@10, return its metrics and costs."""
     torch.manual_seed(seed)  # dropout masks only; everything else has its own generator
-    gens = [torch.Generator().manual_seed(seed + offset) for offset in (0, 1_000_003, 2_000_006)]
-    model = SASRec(
-        split.num_items, cfg.maxlen, cfg.hidden, cfg.num_blocks, cfg.num_heads, cfg.dropout, generator=gens[0]
+    init_gen, order_gen, sample_gen = (
+        torch.Generator().manual_seed(seed + offset) for offset in (0, 1_000_003, 2_000_006)
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, cfg.adam_beta2))
-    sce = ScalableCE(cfg.n_buckets, cfg.bucket_size_x, cfg.bucket_size_y, mix=cfg.mix, pad_item=PAD)
-    sequences = [s for s in split.train if len(s) >= 2]
-
-    def scores(inputs: list, targets: Tensor) -> dict[str, float]:
-        return evaluate(model, inputs, targets, split.num_items, batch_size=cfg.eval_batch_size)
-
+    model = SASRec(
+        split.num_items,
+        cfg.maxlen,
+        cfg.hidden,
+        cfg.num_blocks,
+        cfg.num_heads,
+        cfg.dropout,
+        generator=init_gen,
+    )
     reset_ok, rss_start = _reset_peak_rss(), _vm_kib("VmRSS")
-    best, best_epoch, best_state, waited, history = -1.0, 0, None, 0, []
     start = time.perf_counter()
-    for epoch in range(1, cfg.max_epochs + 1):
-        row = {"epoch": epoch} | train_epoch(cfg, model, optimizer, sce, sequences, gens)
-        if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
-            row["valid_NDCG@10"] = scores(split.valid_inputs, split.valid_targets)["NDCG@10"]
-            waited += 1
-            if row["valid_NDCG@10"] > best:
-                best, best_epoch, best_state, waited = (
-                    row["valid_NDCG@10"],
-                    epoch,
-                    copy.deepcopy(model.state_dict()),
-                    0,
-                )
-        history.append(row)
-        logger.info(
-            "seed %d epoch %d %s", seed, epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"}
-        )
-        if waited >= cfg.patience:
-            break
+    history, best_epoch = fit(cfg, model, split, seed, order_gen, sample_gen)
     train_s = time.perf_counter() - start
-    model.load_state_dict(best_state)
     hwm = _vm_kib("VmHWM") if reset_ok else None
     return {
         "seed": seed,
@@ -191,8 +215,8 @@ def train_seed(cfg: SASRecConfig, split: SequenceSplit, seed: int) -> dict:
         "best_epoch": best_epoch,
         "train_s": train_s,
         "s_per_epoch": train_s / len(history),
-        "valid": scores(split.valid_inputs, split.valid_targets),
-        "test": scores(split.test_inputs, split.test_targets),
+        "valid": score(cfg, model, split, "valid"),
+        "test": score(cfg, model, split, "test"),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_run_mib": hwm / 1024 if hwm else None,
         "rss_start_mib": rss_start / 1024 if rss_start else None,
@@ -212,35 +236,20 @@ def print_table(name: str, runs: list[dict], summary: dict) -> None:
     """One row per seed and a mean ± std row: epochs, best epoch, valid/test metrics, memory, time."""
     head = ["run", "seed", "epochs", "best", "val NDCG@10", *METRICS, "peak RSS MiB", "train s"]
     rows = [
-        [
-            name,
-            r["seed"],
-            r["epochs"],
-            r["best_epoch"],
-            f"{r['valid']['NDCG@10']:.4f}",
-            *(f"{r['test'][m]:.4f}" for m in METRICS),
-            f"{r['peak_rss_mib']:.0f}",
-            f"{r['train_s']:.0f}",
-        ]
+        [name, str(r["seed"]), str(r["epochs"]), str(r["best_epoch"]), f"{r['valid']['NDCG@10']:.4f}"]
+        + [f"{r['test'][m]:.4f}" for m in METRICS]
+        + [f"{r['peak_rss_mib']:.0f}", f"{r['train_s']:.0f}"]
         for r in runs
     ]
     mean, std = summary["mean"], summary["std"]
-    cells = [f"{mean['test_' + m]:.4f}±{std['test_' + m]:.4f}" for m in METRICS]
     rows.append(
-        [
-            name,
-            "mean",
-            f"{mean['epochs']:.1f}",
-            "",
-            "",
-            *cells,
-            f"{mean['peak_rss_mib']:.0f}",
-            f"{mean['train_s']:.0f}",
-        ]
+        [name, "mean", f"{mean['epochs']:.1f}", "", ""]
+        + [f"{mean['test_' + m]:.4f}±{std['test_' + m]:.4f}" for m in METRICS]
+        + [f"{mean['peak_rss_mib']:.0f}", f"{mean['train_s']:.0f}"]
     )
-    widths = [max(len(str(row[c])) for row in [head, *rows]) + 2 for c in range(len(head))]
+    widths = [max(len(row[c]) for row in [head, *rows]) + 2 for c in range(len(head))]
     for row in [head, *rows]:
-        print("".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
+        print("".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def run(cfg: SASRecConfig, seeds: Sequence[int]) -> dict:
@@ -269,7 +278,7 @@ def run(cfg: SASRecConfig, seeds: Sequence[int]) -> dict:
 
 
 def combine(out: str, inputs: Sequence[str]) -> dict:
-    """Gather JSON files into one ``{"runs": {name: result}}`` file (name: the run's, else the file's stem)."""
+    """Gather JSON files into one ``{"runs": {name: result}}`` file (name: the run's, else the file stem)."""
     runs = {}
     for path in inputs:
         result = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -279,21 +288,15 @@ def combine(out: str, inputs: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML recipe (recipes/configs/sasrec/*.yaml)")
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", help="train one model per seed (default: the config's seed)"
-    )
-    parser.add_argument(
-        "--combine", metavar="OUT_JSON", help="merge the result JSON files given as arguments"
-    )
-    parser.add_argument("--help-config", action="store_true", help="list every config key with help text")
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides (with --combine: result JSON files)"
-    )
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML recipe (recipes/configs/sasrec/*.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", help="one model per seed (default: the config's seed)")
+    p.add_argument("--combine", metavar="OUT_JSON", help="merge the result JSON files given as arguments")
+    p.add_argument("--help-config", action="store_true", help="list every config key with help text")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (with --combine: result JSON files)")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # key=value may come anywhere
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    args = p.parse_args([a for a in argv if a not in overrides])
     args.overrides = overrides + args.overrides
     if args.help_config:
         print(describe_sasrec_config())

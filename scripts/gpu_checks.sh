@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call, on a machine with a GPU that has torch, transformers and
-# accelerate but possibly not datasets, faiss, ir-measures or pytest, and is offline.
+# Every GPU check of the project in one call, for a machine with a GPU that has torch, transformers and
+# accelerate but maybe not datasets, faiss, ir-measures or pytest, and maybe no network:
 #
-# On a machine with network access, once:   python -m pip download --no-deps -d .gpu_wheels pytest pluggy iniconfig
-# Then, with .gpu_wheels copied next to the checkout on the GPU machine:   bash scripts/gpu_checks.sh
-# Smoke test on a CPU (tiny sizes, no CUDA tests):   DEVICE=cpu QUICK=1 OUT=/tmp/gpu bash scripts/gpu_checks.sh
+#   bash scripts/gpu_checks.sh
+#
+# Where the GPU machine is offline and lacks pytest, fetch its wheels first, from the checkout on a machine
+# with network access, and bring .gpu_wheels/ along with the checkout; the script installs them from there:
+#   python -m pip download --no-deps -d .gpu_wheels pytest pluggy iniconfig
+# Smoke test on a CPU (tiny sizes, no CUDA tests):
+#   DEVICE=cpu QUICK=1 OUT=/tmp/gpu bash scripts/gpu_checks.sh
 #
 # Writes under $OUT: env.txt, pytest.txt (the CUDA tests), and the GPU columns of the benchmarks:
 # loss_memory_cuda.json/png, cache_step_cuda.json, train_step_cuda.json (+ their printed tables in *.txt).
@@ -38,14 +42,17 @@ if [ "$DEVICE" = cuda ]; then
 fi
 
 if [ "$QUICK" = 1 ]; then
-  step loss_memory 120 python bench/loss_memory.py --device "$DEVICE" --quick --out "$OUT/loss_memory_$DEVICE.json"
-  step cache_step 120 python bench/cache_step.py --device "$DEVICE" --quick --out "$OUT/cache_step_$DEVICE.json"
+  step loss_memory 120 python bench/loss_memory.py --device "$DEVICE" --quick \
+    --out "$OUT/loss_memory_$DEVICE.json"
+  step cache_step 120 python bench/cache_step.py --device "$DEVICE" --quick \
+    --out "$OUT/cache_step_$DEVICE.json"
   step train_step 120 python bench/train_step.py --device "$DEVICE" --layers 1 --hidden 64 --batch-size 2 \
     --group-size 2 --query-len 8 --passage-len 16 --repeats 1 --out "$OUT/train_step_$DEVICE.json"
 else
   # SCE vs full CE at d = 768, N = 512 (issue 7), up to 2M items; CE's logits alone need ~4 GiB per 10^6 items
   step loss_memory 200 python bench/loss_memory.py --device "$DEVICE" --dim 768 --num-rows 512 \
-    --losses ce sce bce gbce ce_minus --catalog-sizes 100000 1000000 2000000 --max-gib 100 --out "$OUT/loss_memory_$DEVICE.json"
+    --losses ce sce bce gbce ce_minus --catalog-sizes 100000 1000000 2000000 --max-gib 100 \
+    --out "$OUT/loss_memory_$DEVICE.json"
   # BERT-base, batch 64, bf16 table: the cache's own work vs an in-batch step (issue 5: <= 15% at 1M x 768)
   step cache_step 150 python bench/cache_step.py --device "$DEVICE" --layers 12 --batch-size 64 \
     --passage-len 128 --table-dtype bfloat16 --out "$OUT/cache_step_$DEVICE.json"

@@ -1,4 +1,5 @@
-"""Custom towers for the tests: importable by their dotted path (``custom_towers.X``) from the tests folder."""
+"""Custom towers for the tests: importable by their dotted path (``custom_towers.X``) from the tests
+folder."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Multi-process test cases, run as ``python tests/distributed_cases.py CASE TMP_DIR [ARGS]``.
 
-Each case runs under ``accelerate.debug_launcher`` (2 processes, gloo on CPU) and then once in a single process;
-both write their results to TMP_DIR for the calling test to compare. The launch happens in a fresh interpreter
-because forking a process whose OpenMP thread pool is already running (any pytest process that has done torch
-maths) can deadlock the children.
+Each case runs under ``accelerate.debug_launcher`` (2 processes, gloo on CPU) and then once in a single
+process; both write their results to TMP_DIR for the calling test to compare. The launch happens in a fresh
+interpreter because forking a process whose OpenMP thread pool is already running (any pytest process that has
+done torch maths) can deadlock the children.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ def _reset_accelerate() -> None:
 
 
 def train_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
-    """One training step over a fixed global batch of 4 queries x G=2; the main process saves loss and grads."""
+    """One training step over a fixed global batch of 4 queries x G=2; the main process saves loss and
+    grads."""
     from accelerate import Accelerator
 
-    from dualenc.losses.base import InBatchCE
+    from dualenc.losses.inbatch import InBatchCE
     from dualenc.model.encoder import DualEncoder
     from dualenc.training.batches import GroupDataset, TrainCollator
     from dualenc.training.config import load_config
@@ -76,12 +77,13 @@ def run_case(name: str, tmp_path: Path, *args: object, timeout: float = 600) -> 
 def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
     """Accelerator, model (eval: no dropout), data and a corpus-mode cache of the current document tower.
 
-    Every run encodes the whole corpus in the same batches and loads its own shard from it, so the table holds the
-    same bits for any number of processes (the comparison is about sampling, not about the fill's batching).
+    Every run encodes the whole corpus in the same batches and loads its own shard from it, so the table holds
+    the same bits for any number of processes (the comparison is about sampling, not about the fill's
+    batching).
     """
     from accelerate import Accelerator
 
-    from dualenc.io.readers import doc_text
+    from dualenc.io.readers import doc_texts
     from dualenc.model.encoder import DualEncoder
     from dualenc.negcache.negative_cache import NegativeCache
     from dualenc.retrieval.encode import encode_texts
@@ -93,7 +95,7 @@ def _cache_setup(tmp_path: Path, model_dir: Path, overrides: list[str]):
     model = DualEncoder.from_pretrained(model_dir).eval()
     data = load_train_data(str(tmp_path / "triples.tsv"), format="triples", cache_dir=str(tmp_path / "hf"))
     cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=0)
-    texts = [doc_text(t, x) for t, x in zip(data.corpus["title"], data.corpus["text"], strict=True)]
+    texts = doc_texts(data.corpus)
     emb = torch.from_numpy(encode_texts(model, texts, kind="doc", batch_size=16))  # (C, D)
     rows = torch.arange(
         cache.table.slot_offset, cache.table.slot_offset + cache.table.num_slots
@@ -114,7 +116,8 @@ def _local_batch(accelerator, model, data, size: int = 4) -> dict:
 def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     """150 steps of 16 draws for 4 fixed queries (2 per process with 2 processes): every draw, counts per row.
 
-    The query vectors are encoded from the whole global batch in every run (the same bits for 1 and 2 processes).
+    The query vectors are encoded from the whole global batch in every run (the same bits for 1 and 2
+    processes).
     """
     from dualenc.training.batches import GroupDataset, TrainCollator
 
@@ -156,7 +159,8 @@ def cache_sampling(tmp_path: Path, model_dir: Path, out_file: str) -> None:
 
 def _cache_loss(model, loss_fn, batch: dict, cache, accelerator, step: int):
     """loss=cache on one micro-batch from public pieces: NegativeCache.sample, live re-encoding of the draws,
-    CachedCE over [positive, every process's batch documents, lumped rest of the cache], then the write-back."""
+    CachedCE over [positive, every process's batch documents, lumped rest of the cache], then the
+    write-back."""
     from dualenc.losses.base import CacheTerms, LossInputs, false_negative_mask
     from dualenc.training.distributed import all_gather_with_grad
 
@@ -187,10 +191,11 @@ def _cache_loss(model, loss_fn, batch: dict, cache, accelerator, step: int):
 def cache_step(tmp_path: Path, model_dir: Path, out_file: str) -> None:
     """One loss=cache step over a fixed global batch (4 queries x G=2): draws, loss, gradients, table.
 
-    Nothing is replayed: the draws themselves must not depend on the number of processes. Gradients are averaged
+    Nothing is replayed: the draws themselves must not depend on the number of processes. Gradients are
+        averaged
     over processes, as DDP does.
     """
-    from dualenc.losses.base import CachedCE
+    from dualenc.losses.cached import CachedCE
 
     accelerator, cfg, model, data, cache = _cache_setup(tmp_path, model_dir, ["num_cache_negatives=2"])
     batch = _local_batch(accelerator, model, data)

@@ -201,3 +201,22 @@ def assert_ties_present(ref_scores: np.ndarray) -> None:
 
 def ids_of(rows: np.ndarray, doc_ids: list[str]) -> list[list[str]]:
     return [[doc_ids[i] for i in row if i >= 0] for row in rows]
+
+
+GPU_MACHINE_BLOCKER = """
+import importlib.abc, sys
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"datasets", "faiss", "ir_measures", "pyarrow"}:
+            raise ImportError(f"{name} is not installed on the GPU machine")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+def gpu_machine_env(tmp: Path, **extra: str) -> dict:
+    """This environment plus a sitecustomize that blocks the data libraries (child processes inherit it)."""
+    site = tmp / "gpu_machine_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}

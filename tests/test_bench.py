@@ -1,42 +1,23 @@
 """Benchmarks stay runnable: each bench script's smallest configuration, end to end, JSON keys checked.
 
 They run with ``datasets``, ``faiss``, ``ir_measures`` and ``pyarrow`` made unimportable, as on a GPU
-machine (torch, transformers and accelerate only): a bench that needs them there would fail after the machine
-was paid for.
+machine that has torch, transformers and accelerate only: a bench that needed them would otherwise fail only
+there, on the GPU.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
-
-GPU_MACHINE_BLOCKER = """
-import importlib.abc, sys
-class _Absent(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {"datasets", "faiss", "ir_measures", "pyarrow"}:
-            raise ImportError(f"{name} is not installed on the GPU machine")
-sys.meta_path.insert(0, _Absent())
-"""
-
-
-def _gpu_machine_env(tmp: Path, **extra: str) -> dict:
-    """This environment plus a sitecustomize that blocks the data libraries (child processes inherit it)."""
-    site = tmp / "gpu_machine_site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
-    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
+from helpers import REPO, gpu_machine_env
 
 
 def _run(script: str, args: list[str], out: Path) -> dict:
     """Run a bench script as it would run on the GPU machine."""
-    env = _gpu_machine_env(out.parent)
+    env = gpu_machine_env(out.parent)
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
         capture_output=True,
@@ -53,7 +34,7 @@ def test_the_blocker_blocks(tmp_path):
         [sys.executable, "-c", "import ir_measures"],
         capture_output=True,
         text=True,
-        env=_gpu_machine_env(tmp_path),
+        env=gpu_machine_env(tmp_path),
     )
     assert proc.returncode != 0 and "not installed on the GPU machine" in proc.stderr
 
@@ -95,9 +76,10 @@ def test_loss_memory_bench_quick_without_data_libraries(tmp_path):
 
 
 def test_gpu_checks_script_smoke_on_cpu(tmp_path):
-    """scripts/gpu_checks.sh (what runs on a machine with a GPU) in its CPU smoke mode, data libraries blocked."""
+    """scripts/gpu_checks.sh (the checks for a machine with a GPU) in its CPU smoke mode, data libraries
+    blocked."""
     out = tmp_path / "gpu"
-    env = _gpu_machine_env(tmp_path, DEVICE="cpu", QUICK="1", OUT=str(out))
+    env = gpu_machine_env(tmp_path, DEVICE="cpu", QUICK="1", OUT=str(out))
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "gpu_checks.sh")],
         capture_output=True,

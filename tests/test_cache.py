@@ -1,7 +1,8 @@
 """EmbeddingTable (ALGORITHMS.md A1-A2; Part B 1.2 and §4 oracles 7, 8).
 
-Oracles: the slot/age sequences of the Negative Cache reference's cache-manager tests (Part B 1.7), a brute-force
-Python loop for locate(), ``q @ emb.T`` in float64 for scores(), and buffer equality for checkpoints.
+Oracles: the slot/age sequences of the Negative Cache reference's cache-manager tests (Part B 1.7), a
+brute-force Python loop for locate(), ``q @ emb.T`` in float64 for scores(), and buffer equality for
+checkpoints.
 """
 
 from __future__ import annotations
@@ -151,10 +152,10 @@ def test_locate_corpus_layout_fast_path_and_fallback() -> None:
     table.fill_corpus(torch.randn(5, 2), torch.arange(10, 15))
     query = docs(9, 10, 12, 14, 15, -1)
     assert table.locate(query).tolist() == [-1, 0, 2, 4, -1, -1]
-    assert table._index == "corpus"
+    assert table._index.corpus_layout  # looked up by subtraction
     table.write(docs(2), torch.zeros(1, 2), doc_idx=docs(99))  # no longer the corpus layout
     assert table.locate(docs(12, 99, 13)).tolist() == [-1, 2, 3]
-    assert table._index != "corpus"
+    assert not table._index.corpus_layout  # by binary search
     assert EmbeddingTable(0, 2).locate(docs(1, 2)).tolist() == [-1, -1]
 
 
@@ -189,7 +190,7 @@ def test_bfloat16_table() -> None:
     assert table.emb.dtype == torch.bfloat16 and table.emb[1].tolist() == [1.0] * 8
 
 
-# ------------------------------------------------------------------------------------------- writes, checkpoints
+# ------------------------------------------------------------------------------------ writes, checkpoints
 def test_write_duplicate_slots_last_wins_and_out_of_range() -> None:
     table = EmbeddingTable(4, 1)
     table.write(docs(2, 1, 2), col(1, 2, 3), doc_idx=docs(7, 8, 9))

@@ -333,7 +333,8 @@ def test_mine_command(corpus, capsys):
     ]
     assert main([*args, "--depth", "3", "--output", str(out)]) == 0
     groups = {g["query_id"]: g for g in map(json.loads, out.read_text().splitlines())}
-    # q0's positive is d0000 (qrels), so its negatives are the rest of its top 3; q1's only hit is its positive
+    # q0's positive is d0000 (qrels), so its negatives are the rest of its top 3; q1's only hit is its
+    # positive
     assert groups["q0"]["positive_ids"] == ["d0000"] and groups["q0"]["negative_ids"] == ["d0005", "d0006"]
     assert groups["q1"]["negative_ids"] == []
     assert groups["q0"]["query"] == (corpus / "topics.tsv").read_text().splitlines()[0].split("\t")[1]

@@ -15,7 +15,7 @@ import torch
 
 from dualenc.errors import InputError
 from dualenc.training.batches import GroupDataset, TrainCollator
-from dualenc.training.data import GROUP_FEATURES, TrainData, load_train_data
+from dualenc.training.data import TrainData, group_features, load_train_data
 
 CORPUS = "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"
 QUERIES = "q1\tquery one\nq2\tquery two\nq3\tquery three\n"
@@ -60,7 +60,7 @@ def make_data(groups: list[tuple[list[int], list[int]]], num_docs: int = 50) -> 
         "query": [f"query w{i}" for i in range(len(groups))],
     }
     rows.update(positives=[p for p, _ in groups], negatives=[n for _, n in groups])
-    return TrainData(corpus=corpus, groups=datasets.Dataset.from_dict(rows, features=GROUP_FEATURES))
+    return TrainData(corpus=corpus, groups=datasets.Dataset.from_dict(rows, features=group_features()))
 
 
 def test_group_dataset_is_deterministic_and_ignores_global_rng():

@@ -1,24 +1,23 @@
-"""eval/compare_training.py: per-run and per-name (seed mean ± std) summaries of training runs, clear errors."""
+"""eval/compare_training.py: summaries per run and per name (seed mean ± std), paired tests, clear errors."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import runpy
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 
 from dualenc.errors import InputError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "eval" / "compare_training.py"
-
 
 @pytest.fixture(scope="module")
-def compare():
-    return runpy.run_path(str(SCRIPT))
+def compare() -> dict:
+    """The script's namespace (its functions, and those it imports from its sibling modules)."""
+    return vars(load_script("eval/compare_training.py"))
 
 
 def _make_run(root: Path, name: str, ndcg: float, wall: float, steps=(5, 10)) -> Path:
@@ -103,7 +102,7 @@ def test_errors_name_the_file_and_line(compare, tmp_path, capsys):
         compare["main"]([f"r={run}", "--out", str(tmp_path / "c.json")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "train_log.jsonl:4" in err and "not JSON" in err
+    assert "train_log.jsonl:4" in err and "invalid JSON" in err
     with pytest.raises(SystemExit):
         compare["main"]([f"{run}", "--out", str(tmp_path / "c.json")])
     assert "expected NAME=RUN_DIR" in capsys.readouterr().err
@@ -170,9 +169,8 @@ def test_paired_comparison_against_hand_computed_reciprocal_ranks(compare, tmp_p
 
 def test_mean_pairwise_cosine_equals_brute_force(compare):
     rng = np.random.default_rng(0)
-    emb = (
-        rng.normal(size=(37, 5)) * rng.uniform(0.1, 3.0, size=(37, 1)) + 0.7
-    )  # unnormalised, a shared offset
+    normal = rng.normal(size=(37, 5))  # (37, 5)
+    emb = normal * rng.uniform(0.1, 3.0, size=(37, 1)) + 0.7  # (37, 5) unnormalised, a shared offset
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     cos = unit @ unit.T  # (37, 37)
     expected = (cos.sum() - np.trace(cos)) / (37 * 36)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from dualenc.errors import InputError
+from dualenc.io.config_file import build, help_field, positive
 from dualenc.training.config import SECTIONS, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
@@ -108,3 +110,71 @@ def test_recipe_yaml_loads_and_states_its_command(path):
 
 def test_there_are_recipes():
     assert {"tiny.yaml"} <= {p.name for p in CONFIGS}
+
+
+# ---------------------------------------------------------------- the one loader behind both trainers
+
+
+@dataclasses.dataclass
+class _Flat:
+    flag: bool = help_field(False, "a switch")
+    count: int = help_field(3, "how many")
+    rate: float = help_field(0.5, "a fraction")
+    name: str = help_field("x", "a name")
+    limit: int | None = help_field(None, "null = no limit")
+
+    def __post_init__(self) -> None:
+        positive("count", self.count)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("flag", "true", True),
+        ("flag", "No", False),
+        ("flag", True, True),
+        ("count", "7", 7),
+        ("count", 7, 7),
+        ("rate", "1e-3", 1e-3),
+        ("rate", 2, 2.0),
+        ("name", 17, "17"),
+        ("limit", "null", None),
+        ("limit", "~", None),
+        ("limit", None, None),
+        ("limit", "12", 12),
+    ],
+)
+def test_values_take_the_field_type(key, value, expected):
+    built = build(_Flat, {key: value})
+    assert getattr(built, key) == expected and type(getattr(built, key)) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"flag": "maybe"}, "config key 'flag' expects bool, got 'maybe'"),
+        ({"count": True}, "config key 'count' expects int, got True"),
+        ({"count": "1.5"}, "config key 'count' expects int, got '1.5'"),
+        ({"name": False}, "config key 'name' expects str, got False"),
+        ({"count": 0}, "count=0 must be > 0"),
+        ({"cuont": 1}, "unknown config key 'cuont' (did you mean 'count'?)"),
+    ],
+)
+def test_bad_values_are_one_clear_error(values, message):
+    with pytest.raises(InputError) as err:
+        build(_Flat, values)
+    assert message in str(err.value)
+
+
+def test_both_trainers_read_values_the_same_way():
+    """The training config and the SASRec config coerce the same strings to the same values."""
+    from dualenc.recsys.config import load_sasrec_config
+
+    dense = load_config(overrides=["random_init=true", "learn_temperature=yes", "temperature=5e-2"])
+    sasrec = load_sasrec_config(overrides=["mix=yes", "learning_rate=5e-2", "n_buckets=null"])
+    assert dense.loss.learn_temperature is True and sasrec.mix is True
+    assert dense.loss.temperature == sasrec.learning_rate == 0.05
+    assert sasrec.n_buckets is None
+    for load in (lambda o: load_config(overrides=o), lambda o: load_sasrec_config(overrides=o)):
+        with pytest.raises(InputError, match="is not key=value"):
+            load(["no_equals_sign"])

@@ -11,7 +11,8 @@ import datasets
 import pytest
 
 from dualenc.errors import InputError
-from dualenc.io.readers import doc_text, read_collection, read_qrels, read_queries
+from dualenc.io.qrels import read_qrels
+from dualenc.io.readers import doc_text, doc_texts, read_collection, read_queries
 
 STRING = datasets.Value("string")
 
@@ -131,6 +132,15 @@ def test_doc_text():
     assert doc_text("Title", "") == "Title"
     assert doc_text("  ", "body") == "body"
     assert doc_text(" Title", " body ") == " Title  body "  # nothing stripped when both have content
+
+
+def test_doc_texts_of_a_dataset_a_batch_and_queries(tmp_path, hf):
+    collection = read_collection(write(tmp_path / "c.tsv", "1\tTitle\tbody\n2\t \tonly body\n"), cache_dir=hf)
+    assert doc_texts(collection) == ["Title body", "only body"]
+    assert doc_texts(collection[1:2]) == ["only body"]
+    assert doc_texts(collection[[1, 0]]) == ["only body", "Title body"]
+    queries = read_queries(write(tmp_path / "q.tsv", "q1\tdense retrieval\n"), cache_dir=hf)
+    assert doc_texts(queries) == doc_texts(queries[0:1]) == ["dense retrieval"]  # no title column
 
 
 # --- cache ------------------------------------------------------------------------------------------------

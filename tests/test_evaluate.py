@@ -1,4 +1,5 @@
-"""dualenc.evaluation.measures: hand-computed values, pytrec_eval as a second oracle, real DL19 figures, input errors."""
+"""dualenc.evaluation.measures: hand-computed values, pytrec_eval as a second oracle, real DL19 figures,
+input errors."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from dualenc.evaluation.measures import (
     check_run_queries,
     evaluate,
     evaluate_per_query,
-    format_table,
     parse_measures,
 )
+from dualenc.io.text_table import format_table
 
 # Graded labels 0-3. q1 ranks: d2(0) d3(1) d9(unjudged) d1(3) d5(unjudged) d4(2).
 # q2 ranks: d6(1) d8(unjudged) d7(2). q3: ten unjudged passages, then its only relevant one at rank 11.

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualenc.losses.sce import ScalableCE, full_ce
+from dualenc.losses.dense import full_ce
+from dualenc.losses.sce import ScalableCE
 from dualenc.negcache.gumbel import GumbelKey, keyed_bits, keyed_gumbel
 from dualenc.negcache.scan import scan_table
 from dualenc.negcache.table import EmbeddingTable
@@ -56,9 +57,8 @@ def test_table_scan_statistics_equal_cpu():
     torch.testing.assert_close(cuda.lse.cpu(), cpu.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cuda.mean.cpu(), cpu.mean, rtol=1e-5, atol=1e-5)
     assert torch.equal(cuda.above.cpu(), cpu.above)
-    assert torch.equal(
-        cuda.slots.cpu(), cpu.slots
-    )  # keyed noise: the same draws on any device and block size
+    # keyed noise: the same draws on any device and block size
+    assert torch.equal(cuda.slots.cpu(), cpu.slots)
     drawn = cuda.slots.cpu()  # (Q, m)
     table = _table("cpu")
     assert bool((table.doc_idx[drawn] >= 0).all()), "an empty slot was drawn"
@@ -73,7 +73,7 @@ def test_bfloat16_table_scan_is_close_to_float32():
 
 
 def test_keyed_noise_on_cuda_equals_cpu_bit_for_bit():
-    """int64 wrap-around and shifts on CUDA: the same 64-bit hashes, hence the same Gumbel noise, as on the CPU."""
+    """int64 wrap-around and shifts on CUDA: the same 64-bit hashes, hence the same Gumbel noise."""
     key, queries, docs = GumbelKey(3, 2**40 + 7), torch.arange(64) * 11, torch.arange(5000) - 2
     bits = keyed_bits(key, queries, docs, 3)  # (Q, b)
     assert torch.equal(keyed_bits(key, queries.cuda(), docs.cuda(), 3).cpu(), bits)

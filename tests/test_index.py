@@ -13,15 +13,8 @@ from helpers import K, assert_ties_present, brute_force, gauss_data, ids_of, int
 from dualenc.errors import InputError
 from dualenc.io.embeddings import write_meta, write_shard
 from dualenc.retrieval import topk as topk_mod
-from dualenc.retrieval.index import (
-    IndexShard,
-    build_index,
-    index_from_embeddings,
-    load_index,
-    save_index,
-    search,
-    set_search_params,
-)
+from dualenc.retrieval.index import IndexShard, build_index, search_shards, set_search_params
+from dualenc.retrieval.index_dir import index_from_embeddings, load_index, save_index
 from dualenc.retrieval.topk import exact_search_torch
 
 
@@ -29,7 +22,7 @@ def test_flat_equals_brute_force_exactly_with_ties():
     queries, docs, doc_ids = int_data()
     ref_scores, ref_rows = brute_force(queries, docs, np.asarray(doc_ids), K)
     assert_ties_present(ref_scores)
-    scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, K, batch_size=16)
+    scores, hits = search_shards([IndexShard(build_index(docs), doc_ids)], queries, K, batch_size=16)
     assert hits == ids_of(ref_rows, doc_ids)
     np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
     assert scores.dtype == np.float32
@@ -42,7 +35,7 @@ def test_flat_gaussian_ids_equal_scores_close():
     tol = 1e-6 * np.abs(ref_scores).max()
     # Seed chosen so no two neighbouring scores are within 10 tol: rounding cannot swap the ids.
     assert -np.diff(ref_scores, axis=1).max() > 10 * tol
-    scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, K)
+    scores, hits = search_shards([IndexShard(build_index(docs), doc_ids)], queries, K)
     assert hits == ids_of(ref_rows[:, :K], doc_ids)
     np.testing.assert_allclose(scores, ref_scores[:, :K], rtol=0, atol=tol)
 
@@ -56,7 +49,7 @@ def test_ties_deeper_than_the_margin_are_refetched(engine):
     ref_scores, ref_rows = brute_force(queries, docs, keys, 5)
     assert len(set(ref_scores[0])) == 1 and 60 > 5 + topk_mod.TIE_MARGIN
     if engine == "faiss":
-        scores, hits = search([IndexShard(build_index(docs), doc_ids)], queries, 5)
+        scores, hits = search_shards([IndexShard(build_index(docs), doc_ids)], queries, 5)
     else:
         scores, rows = exact_search_torch(queries, docs, 5, block_size=128, doc_ids=doc_ids)
         hits = ids_of(rows, doc_ids)
@@ -71,8 +64,8 @@ def test_sharded_result_heap_merge_equals_one_flat_index():
         IndexShard(build_index(docs[a:b], add_batch_size=128), doc_ids[a:b])
         for a, b in zip(cuts[:-1], cuts[1:], strict=True)
     ]
-    merged_scores, merged_hits = search(shards, queries, K)
-    flat_scores, flat_hits = search([IndexShard(build_index(docs), doc_ids)], queries, K)
+    merged_scores, merged_hits = search_shards(shards, queries, K)
+    flat_scores, flat_hits = search_shards([IndexShard(build_index(docs), doc_ids)], queries, K)
     assert merged_hits == flat_hits
     np.testing.assert_array_equal(merged_scores, flat_scores)
     assert_ties_present(flat_scores)
@@ -80,7 +73,7 @@ def test_sharded_result_heap_merge_equals_one_flat_index():
 
 def test_fewer_docs_than_k_pads():
     queries, docs, doc_ids = int_data(num_docs=30)
-    scores, hits = search(
+    scores, hits = search_shards(
         [IndexShard(build_index(docs[:10]), doc_ids[:10]), IndexShard(build_index(docs[10:]), doc_ids[10:])],
         queries,
         40,
@@ -103,7 +96,7 @@ def clustered():
     docs = (centres[rng.integers(0, 100, 20_000)] + rng.standard_normal((20_000, 64))).astype(np.float32)
     queries = (centres[rng.integers(0, 100, 200)] + rng.standard_normal((200, 64))).astype(np.float32)
     doc_ids = [f"c{i}" for i in range(len(docs))]
-    _, flat_hits = search([IndexShard(build_index(docs), doc_ids)], queries, 100)
+    _, flat_hits = search_shards([IndexShard(build_index(docs), doc_ids)], queries, 100)
     return queries, docs, doc_ids, flat_hits
 
 
@@ -117,16 +110,16 @@ def test_approximate_index_recall(clustered):
     queries, docs, doc_ids, flat_hits = clustered
     ivf = [IndexShard(build_index(docs, "IVF64,Flat", train_size=10_000), doc_ids)]
     recall = {
-        p: recall_at_100(search(ivf, queries, 100, params=p)[1], flat_hits)
+        p: recall_at_100(search_shards(ivf, queries, 100, params=p)[1], flat_hits)
         for p in ("nprobe=1", "nprobe=8", "nprobe=64")
     }
     assert recall["nprobe=64"] == 1.0  # every list scanned: exact
     assert 0.95 <= recall["nprobe=8"] < 1.0 and recall["nprobe=1"] < recall["nprobe=8"]
     hnsw = [IndexShard(build_index(docs, "HNSW32"), doc_ids)]
-    assert recall_at_100(search(hnsw, queries, 100, params="efSearch=128")[1], flat_hits) >= 0.95
+    assert recall_at_100(search_shards(hnsw, queries, 100, params="efSearch=128")[1], flat_hits) >= 0.95
     # "np": no polysemous training (only useful with Hamming thresholds; it costs seconds here).
     pq = [IndexShard(build_index(docs, "IVF64,PQ8np", train_size=10_000), doc_ids)]
-    assert recall_at_100(search(pq, queries, 100, params="nprobe=8")[1], flat_hits) >= 0.65
+    assert recall_at_100(search_shards(pq, queries, 100, params="nprobe=8")[1], flat_hits) >= 0.65
 
 
 def test_search_params_take_effect_and_bad_params_are_input_errors(clustered):
@@ -153,11 +146,11 @@ def test_search_params_take_effect_and_bad_params_are_input_errors(clustered):
 def test_save_load_round_trip_equals_in_memory(tmp_path, clustered):
     queries, docs, doc_ids, _ = clustered
     index = build_index(docs[:4000], "IVF16,Flat")
-    expected = search([IndexShard(index, doc_ids[:4000])], queries, K, params="nprobe=4")
+    expected = search_shards([IndexShard(index, doc_ids[:4000])], queries, K, params="nprobe=4")
     save_index(tmp_path / "idx", index, doc_ids[:4000], meta={"factory": "IVF16,Flat"})
     loaded = load_index(tmp_path / "idx")
     assert len(loaded) == 1 and loaded[0].doc_ids == doc_ids[:4000]
-    got = search(loaded, queries, K, params="nprobe=4")
+    got = search_shards(loaded, queries, K, params="nprobe=4")
     np.testing.assert_array_equal(got[0], expected[0])
     assert got[1] == expected[1]
     meta = json.loads((tmp_path / "idx" / "index_meta.json").read_text())
@@ -224,17 +217,17 @@ def test_bad_inputs_are_input_errors(tmp_path):
         build_index(docs, use_gpu=True)
     shard = IndexShard(build_index(docs), doc_ids)
     with pytest.raises(InputError, match=r"queries have shape \(3, 8\); the index expects \(Q, 16\)"):
-        search([shard], queries[:3, :8], 5)
+        search_shards([shard], queries[:3, :8], 5)
     nan_queries = queries[:3].copy()
     nan_queries[1, 0] = np.nan
     with pytest.raises(InputError, match="query row 1 contains NaN or inf"):
-        search([shard], nan_queries, 5)
+        search_shards([shard], nan_queries, 5)
     with pytest.raises(InputError, match="query row 1 contains NaN or inf"):
         exact_search_torch(torch.from_numpy(nan_queries), docs, 5)
     with pytest.raises(InputError, match=r"queries have shape \(3, 8\); the index expects \(Q, 16\)"):
         exact_search_torch(queries[:3, :8], docs, 5)
     with pytest.raises(InputError, match="k must be >= 1"):
-        search([shard], queries, 0)
+        search_shards([shard], queries, 0)
     with pytest.raises(InputError, match="2 doc ids for an index with 100 vectors"):
         save_index(tmp_path, shard.index, doc_ids[:2])
 
@@ -257,7 +250,7 @@ def test_index_from_embeddings(tmp_path):
         index_from_embeddings(tmp_path / "emb", out, "Flat", per_shard=per_shard, add_batch_size=64)
         shards = load_index(out)
         assert len(shards) == num
-        scores, hits = search(shards, queries, K)
+        scores, hits = search_shards(shards, queries, K)
         assert hits == ids_of(ref_rows, doc_ids)
         np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
         meta = json.loads((out / "index_meta.json").read_text())

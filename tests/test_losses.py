@@ -1,5 +1,5 @@
-"""Losses over embeddings: in-batch CE vs brute force, the negative-cache loss vs the reference fixtures and vs
-full-softmax CE (value and gradient)."""
+"""Losses over embeddings: in-batch CE vs brute force, the negative-cache loss vs the reference fixtures
+and vs full-softmax CE (value and gradient)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import math
 import pytest
 import torch
 
-from dualenc.losses.base import (
-    CachedCE,
-    CacheTerms,
-    InBatchCE,
-    LossInputs,
-    false_negative_mask,
-    reference_surrogate,
-)
+from dualenc.losses.base import CacheTerms, LossInputs, false_negative_mask
+from dualenc.losses.cached import CachedCE, reference_surrogate
+from dualenc.losses.inbatch import InBatchCE
 
 
 def call(loss, q, d, *, targets, mask=None, **cache):
@@ -77,7 +72,7 @@ def test_false_negative_mask_matches_a_loop():
             assert bool(mask[i, j]) == expected
 
 
-# ------------------------------------------------------------ negative cache: the reference fixtures (Part B 1.7)
+# ----------------------------------------------------- negative cache: the reference fixtures (Part B 1.7)
 
 CACHE = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
 QUERY = torch.tensor([[-1.0], [1.0], [3.0]], dtype=torch.float64)
@@ -104,6 +99,19 @@ def cached_loss_per_example(q, pos, cache, neg, scale=1.0, inbatch=False):
         )
         values.append(out.loss)
     return torch.stack(values)
+
+
+def reference_setting_loss(q, pos, neg, rest_lse):
+    """CachedCE as the reference trains: no in-batch negatives, one sampled negative per query (weight 1)."""
+    return call(
+        CachedCE(inbatch=False).double(),
+        q,
+        pos,
+        targets=torch.arange(q.shape[0]),
+        neg_emb=neg[:, None],
+        neg_weight=torch.ones(q.shape[0], 1),
+        rest_lse=rest_lse,
+    )
 
 
 def test_interpretable_loss_fixture():
@@ -135,16 +143,7 @@ def test_scalar_parameter_gradients_fixture():
     b = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     q, pos, neg = a * QUERY, b * POSITIVE, b * CACHE[RETRIEVED]  # the doc tower re-encodes the negative
     rest_lse = torch.logsumexp(q @ CACHE.T, dim=1)  # stale cache scores
-    out = call(
-        CachedCE(inbatch=False).double(),
-        q,
-        pos,
-        targets=torch.arange(3),
-        mask=None,
-        neg_emb=neg[:, None],
-        neg_weight=torch.ones(3, 1),
-        rest_lse=rest_lse,
-    )
+    out = reference_setting_loss(q, pos, neg, rest_lse)
     grads = torch.autograd.grad(out.loss, [a, b])
     # the fixture was computed in TF float32: 1e-6 absolute
     torch.testing.assert_close(
@@ -162,16 +161,7 @@ def test_p_pos_and_cache_get_no_gradient_sampled_and_positive_do():
     pos, neg = POSITIVE.clone().requires_grad_(True), CACHE[RETRIEVED].clone().requires_grad_(True)
     cache = CACHE.clone().requires_grad_(True)
     rest_lse = torch.logsumexp(q @ cache.T, dim=1)
-    out = call(
-        CachedCE(inbatch=False).double(),
-        q,
-        pos,
-        targets=torch.arange(3),
-        mask=None,
-        neg_emb=neg[:, None],
-        neg_weight=torch.ones(3, 1),
-        rest_lse=rest_lse,
-    )
+    out = reference_setting_loss(q, pos, neg, rest_lse)
     out.loss.backward()
     assert cache.grad is None  # stale embeddings are constants
     assert pos.grad is not None and neg.grad is not None and q.grad is not None
@@ -193,7 +183,7 @@ def _linear_setup(seed=0, num_queries=3, num_docs=9, dim=4):
 
 @pytest.mark.parametrize("inbatch", [True, False])
 def test_fresh_cache_with_enumerated_expectation_equals_full_softmax(inbatch):
-    """Cache = whole corpus, refreshed (fresh), E over q_R enumerated: value and gradient = full softmax CE."""
+    """Cache = whole corpus, fresh, E over q_R enumerated: value and gradient = full softmax CE."""
     wq, wd, qx, dx = _linear_setup()
     scale, batch_docs = 2.0, [0, 1, 2]  # documents 0..2 are the batch (query i's positive is doc i)
     q, d = qx @ wq, dx @ wd  # (3, D), (9, D)

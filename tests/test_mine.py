@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from dualenc.errors import InputError
-from dualenc.io.readers import read_qrels
+from dualenc.io.qrels import read_qrels
 from dualenc.io.runs import read_run
 from dualenc.retrieval.mine import mine_hard_negatives, write_groups
 from dualenc.training.batches import GroupDataset
@@ -123,7 +123,7 @@ def test_write_groups_is_plain_jsonl_and_replaces_the_file(tmp_path, run_qrels):
 
 
 def test_round_trip_through_load_train_data(tmp_path, run_qrels, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.training.data")
+    caplog.set_level(logging.INFO, logger="dualenc.training")
     run, qrels = run_qrels
     corpus = tmp_path / "corpus.tsv"
     corpus.write_text(CORPUS, encoding="utf-8")

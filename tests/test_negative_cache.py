@@ -12,11 +12,12 @@ import torch
 from helpers import REPO, last_logged_step, read_log, tiny_overrides, train_subprocess, write_triples
 from scipy import stats
 
+from dualenc.negcache.config import CacheConfig
 from dualenc.negcache.gumbel import GumbelKey, combine_lse, keyed_gumbel
 from dualenc.negcache.negative_cache import NegativeCache
-from dualenc.negcache.scan import ScanResult, merge_shards, scan_candidates, scan_table
+from dualenc.negcache.scan import ScanResult, merge_shards, scan_table
+from dualenc.negcache.sce_candidates import scan_candidates
 from dualenc.negcache.table import EmbeddingTable
-from dualenc.training.config_sections import CacheConfig
 
 
 def _expected_probs(result: dict, row: int, scale: float = 20.0) -> tuple[np.ndarray, float]:
@@ -53,7 +54,7 @@ def test_two_processes_draw_what_one_process_draws(sampling_run):
 
 
 def test_sampled_frequencies_match_the_global_softmax(sampling_run):
-    """Draws of NegativeCache.sample follow the softmax over the whole table (chi-square); the LSE is exact."""
+    """Draws of NegativeCache.sample follow the softmax over the whole table (chi-square); exact LSE."""
     result = torch.load(sampling_run / "one.pt")
     counts = result["counts"]  # (4, C)
     for row in range(4):
@@ -181,9 +182,9 @@ def _one_process_cache(tmp_path, tiny_model_dir, overrides):
     from dualenc.model.encoder import DualEncoder
     from dualenc.negcache.negative_cache import NegativeCache
     from dualenc.training.batches import GroupDataset, TrainCollator
+    from dualenc.training.build import build_loss
     from dualenc.training.config import load_config
     from dualenc.training.data import load_train_data
-    from dualenc.training.loop import build_loss
     from dualenc.training.step import TrainingModule
 
     write_triples(tmp_path / "triples.tsv", 12)
@@ -202,8 +203,8 @@ def _one_process_cache(tmp_path, tiny_model_dir, overrides):
 
 
 def _dense_cache_ce(module, batch, table, inbatch: bool):
-    """Oracle: CE over [live batch documents (or only the positive), every table row as a constant], positives and
-    batch documents removed from the table part, by autograd of the dense logits."""
+    """Oracle: CE over [live batch documents (or only the positive), every table row as a constant],
+    positives and batch documents removed from the table part, by autograd of the dense logits."""
     q, d = module.encoder(batch["query"], batch["doc"])  # (4, D), (8, D)
     scale = module.loss.temperature()
     targets = torch.arange(4) * 2
@@ -223,7 +224,7 @@ def _dense_cache_ce(module, batch, table, inbatch: bool):
 
 @pytest.mark.parametrize("inbatch", [True, False])
 def test_cache_ce_equals_the_dense_softmax_over_the_table(tmp_path, tiny_model_dir, inbatch):
-    """loss=cache_ce (lumped logit, block scan) == dense CE over the table as constants: value and gradient."""
+    """loss=cache_ce (lumped logit, block scan) == dense CE over the table as constants: value, gradient."""
     cfg, acc, module, batch, cache = _one_process_cache(
         tmp_path, tiny_model_dir, ["loss=cache_ce", f"cache_inbatch={inbatch}", "cache_score_block_size=7"]
     )
@@ -246,7 +247,7 @@ def test_cache_ce_equals_the_dense_softmax_over_the_table(tmp_path, tiny_model_d
 
 
 def test_sce_with_full_coverage_equals_cache_ce(tmp_path, tiny_model_dir):
-    """loss=sce with one bucket holding every query and every slot == dense cache-CE without the in-batch part."""
+    """loss=sce, one bucket holding every query and every slot == dense cache-CE without the in-batch part."""
     cfg, acc, module, batch, cache = _one_process_cache(
         tmp_path,
         tiny_model_dir,
@@ -294,7 +295,8 @@ def test_cache_training_with_sce_candidates_runs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- scans (no model)
-# The function training calls is NegativeCache.sample = scan_table (or scan_candidates) on every shard + merge_shards.
+# What training calls (NegativeCache.sample -> CacheSampler.draw) is scan_table (or scan_candidates) on every
+# shard + merge_shards.
 # P processes are simulated on one process: by splitting a table into shards and merging their scans, or by
 # running NegativeCache itself in P threads whose collectives are an in-memory exchange (_FakeAccelerator).
 
@@ -421,7 +423,8 @@ def test_draws_with_replacement_follow_the_softmax(bounds):
 
 @pytest.mark.parametrize("bounds", [[0, 10], [0, 4, 9, 10]], ids=["1 shard", "3 shards"])
 def test_draws_without_replacement_are_sequential_softmax_draws(bounds):
-    """Gumbel-top-2 (Kool et al. 2019): first draw ~ softmax, ordered pairs ~ p_i p_j / (1 - p_i), distinct."""
+    """Gumbel-top-2 (Kool et al. 2019): first draw ~ softmax, ordered pairs ~ p_i p_j / (1 - p_i),
+    distinct."""
     slots, probs = _gof_draws(bounds, replacement=False, m=2)
     assert bool((slots[:, 0] != slots[:, 1]).all()) and bool((slots >= 0).all())
     assert not bool(torch.isin(slots, torch.tensor([2, 5, 7])).any())
@@ -435,7 +438,7 @@ def test_draws_without_replacement_are_sequential_softmax_draws(bounds):
 
 
 def _random_shard_merge(lse, above, keys, items, *, replacement, mean=None) -> ScanResult:
-    """A wrong merge_shards (for the power check): each draw takes the candidate of a uniformly random shard."""
+    """A wrong merge_shards (for the power check): each draw takes a uniformly random shard's candidate."""
     shard = torch.randint(
         0, keys.shape[0], keys.shape[1:], generator=torch.Generator().manual_seed(0)
     )  # (Q, m)
@@ -445,8 +448,8 @@ def _random_shard_merge(lse, above, keys, items, *, replacement, mean=None) -> S
 
 
 def test_the_goodness_of_fit_test_rejects_wrong_samplers():
-    """Power: the same chi-square rejects draws at 2x and at 1.1x the temperature, a merge that ignores the keys
-    (a random shard's candidate), and uniform draws over the same cells."""
+    """Power: the same chi-square rejects draws at 2x and at 1.1x the temperature, a merge that ignores the
+    keys (a random shard's candidate), and uniform draws over the same cells."""
     for scale in (0.4, 0.72):  # temperature off by 2x, by 10%
         slots, probs = _gof_draws([0, 4, 9, 10], replacement=True, m=2, scale=scale)
         assert chi2_pvalue(torch.bincount(slots.flatten(), minlength=10), probs) < 1e-6, scale
@@ -520,7 +523,8 @@ def _invariance_setup():
 
 @pytest.mark.parametrize("replacement", [True, False])
 def test_draws_do_not_depend_on_block_size_or_sharding(replacement):
-    """Identical draws, ranks and keys (lse and mean to float rounding) for blocks of 1, 7, all and 1 or 3 shards."""
+    """Identical draws, ranks and keys (lse and mean to float rounding) for blocks of 1, 7, all and 1 or 3
+    shards."""
     table, queries, pos_score, masks = _invariance_setup()
     results = {}
     for block in (1, 7, 50):
@@ -563,7 +567,8 @@ def test_draws_do_not_depend_on_block_size_or_sharding(replacement):
 
 
 def test_block_scan_equals_a_dense_computation():
-    """scan_table over blocks == dense logsumexp / softmax-mean / rank; draws == argmax of dense + the same noise."""
+    """scan_table over blocks == dense logsumexp / softmax-mean / rank; draws == argmax of dense + the same
+    noise."""
     table, queries, pos_score, masks = _invariance_setup()
     dense = 2.0 * queries @ table.emb.T  # (6, 50)
     dense[:, [3, 17]] = float("-inf")
@@ -610,38 +615,22 @@ def test_sce_candidates_full_coverage_equals_the_dense_scan_and_truncation_lower
         key=KEY,
         query_ids=torch.arange(6),
     )
+
+    def candidates(**buckets):  # the same centres (generator seed 0) every call
+        generator = torch.Generator().manual_seed(0)
+        return scan_candidates(table, queries, 1.5, generator=generator, **common, **buckets)
+
     for replacement in (True, False):
         dense = scan_table(table, queries, 1.5, replacement=replacement, **common)
-        full = scan_candidates(
-            table,
-            queries,
-            1.5,
-            generator=torch.Generator().manual_seed(0),
-            num_buckets=1,
-            bucket_size_x=6,
-            bucket_size_y=39,
-            mix=False,
-            replacement=replacement,
-            **common,
+        full = candidates(
+            num_buckets=1, bucket_size_x=6, bucket_size_y=39, mix=False, replacement=replacement
         )
         torch.testing.assert_close(full.lse, dense.lse, atol=1e-5, rtol=1e-5)
         assert torch.equal(full.above, dense.above)
         assert torch.equal(full.slots, dense.slots)  # same keyed noise on the same candidates: the same draws
     parts = [
-        scan_candidates(
-            table,
-            queries,
-            1.5,
-            generator=torch.Generator().manual_seed(0),
-            num_buckets=3,
-            bucket_size_x=2,
-            bucket_size_y=8,
-            mix=True,
-            replacement=True,
-            block_size=block,
-            **common,
-        )
-        for block in (1, 7, 40)
+        candidates(num_buckets=3, bucket_size_x=2, bucket_size_y=8, mix=True, replacement=True, block_size=b)
+        for b in (1, 7, 40)
     ]
     for other in parts[1:]:  # the block size changes nothing
         assert torch.equal(other.slots, parts[0].slots) and torch.equal(other.above, parts[0].above)
@@ -652,7 +641,7 @@ def test_sce_candidates_full_coverage_equals_the_dense_scan_and_truncation_lower
     assert covered.any() and ((part.slots >= 0).all(1) == covered).all()
 
 
-# ------------------------------------------------------------------------------------------- simulated processes
+# ----------------------------------------------------------------------------------- simulated processes
 class _Exchange:
     """An all-gather between the threads of simulated processes (a barrier on both sides of the swap)."""
 
@@ -706,7 +695,7 @@ def _simulated_cache(acc, table: EmbeddingTable, **cfg) -> NegativeCache:
 @pytest.mark.parametrize("replacement", [True, False])
 @pytest.mark.parametrize("inbatch", [True, False])
 def test_negative_cache_sample_is_the_same_for_1_and_3_processes(replacement, inbatch):
-    """NegativeCache.sample with 6 queries (cross-device batch): 1 process == 3 simulated processes, exactly."""
+    """NegativeCache.sample, 6 queries (cross-device batch): 1 process == 3 simulated processes, exactly."""
     table = _table(40, 8, seed=7)
     g = torch.Generator().manual_seed(8)
     q_emb, pos_score = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
@@ -758,7 +747,7 @@ def test_negative_cache_sample_is_the_same_for_1_and_3_processes(replacement, in
 
 
 def test_refresh_selects_the_same_documents_for_1_2_and_3_processes(monkeypatch):
-    """Over 6 steps with write-backs in between: the globally oldest k slots are re-encoded, whatever the sharding.
+    """Over 6 steps with write-backs in between: the globally oldest k slots are re-encoded, any sharding.
 
     Oracle: with one process, the k slots of largest age (ties: lowest slot) of the whole table.
     """
@@ -810,18 +799,18 @@ def test_refresh_selects_the_same_documents_for_1_2_and_3_processes(monkeypatch)
 
 
 def test_sce_buckets_are_built_from_the_same_centres_and_queries_on_every_process(monkeypatch):
-    """cache_candidates=sce: the centre generator is seeded by (seed, step) only, and every process buckets the
-    same gathered queries (global query ids), so the buckets are the same on every process."""
-    import dualenc.negcache.negative_cache as negative_cache
+    """cache_candidates=sce: the centre generator is seeded by (seed, step) only, and every process buckets
+    the same gathered queries (global query ids), so the buckets are the same on every process."""
+    import dualenc.negcache.draw as draw
 
     seen = []
-    real = negative_cache.scan_candidates
+    real = draw.scan_candidates
 
     def spy(table, queries, scale, *, generator, query_ids, **kw):
         seen.append((kw["key"].step, generator.initial_seed(), queries.clone(), query_ids.tolist()))
         return real(table, queries, scale, generator=generator, query_ids=query_ids, **kw)
 
-    monkeypatch.setattr(negative_cache, "scan_candidates", spy)
+    monkeypatch.setattr(draw, "scan_candidates", spy)
     table, q_emb = _table(40, 8, seed=7), torch.randn(6, 8, generator=torch.Generator().manual_seed(8))
 
     def run(acc):

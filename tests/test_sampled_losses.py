@@ -1,4 +1,5 @@
-"""Sampled baselines (dualenc/losses/sampled.py): ALGORITHMS.md Part B 2.4 and oracle 19, plus the samplers."""
+"""Sampled baselines (dualenc/losses/sampled.py) and their samplers (dualenc/losses/uniform_negatives.py):
+ALGORITHMS.md Part B 2.4 and oracle 19."""
 
 from __future__ import annotations
 
@@ -11,15 +12,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dualenc.errors import InputError
-from dualenc.losses.sampled import (
-    bce_loss,
-    ce_minus_loss,
-    gbce_beta,
-    gbce_loss,
-    gbce_positive_logit,
-    sample_uniform,
-    sample_unseen,
-)
+from dualenc.losses.sampled import bce_loss, ce_minus_loss, gbce_beta, gbce_loss, gbce_positive_logit
+from dualenc.losses.uniform_negatives import sample_uniform, sample_unseen
 
 F64 = torch.float64
 # upper 0.999 quantiles of chi-square (scipy.stats.chi2.ppf(0.999, df)), so a fair sampler fails 1 run in 1000

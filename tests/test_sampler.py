@@ -1,9 +1,10 @@
-"""Keyed Gumbel noise and the small sampler helpers (ALGORITHMS.md A3; Part B §4 oracles 9, 11).
+"""Keyed Gumbel noise (dualenc/negcache/gumbel.py) and the staleness measure (dualenc/negcache/refresh.py)
+(ALGORITHMS.md A3; Part B §4 oracles 9, 11).
 
 Oracles: a pure-Python big-integer splitmix64 (the int64 tensor hash must equal it bit for bit), scipy's
-Kolmogorov-Smirnov and chi-square tests against U(0, 1) and Gumbel(0, 1), logsumexp of the concatenated scores,
-the Negative Cache reference fixtures of Part B 1.7, and hand-computed staleness values. The sampling laws of the
-scans built on this noise are tested in tests/test_negative_cache.py.
+Kolmogorov-Smirnov and chi-square tests against U(0, 1) and Gumbel(0, 1), logsumexp of the concatenated
+scores, the Negative Cache reference fixtures of Part B 1.7, and hand-computed staleness values. The sampling
+laws of the scans built on this noise are tested in tests/test_negative_cache.py.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dualenc.negcache.gumbel import (
     keyed_gumbel,
     keyed_uniform,
     mix64,
-    staleness,
 )
+from dualenc.negcache.refresh import staleness
 
 KEY = GumbelKey(seed=7, step=3)
 M64 = (1 << 64) - 1
@@ -45,7 +46,8 @@ def _py_mix(x: int) -> int:
 
 
 def _py_bits(seed: int, step: int, query: int, doc: int, draw: int) -> int:
-    """The documented hash chain: state <- mix(state + (value + 1) * golden) over (seed, step, draw, query, doc)."""
+    """The documented hash chain: state <- mix(state + (value + 1) * golden) over (seed, step, draw, query,
+    doc)."""
     state = 0x6A09E667F3BCC908
     for value in (seed, step, draw, query, doc):
         state = _py_mix(state + ((value + 1) & M64) * 0x9E3779B97F4A7C15)
@@ -53,7 +55,7 @@ def _py_bits(seed: int, step: int, query: int, doc: int, draw: int) -> int:
 
 
 def test_tensor_hash_equals_the_big_integer_reference() -> None:
-    """int64 multiply must wrap and >> be emulated as a logical shift: checked bit for bit, negative keys too."""
+    """int64 multiply must wrap and >> be emulated as a logical shift: bit for bit, negative keys too."""
     g = gen(0)
     x = torch.randint(-(2**63), 2**63 - 1, (1000,), generator=g)
     expected = [_py_mix(v) for v in x.tolist()]
@@ -99,7 +101,8 @@ def test_uniforms_and_gumbels_pass_kolmogorov_smirnov(dtype: torch.dtype) -> Non
 
 
 def test_neighbouring_pairs_are_independent() -> None:
-    """Chi-square on a 10x10 grid of (u(q, d), u(q, d + 1)), (u(q, d), u(q + 1, d)), draws k and k + 1, steps."""
+    """Chi-square on a 10x10 grid of (u(q, d), u(q, d + 1)), (u(q, d), u(q + 1, d)), draws k and k + 1,
+    steps."""
     queries, docs = torch.arange(100), torch.arange(1001)
     u = keyed_uniform(KEY, queries, docs, 0)  # (100, 1001)
     pairs = {

@@ -1,17 +1,19 @@
-"""Scalable CE (dualenc/losses/sce.py) against dense references: ALGORITHMS.md Part B 4, oracles 12-17."""
+"""Scalable CE (dualenc/losses/sce.py) against dense references (dualenc/losses/dense.py): ALGORITHMS.md
+Part B 4, oracles 12-17."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 from torch.testing import assert_close
 
 from dualenc.errors import InputError
-from dualenc.losses.sce import ScalableCE, blockwise_topk, bucketed_ce, full_ce
+from dualenc.losses.dense import blockwise_topk, full_ce
+from dualenc.losses.sce import ScalableCE, bucketed_ce, default_bucket_count
 
 F64 = torch.float64
 
@@ -155,6 +157,8 @@ def test_padding_rows_and_pad_item():  # oracle 16
 
 
 def test_default_sizes_and_all_pad_batch():
+    # the official default int(2 sqrt(N)), at least 1
+    assert [default_bucket_count(n) for n in (0, 1, 9, 10, 2600)] == [1, 2, 6, 6, 101]
     x, w, t = make(n=16, c=300)
     out = ScalableCE()(x, w, t, mask=torch.arange(16) < 9, generator=gen(0))
     assert [out.logs[k].item() for k in ("n_buckets", "bucket_size_x", "bucket_size_y")] == [6, 6, 256]
@@ -282,10 +286,7 @@ def test_error_full_ce_block_size():
 
 
 def test_loss_memory_bench_quick(tmp_path: Path):
-    path = Path(__file__).resolve().parents[1] / "bench" / "loss_memory.py"
-    spec = importlib.util.spec_from_file_location("loss_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/loss_memory.py")
     out = tmp_path / "res.json"
     bench.main(["--quick", "--losses", "ce", "sce", "--out", str(out)])
     result = json.loads(out.read_text())

@@ -80,11 +80,12 @@ def test_dev_evaluation_keeps_the_best_model(tmp_path):
     assert summary["peak_rss_gib"] >= timed[-1]["peak_rss_gib"] > 0.05  # a process holding torch + BERT
 
 
-# ---------------------------------------------------------------- 2 processes (gloo) == 1 process, same global batch
+# ------------------------------------------------ 2 processes (gloo) == 1 process, same global batch
 
 
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
-    """accelerate.debug_launcher (2 processes, gloo) vs 1 process on the same global batch, loss and gradients."""
+    """accelerate.debug_launcher (2 processes, gloo) vs 1 process on the same global batch, loss and
+    gradients."""
     from distributed_cases import run_case
 
     write_triples(tmp_path / "triples.tsv", 8)
@@ -123,7 +124,8 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     got = {row["step"]: row["loss"] for row in read_log(killed_dir)}
     assert sorted(got) == sorted(ref) == list(range(1, steps + 1))  # no step missing or logged twice
     assert [got[s] for s in range(9, steps + 1)] == [ref[s] for s in range(9, steps + 1)]
-    # the training clock continues from the checkpoint: wall_s = the killed session up to its checkpoint + this one
+    # the training clock continues from the checkpoint: wall_s = the killed session up to its checkpoint +
+    # this one
     summary = json.loads((killed_dir / "train_summary.json").read_text())
     checkpoint_state = json.loads((Path(summary["resumed_from"]) / "trainer_state.json").read_text())
     assert checkpoint_state["step"] >= 8 and checkpoint_state["elapsed_s"] >= 0.15 * checkpoint_state["step"]

@@ -14,7 +14,7 @@ import pytest
 from dualenc.errors import InputError
 from dualenc.io.readers import read_collection
 from dualenc.training import data as train_data
-from dualenc.training.data import GROUP_FEATURES, TrainData, load_train_data
+from dualenc.training.data import TrainData, group_features, load_train_data
 
 CORPUS = "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"
 QUERIES = "q1\tquery one\nq2\tquery two\nq3\tquery three\n"
@@ -82,7 +82,7 @@ TEV = jsonl(
 
 
 def test_tevatron_with_docids_builds_the_corpus_from_the_file(tmp_path, hf, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.training.data")
+    caplog.set_level(logging.INFO, logger="dualenc.training")
     data = load_train_data(write(tmp_path / "train.jsonl", TEV), cache_dir=hf)
     assert "train data format: tevatron" in caplog.text
     assert corpus_rows(data) == [("d1", "T1", "one"), ("d2", "", "two"), ("d3", "", "three")]
@@ -90,7 +90,7 @@ def test_tevatron_with_docids_builds_the_corpus_from_the_file(tmp_path, hf, capl
         {"query_id": "q1", "query": "alpha", "positives": [0], "negatives": [1, 2]},
         {"query_id": "q2", "query": "beta", "positives": [2], "negatives": [0]},
     ]
-    assert data.groups.features == GROUP_FEATURES
+    assert data.groups.features == group_features()
     assert data.positives_of(1) == [2] and data.doc_ids([2, 0]) == ["d3", "d1"]
 
 
@@ -164,7 +164,7 @@ def test_groups_format_with_and_without_query_text(tmp_path, hf, files):
 
 
 def test_negatives_that_are_positives_are_dropped_and_counted(tmp_path, hf, files, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.training.data")
+    caplog.set_level(logging.INFO, logger="dualenc.training")
     content = jsonl(
         {"query_id": "q1", "positive_ids": ["d1", "d2"], "negative_ids": ["d2", "d3", "d1", "d3"]}
     )
@@ -174,7 +174,7 @@ def test_negatives_that_are_positives_are_dropped_and_counted(tmp_path, hf, file
 
 
 def test_positives_only_file_and_suffixless_auto_detection(tmp_path, hf, files, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.training.data")
+    caplog.set_level(logging.INFO, logger="dualenc.training")
     content = jsonl({"query_id": "q3", "positive_ids": ["d5", 4]})  # an integer id is its decimal text
     with pytest.raises(InputError, match="'4' is not in the corpus"):
         load_train_data(write(tmp_path / "train", content), **files, cache_dir=hf)
@@ -200,7 +200,7 @@ def test_text_triples_merge_by_query_text(tmp_path, hf):
 
 
 def test_id_triples_against_corpus_and_queries(tmp_path, hf, files, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.training.data")
+    caplog.set_level(logging.INFO, logger="dualenc.training")
     content = "q3\td1\td2\nq1\td4\td2\nq3\td1\td5\nq3\td1\td2\n"
     data = load_train_data(write(tmp_path / "qidpid.tsv.gz", content), **files, cache_dir=hf)
     assert "train data format: id-triples" in caplog.text
@@ -215,7 +215,7 @@ def test_id_triples_against_corpus_and_queries(tmp_path, hf, files, caplog):
     "min_relevance, expected", [(1, [("q2", ["d3", "d1"]), ("q1", ["d5"])]), (2, [("q2", ["d1"])])]
 )
 def test_qrels_format(tmp_path, hf, files, min_relevance, expected, caplog):
-    caplog.set_level(logging.INFO, logger="dualenc.training.data")
+    caplog.set_level(logging.INFO, logger="dualenc.training")
     qrels = write(
         tmp_path / "qrels.txt", "q2 0 d3 1\nq2 0 d1 2\nq2 0 d2 0\nq1 0 d5 1\nq3 0 d4 0\nq3 0 nowhere 0\n"
     )

@@ -1,4 +1,5 @@
-"""Step arithmetic (StepPlan) against a brute-force walk over micro-batches; data order against Accelerate's sharding."""
+"""Step arithmetic (StepPlan) against a brute-force walk over micro-batches; data order against Accelerate's
+sharding."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from dualenc.training.plan import EpochSampler, StepPlan, micro_seed
 
 
 def _walk(batches_per_epoch: int, accumulation: int, total_steps: int) -> list[tuple[int, int, int]]:
-    """(epoch, first micro-batch, micro-batches) of every step, by walking the epochs micro-batch by micro-batch."""
+    """(epoch, first micro-batch, micro-batches) of every step, by walking the epochs micro-batch by
+    micro-batch."""
     steps, epoch = [], 0
     while len(steps) < total_steps:
         group = []

@@ -1,11 +1,13 @@
-"""Training where users run it: `torchrun --nproc_per_node 2 recipes/train.py ... cpu=true` against one process.
+"""Training where users run it: `torchrun --nproc_per_node 2 recipes/train.py ... cpu=true` against one
+process.
 
 Every run goes through the real launcher and the real recipe script, with a real schedule (linear, warm-up),
 gradient accumulation 1 and 3, and an epoch of 5 micro-batches (so accumulation 3 gives steps of 3 and 2).
 - the matrix: the logged learning rates, optimizer steps and epochs equal a hand computation, and 2 processes
   with batch 4 log the losses of 1 process with batch 8 (to 1e-5), for every loss that runs on 2 processes;
-- kill -9 of the 2-process run after a checkpoint, then resume_from=latest: the losses after the resume and the
-  final weights equal the uninterrupted 2-process run (dropout on). Each kill test asserts the kill happened.
+- kill -9 of the 2-process run after a checkpoint, then resume_from=latest: the losses after the resume and
+  the final weights equal the uninterrupted 2-process run (dropout on). Each kill test asserts the kill
+  happened.
 """
 
 from __future__ import annotations

@@ -23,11 +23,12 @@ import gzip
 import logging
 import os
 from collections.abc import Mapping, Sequence
-
-import ir_measures
+from typing import TYPE_CHECKING
 
 from dualenc.errors import InputError
-from dualenc.io.text_table import format_table  # noqa: F401  (re-exported: the tables of measures)
+
+if TYPE_CHECKING:  # imported where a measure is parsed or computed: `import dualenc.training` stays light
+    import ir_measures
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def _split_spec(spec: str) -> list[str]:
 
 def _parse_one(token: str) -> ir_measures.Measure:
     """Parse one ir-measures string; ``InputError`` naming the token if it is not a usable measure."""
+    import ir_measures
+
     hint = f"use ir-measures syntax such as nDCG@10 or RR(rel=2)@10, or a preset: {', '.join(PRESETS)}"
     try:
         measure = ir_measures.parse_measure(token)
@@ -132,6 +135,8 @@ def evaluate(
     """
     parsed = parse_measures(measures)
     used = _restrict_qrels(qrels, run, missing_as_zero)
+    import ir_measures
+
     values = ir_measures.calc_aggregate(parsed, used, run)
     return {str(measure): float(values[measure]) for measure in parsed}
 
@@ -151,6 +156,8 @@ def evaluate_per_query(
     parsed = parse_measures(measures)
     used = _restrict_qrels(qrels, run, missing_as_zero)
     by_query: dict[str, dict[str, float]] = {}
+    import ir_measures
+
     for metric in ir_measures.iter_calc(parsed, used, run):
         by_query.setdefault(metric.query_id, {})[str(metric.measure)] = float(metric.value)
     names = [str(measure) for measure in parsed]
@@ -158,7 +165,7 @@ def evaluate_per_query(
 
 
 def _first_line_of(path: str | os.PathLike, query_ids: set[str]) -> tuple[str, int] | None:
-    """First ``(query_id, 1-based line)`` in a TREC or MS MARCO run file whose query id is in ``query_ids``."""
+    """First ``(query_id, 1-based line)`` of a TREC or MS MARCO run file with a query id in ``query_ids``."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):

@@ -1,7 +1,8 @@
 """End-to-end evaluation: collection + topics + qrels + model -> embeddings, index, run, measures, report.
 
-This is what ``eval/*.py`` call. Corpus embeddings and the index are kept in ``work_dir`` and reused when the
-model directory and the collection are unchanged (re-encoded otherwise), so a rerun only searches and scores.
+The eval scripts (``eval/*.py``, through ``eval/eval_common.py``) run this. Corpus embeddings and the index
+are kept in ``work_dir`` and reused when the model directory and the collection are unchanged (re-encoded
+otherwise), so a rerun only searches and scores.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from pathlib import Path
 import torch
 
 from dualenc.evaluation.measures import check_run_queries, evaluate
-from dualenc.io import atomic
-from dualenc.io.embeddings import META_FILE, read_meta
+from dualenc.io.atomic import write_text
+from dualenc.io.embeddings import META_FILE, read_meta, write_collection_meta
 from dualenc.io.provenance import dir_fingerprint, environment_info
-from dualenc.io.readers import read_collection, read_qrels, read_queries
+from dualenc.io.qrels import read_qrels
+from dualenc.io.readers import read_collection, read_queries
 from dualenc.io.runs import write_run
-from dualenc.model.encoder import DualEncoder, resolve_model_path
-from dualenc.retrieval.encode import encode_collection, encode_texts, write_collection_meta
+from dualenc.model.encoder import DualEncoder
+from dualenc.model.model_dir import resolve_model_path
+from dualenc.retrieval.encode import encode_texts
+from dualenc.retrieval.encode_to_disk import encode_collection
+from dualenc.retrieval.index_dir import index_from_embeddings
 from dualenc.retrieval.search import search_vectors
 
 logger = logging.getLogger(__name__)
@@ -82,19 +87,17 @@ def _corpus_embeddings(model, cfg: PipelineConfig, device: torch.device, model_i
 def _index(emb_dir: Path, cfg: PipelineConfig) -> Path:
     if cfg.factory == "Flat":
         return emb_dir  # exact search straight from the embeddings
-    from dualenc.retrieval.index import index_from_embeddings
-
     safe = cfg.factory.replace(",", "_").replace("/", "_")
     index_dir = Path(cfg.work_dir) / f"index-{safe}"
     stamp = read_meta(emb_dir)["model_fingerprint"]
     if not (index_dir / "built_from.txt").exists() or (index_dir / "built_from.txt").read_text() != stamp:
         index_from_embeddings(emb_dir, index_dir, cfg.factory, progress=True)
-        atomic.write_text(index_dir / "built_from.txt", stamp)
+        write_text(index_dir / "built_from.txt", stamp)
     return index_dir
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Encode, index, retrieve and score; return a JSON-ready report (config, provenance, timings, measures)."""
+    """Encode, index, retrieve and score; return a JSON-ready report (config, provenance, timings, scores)."""
     device = _device(cfg.device)
     overrides = {
         k: v for k, v in (("query_max_len", cfg.query_max_len), ("passage_max_len", cfg.passage_max_len)) if v

@@ -3,12 +3,12 @@
 ::
 
     emb_dir/
-      meta.json                     {"dim", "dtype", "num_shards", "count", "normalize", "model", ...}
+      meta.json                     {"dim", "dtype", "num_shards", "count", "model", "kind", ...}
       emb.00000-of-00002.npy        (N_0, D) float32 or float16, memory-mappable
       ids.00000-of-00002.txt        N_0 ids, one per line, in the same order as the rows
       emb.00001-of-00002.npy ...
 
-Shard ``p`` holds a contiguous block of the collection, in collection order.
+Shard ``p`` of ``P`` holds the contiguous block :func:`shard_bounds` gives, in collection order.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dualenc.errors import InputError
-from dualenc.io import atomic
+from dualenc.io.atomic import save_npy, write_json, write_lines
 
 META_FILE = "meta.json"
 
@@ -34,7 +34,15 @@ class EmbeddingShard:
     emb: np.ndarray  # (N_p, D), usually a read-only memmap
 
 
+def shard_bounds(num_rows: int, index: int, num_shards: int) -> tuple[int, int]:
+    """Rows [start, end) of contiguous shard ``index``; the first ``num_rows % num_shards`` get one more."""
+    base, extra = divmod(num_rows, num_shards)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
 def shard_name(index: int, num_shards: int) -> str:
+    """``00001-of-00004``: the part of a shard's file names that says which shard it is."""
     return f"{index:05d}-of-{num_shards:05d}"
 
 
@@ -51,15 +59,17 @@ def write_shard(
     if len(ids) != emb.shape[0]:
         raise ValueError(f"{len(ids)} ids for {emb.shape[0]} embedding rows")
     emb_path, ids_path = shard_paths(emb_dir, index, num_shards)
-    atomic.write_lines(ids_path, ids)
-    atomic.save_npy(emb_path, emb)
+    write_lines(ids_path, ids)
+    save_npy(emb_path, emb)
 
 
 def write_meta(emb_dir: str | os.PathLike, meta: dict) -> None:
-    atomic.write_json(Path(emb_dir) / META_FILE, meta)
+    """Write ``meta.json`` atomically."""
+    write_json(Path(emb_dir) / META_FILE, meta)
 
 
 def read_meta(emb_dir: str | os.PathLike) -> dict:
+    """``meta.json`` of an embeddings directory; ``InputError`` if there is none."""
     path = Path(emb_dir) / META_FILE
     if not path.exists():
         raise InputError(
@@ -69,8 +79,35 @@ def read_meta(emb_dir: str | os.PathLike) -> dict:
 
 
 def read_ids(path: str | os.PathLike) -> list[str]:
+    """One id per line, in file order."""
     with open(path, encoding="utf-8") as fh:
         return [line.rstrip("\n") for line in fh]
+
+
+def write_collection_meta(
+    out_dir: str | os.PathLike, *, num_shards: int, model_name: str, kind: str, extra: dict | None = None
+) -> dict:
+    """Write ``meta.json`` once all ``num_shards`` shards exist (count and dim read back from the shards)."""
+    count, dim, dtype = 0, None, None
+    for index in range(num_shards):
+        emb_path, ids_path = shard_paths(out_dir, index, num_shards)
+        if not (emb_path.exists() and ids_path.exists()):
+            raise InputError("shard not finished; cannot write meta.json", path=emb_path)
+        emb = np.load(emb_path, mmap_mode="r")
+        count += emb.shape[0]
+        if emb.shape[0]:
+            dim, dtype = emb.shape[1], str(emb.dtype)
+    meta = {
+        "dim": dim,
+        "dtype": dtype,
+        "num_shards": num_shards,
+        "count": count,
+        "model": model_name,
+        "kind": kind,
+    }
+    meta.update(extra or {})
+    write_meta(out_dir, meta)
+    return meta
 
 
 def load_embeddings(emb_dir: str | os.PathLike, *, mmap: bool = True) -> list[EmbeddingShard]:

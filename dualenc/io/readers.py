@@ -1,4 +1,4 @@
-"""Readers of IR files: document collections and queries -> ``datasets.Dataset``, qrels -> nested dict.
+"""Readers of document collections and queries: a TSV or JSONL file -> a memory-mapped ``datasets.Dataset``.
 
 Formats, chosen by the file name's suffix (case-insensitive; ``.gz`` means gzip):
 
@@ -9,53 +9,52 @@ Formats, chosen by the file name's suffix (case-insensitive; ``.gz`` means gzip)
 - **JSONL** (``.jsonl``, ``.jsonl.gz``), BEIR: corpus ``{"_id", "title", "text", ...}`` ("title"
   optional, extra keys ignored), queries ``{"_id", "text", ...}``. ``_id`` is a JSON string (an integer is
   taken as its decimal text).
-- **Qrels** (any suffix, layout read from the first non-blank line): TREC ``qid iter docid rel``
-  (4 columns, any whitespace; ``iter`` is ignored: ``Q0``, ``0``), or BEIR TSV with the header
-  ``query-id<TAB>corpus-id<TAB>score``. Relevance is an integer; a repeated (qid, docid) with the same
-  grade is accepted once, with a different grade it is an error.
+
+Relevance judgments (qrels) have their own reader: :mod:`dualenc.io.qrels`.
 
 Conventions:
 
-- Ids stay strings exactly as written (``"007"`` stays ``"007"``); only the line end (``\\n``, ``\\r\\n``)
-  and a UTF-8 byte-order mark at the start of the file are removed. Text is kept as written.
-- Blank lines (empty or whitespace only) are skipped anywhere in a file but still counted, so every line
-  number in an error is the 1-based physical line of the file.
+- Lines are read as :mod:`dualenc.io.input_files` reads them: gzip by suffix, line ends and a leading UTF-8
+  byte-order mark removed, blank lines skipped but counted, every error one ``path:line: problem`` line.
+- Ids stay strings exactly as written (``"007"`` stays ``"007"``). Text is kept as written.
 - Empty means empty after stripping whitespace. An empty id or query text is an error. A document is an
   error only when its title *and* text are both empty: a title with an empty text is kept (BEIR corpora
   such as TREC-COVID hold title-only documents).
 - Collections and queries are built with ``datasets.Dataset.from_generator``: the file is streamed line by
   line into Arrow files in the datasets cache and the result is memory-mapped. The file's resolved path,
-  size and ``mtime_ns`` (and a hash of this module) are generator arguments, so they are part of the cache
-  fingerprint and a changed file is read again. Ids are checked for uniqueness with pyarrow on the
-  finished table on every call (cached or not), so no Python set of ids is ever built.
-- Every bad input raises one :class:`~dualenc.errors.InputError` line: ``path:line: problem``.
+  size and ``mtime_ns`` (and a hash of this module and of :mod:`dualenc.io.input_files`) are generator
+  arguments, so they are part of the cache fingerprint and a changed file is read again. Ids are checked
+  for uniqueness with pyarrow on the finished table on every call (cached or not), so no Python set of
+  ids is ever built.
+- ``datasets`` and ``pyarrow`` are imported only when a file is read, so importing this module needs
+  neither.
+- An encoder sees a document as :func:`doc_text` (title and text joined); :func:`doc_texts` applies it to
+  a whole collection or to a batch of its rows.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import os
-import re
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 
+import dualenc.io.input_files as input_files
 from dualenc.errors import InputError
+from dualenc.io.input_files import existing_file, iter_lines
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
 _TSV_SUFFIXES = (".tsv", ".tsv.gz", ".txt", ".txt.gz")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-_BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
-_INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
 def doc_text(title: str, text: str) -> str:
@@ -65,6 +64,20 @@ def doc_text(title: str, text: str) -> str:
     if not text.strip():
         return title
     return title + " " + text
+
+
+def doc_texts(rows: Mapping[str, Sequence[str]] | datasets.Dataset) -> list[str]:
+    """The :func:`doc_text` of each row of a collection, or of a batch of its rows, in order.
+
+    Args:
+        rows: a dataset from :func:`read_collection` / :func:`read_queries`, or the columns that
+            ``dataset[start:end]`` or ``dataset[indices]`` return: ``text``, and ``title`` when the dataset
+            has one (queries have none: their text is used as is).
+    """
+    columns = rows.column_names if hasattr(rows, "column_names") else rows  # a Dataset, or a dict of columns
+    texts = rows["text"]
+    titles = rows["title"] if "title" in columns else [""] * len(texts)
+    return [doc_text(title, text) for title, text in zip(titles, texts, strict=True)]
 
 
 def read_collection(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
@@ -100,59 +113,10 @@ def read_queries(path: str | os.PathLike, *, cache_dir: str | None = None) -> da
     return _read_table(path, "queries", cache_dir)
 
 
-def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
-    """Read relevance judgments (TREC 4-column or BEIR TSV with header).
-
-    Args:
-        path: the qrels file.
-
-    Returns:
-        ``{qid: {docid: grade}}``, zero grades included, in file order.
-
-    Raises:
-        InputError: missing or empty file, wrong column count, non-integer grade, conflicting duplicate.
-    """
-    path = existing_file(path)
-    qrels: dict[str, dict[str, int]] = {}
-    first_line: dict[tuple[str, str], int] = {}
-    beir: bool | None = None
-    for lineno, line in iter_lines(path):
-        if beir is None:
-            beir = line.split() == _BEIR_QRELS_HEADER
-            if beir:
-                continue
-        if beir:
-            cols = line.split("\t")
-            if len(cols) != 3:
-                raise InputError(
-                    f"expected 3 tab-separated columns, found {len(cols)}", path=path, line=lineno
-                )
-            qid, doc_id, grade = cols
-        else:
-            cols = line.split()
-            if len(cols) != 4:
-                raise InputError(
-                    f"expected 4 columns (qid iter docid rel), found {len(cols)}", path=path, line=lineno
-                )
-            qid, _, doc_id, grade = cols
-        if not _INT_RE.fullmatch(grade):
-            raise InputError(f"relevance {grade!r} is not an integer", path=path, line=lineno)
-        seen = qrels.setdefault(qid, {}).get(doc_id)
-        if seen is not None and seen != int(grade):
-            raise InputError(
-                f"qid {qid!r} docid {doc_id!r}: grade {grade} here, {seen} on line {first_line[qid, doc_id]}",
-                path=path,
-                line=lineno,
-            )
-        first_line.setdefault((qid, doc_id), lineno)
-        qrels[qid][doc_id] = int(grade)
-    if not qrels:
-        raise InputError("empty file: no judgments" + (" after the header" if beir else ""), path=path)
-    return qrels
-
-
 def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> datasets.Dataset:
     """Stream ``path`` into a cached Arrow dataset, then check that the ids are unique."""
+    import datasets
+
     resolved = existing_file(path)
     fmt = _file_format(resolved)
     stat = os.stat(resolved)
@@ -162,8 +126,8 @@ def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> da
         "kind": kind,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        # datasets hashes `_generate_rows` but not the helpers it calls: any edit here means a new cache
-        "reader": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+        # datasets hashes `_generate_rows` but not the helpers it calls: any edit to them means a new cache
+        "reader": _source_hash(__file__, input_files.__file__),
     }
     # No `features=`: datasets then skips its per-row `encode_example`, which took ~85% of the build time;
     # every value is a str, so Arrow infers `string` for each column (checked in tests/test_data.py).
@@ -177,6 +141,14 @@ def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> da
     _check_unique_ids(dataset, resolved)
     logger.info("read %d %s rows from %s", len(dataset), kind, resolved)
     return dataset
+
+
+def _source_hash(*files: str) -> str:
+    """A short hash of the source files that turn a file into rows."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _generate_rows(
@@ -256,6 +228,8 @@ def _make_row(path: str, lineno: int, kind: str, row_id: str, title: str, text: 
 
 def _check_unique_ids(dataset: datasets.Dataset, path: str) -> None:
     """Raise on the first repeated id (in file order), naming both lines; pyarrow does the counting."""
+    import pyarrow.compute as pc
+
     ids = dataset.data.column("id")  # (N,) chunked string array, memory-mapped
     if pc.count_distinct(ids).as_py() == len(ids):
         return
@@ -280,46 +254,6 @@ def _line_numbers(path: str, rows: set[int]) -> dict[int, int]:
             if len(found) == len(rows):
                 break
     return found
-
-
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """Yield ``(1-based line number, line without its line end)`` for every non-blank line.
-
-    Lines are decoded one at a time, so a bad byte is reported with its own line number.
-    """
-    lineno = 0
-    try:
-        with _open_binary(path) as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8").rstrip("\r\n")
-                except UnicodeDecodeError as err:
-                    bad = raw[err.start : err.start + 1]
-                    raise InputError(
-                        f"not valid UTF-8: byte {bad!r} at byte offset {err.start} of the line",
-                        path=path,
-                        line=lineno,
-                    ) from None
-                if lineno == 1 and line.startswith("\ufeff"):
-                    line = line[1:]
-                if line and not line.isspace():
-                    yield lineno, line
-    except (OSError, EOFError, zlib.error) as err:  # unreadable file, bad or truncated gzip stream
-        raise InputError(f"cannot read the file: {err}", path=path, line=lineno + 1) from None
-
-
-def _open_binary(path: str) -> IO[bytes]:
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb", buffering=1 << 20)
-
-
-def existing_file(path: str | os.PathLike) -> str:
-    resolved = Path(path).expanduser().resolve()
-    if not resolved.is_file():
-        problem = "is a directory, expected a file" if resolved.is_dir() else "file not found"
-        raise InputError(problem, path=path)
-    return str(resolved)
 
 
 def _file_format(path: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dualenc.errors import InputError
-from dualenc.io import atomic
+from dualenc.io.atomic import write_lines
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def write_run(
     if k is not None and k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     _check_token(tag, "run tag")
-    atomic.write_lines(path, _format_lines(run, format, tag, k))
+    write_lines(path, _format_lines(run, format, tag, k))
 
 
 def _parse_rank(value: str, path: Path, line_no: int) -> int:

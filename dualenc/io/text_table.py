@@ -1,7 +1,6 @@
 """Plain-text tables of results (measures, benchmarks), with no dependency beyond the standard library.
 
-Kept apart from :mod:`dualenc.evaluation.measures` so that benchmark scripts run where ir-measures is not installed
-(e.g. a GPU machine with only torch, transformers and accelerate).
+Kept apart from :mod:`dualenc.evaluation.measures`: printing a table does not import ir-measures.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Sampled-softmax baselines of the SCE paper (BCE, gBCE, CE⁻) and their negative samplers.
+"""Sampled-softmax baselines of the SCE paper: BCE, gBCE and CE⁻ over sampled negatives.
 
-All losses see the same tensors as :func:`dualenc.losses.sce.full_ce`: rows ``x`` (N, D), table ``w`` (C, D), targets
-(N,), an optional ``mask`` (N,) (True = real row), plus sampled negative indices into ``w``. Each returns the
-0-d mean over real rows. Definitions follow the official SCE code (AIRI-Institute/Scalable-SASRec,
-``model.py``; ALGORITHMS.md Part B 2.4). Randomness comes only from the ``torch.Generator`` given to a sampler.
+All losses see the same tensors as :func:`dualenc.losses.dense.full_ce`: rows ``x`` (N, D), table ``w``
+(C, D), targets (N,), an optional ``mask`` (N,) (True = real row), plus sampled negative indices into ``w``.
+Each returns the 0-d mean over real rows. Definitions follow the official SCE code
+(AIRI-Institute/Scalable-SASRec, ``model.py``; ALGORITHMS.md Part B 2.4). The negatives come from the
+samplers of :mod:`dualenc.losses.uniform_negatives`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dualenc.errors import InputError
-from dualenc.losses.sce import check_inputs
+from dualenc.losses.dense import check_inputs
 
 CITATIONS = {
     "bce": """@inproceedings{kang2018sasrec,
@@ -30,119 +31,6 @@ CITATIONS = {
   author = {Klenitskiy, Anton and Vasilev, Alexey},
   booktitle = {Proceedings of the 17th ACM Conference on Recommender Systems (RecSys '23)}, year = {2023}}""",
 }
-
-
-def _uniform_below(limits: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
-    """Uniform integers in ``[0, limits[r])`` per row, with replacement; limits (R,) -> (R, n)."""
-    device = generator.device if generator is not None else limits.device
-    u = torch.rand(limits.shape[0], n, generator=generator, device=device, dtype=torch.float64)  # (R, n)
-    return (u.to(limits.device) * limits[:, None]).long().minimum(limits[:, None] - 1)  # (R, n)
-
-
-def _distinct_below(limits: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
-    """Uniform n-subsets of ``[0, limits[r])`` per row (without replacement); limits (R,) -> (R, n).
-
-    When n is large relative to the range, every value gets a random key and the n smallest keys win (R x M
-    work). Otherwise 2n values are drawn with replacement and a uniformly random n of the distinct ones are
-    kept, redrawing the rare rows with fewer than n distinct values; the distinct set is exchangeable over the
-    range, so the n kept form a uniform n-subset. Cost O(R n log n) whatever the catalog size.
-    """
-    out = torch.empty(limits.shape[0], n, dtype=torch.long, device=limits.device)  # (R, n)
-    if limits.numel() == 0:
-        return out
-    device = generator.device if generator is not None else limits.device
-    if 4 * n >= int(limits.min()):
-        width = int(limits.max())
-        keys = torch.rand(limits.shape[0], width, generator=generator, device=device).to(
-            limits.device
-        )  # (R, M)
-        keys.masked_fill_(torch.arange(width, device=limits.device) >= limits[:, None], 2.0)  # (R, M)
-        return torch.topk(keys, n, dim=1, largest=False).indices  # (R, n)
-    todo = torch.arange(limits.shape[0], device=limits.device)  # (r,)
-    while todo.numel() > 0:
-        cand, _ = _uniform_below(limits[todo], 2 * n, generator).sort(dim=1)  # (r, 2n)
-        first = torch.ones_like(cand, dtype=torch.bool)  # (r, 2n)
-        first[:, 1:] = cand[:, 1:] != cand[:, :-1]  # (r, 2n) first copy of each value
-        keys = torch.rand(cand.shape, generator=generator, device=device).to(cand.device)  # (r, 2n)
-        keys.masked_fill_(~first, 2.0)  # (r, 2n) duplicates are never kept
-        picked = cand.gather(1, torch.topk(keys, n, dim=1, largest=False).indices)  # (r, n)
-        ok = first.sum(dim=1) >= n  # (r,)
-        out[todo[ok]] = picked[ok]
-        todo = todo[~ok]
-    return out
-
-
-def sample_unseen(
-    history: Tensor,
-    num_items: int,
-    num_negatives: int,
-    generator: torch.Generator | None = None,
-    *,
-    pad_item: int | None = None,
-) -> Tensor:
-    """Uniform negatives without replacement from the items not in each row's history (BCE, CE⁻).
-
-    Pass one history row per position for BCE (fresh negatives per position) or one per sequence for CE⁻ (one
-    shared set per sequence), as in the SCE code's data loader.
-
-    Args:
-        history: items each row must not get; entries < 0 or >= ``num_items`` are padding. Duplicates are fine.
-        num_items: C, the catalog size (rows of ``w``).
-        num_negatives: n, negatives per row; at most the number of allowed items of every row.
-        generator: the only source of randomness.
-        pad_item: an item never returned (the SASRec pad item).
-
-    Returns:
-        (R, n) int64 item indices, distinct within a row, none in the row's history, never ``pad_item``.
-
-    Shapes:
-        history (R, H) -> (R, n).
-    """
-    if history.dim() != 2 or history.dtype.is_floating_point or history.dtype == torch.bool:
-        raise InputError(f"history must be a 2-D integer tensor, got {history.dtype} {tuple(history.shape)}")
-    if num_negatives < 1 or num_items < 1:
-        raise InputError(f"num_negatives and num_items must be >= 1, got {num_negatives} and {num_items}")
-    forbidden = history.long()  # (R, H)
-    if pad_item is not None:
-        pad_col = torch.full((history.shape[0], 1), pad_item, dtype=torch.long, device=history.device)
-        forbidden = torch.cat([forbidden, pad_col], dim=1)  # (R, H + 1)
-    forbidden = forbidden.masked_fill(
-        (forbidden < 0) | (forbidden >= num_items), num_items
-    )  # (R, H') C = none
-    forbidden, _ = forbidden.sort(dim=1)  # (R, H')
-    forbidden[:, 1:].masked_fill_(forbidden[:, 1:] == forbidden[:, :-1], num_items)  # (R, H') drop duplicates
-    forbidden, _ = forbidden.sort(dim=1)  # (R, H') distinct forbidden items first, ascending
-    num_allowed = num_items - (forbidden < num_items).sum(dim=1)  # (R,)
-    if history.shape[0] > 0 and int(num_allowed.min()) < num_negatives:
-        raise InputError(
-            f"num_negatives={num_negatives} exceeds the {int(num_allowed.min())} items a row may get"
-        )
-    rank = _distinct_below(num_allowed, num_negatives, generator)  # (R, n) rank among allowed items
-    # The t-th allowed item is t + #{j : f_j - j <= t} for the sorted forbidden items f_0 < f_1 < ...
-    offset = torch.arange(forbidden.shape[1], device=forbidden.device)  # (H',)
-    shifted = torch.where(forbidden < num_items, forbidden - offset, num_items).contiguous()  # (R, H')
-    return rank + torch.searchsorted(shifted, rank.contiguous(), right=True)  # (R, n)
-
-
-def sample_uniform(
-    num_rows: int,
-    num_items: int,
-    num_negatives: int,
-    generator: torch.Generator | None = None,
-    *,
-    pad_item: int | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Uniform negatives with replacement from the whole catalog except ``pad_item`` (gBCE).
-
-    They may hit the row's positive or history, as in the SCE code. Returns (num_rows, n) int64.
-    """
-    allowed = num_items - (pad_item is not None)
-    if num_negatives < 1 or allowed < 1 or num_rows < 0:
-        raise InputError(f"need num_negatives >= 1 and an allowed item, got {num_negatives}, C={num_items}")
-    limits = torch.full((num_rows,), allowed, dtype=torch.long, device=device)  # (R,)
-    items = _uniform_below(limits, num_negatives, generator)  # (R, n)
-    return items if pad_item is None else items + (items >= pad_item).long()  # (R, n)
 
 
 def _check_negatives(negatives: Tensor, num_rows: int, num_items: int) -> None:
@@ -175,7 +63,30 @@ def _pos_neg_logits(x: Tensor, w: Tensor, targets: Tensor, negatives: Tensor) ->
     return pos, neg
 
 
+def _checked_logits(
+    x: Tensor, w: Tensor, targets: Tensor, negatives: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate a sampled loss's arguments; return the mask and the positive and negative logits.
+
+    Shapes: as :func:`bce_loss` -> mask (N,) (all True when None), pos (N,), neg (N, n). Pad rows' targets
+    are read as item 0 (their loss is masked out).
+    """
+    mask = check_inputs(x, w, targets, mask)  # (N,)
+    _check_negatives(negatives, x.shape[0], w.shape[0])
+    pos, neg = _pos_neg_logits(x, w, targets.masked_fill(~mask, 0), negatives)  # (N,), (N, n)
+    return mask, pos, neg
+
+
+def _binary_rows(pos: Tensor, neg: Tensor, beta: float = 1.0) -> Tensor:
+    """Mean of the 1 + n binary terms ``-beta log sigma(s+)`` and ``-log(1 - sigma(s-_j))`` per row.
+
+    Shapes: pos (N,), neg (N, n) -> (N,).
+    """
+    return -(beta * F.logsigmoid(pos) + F.logsigmoid(-neg).sum(-1)) / (1 + neg.shape[1])  # (N,)
+
+
 def _masked_mean(row_loss: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``row_loss`` (N,) over the real rows of ``mask`` (N,); 0 when there is none."""
     return row_loss.masked_fill(~mask, 0.0).sum() / mask.sum().clamp_min(1)  # ()
 
 
@@ -194,11 +105,8 @@ def bce_loss(
     References:
         Kang & McAuley, ICDM 2018 (``CITATIONS["bce"]``); Mezentsev et al., RecSys 2024 (BCE⁺ in Fig. 6).
     """
-    mask = check_inputs(x, w, targets, mask)  # (N,)
-    _check_negatives(negatives, x.shape[0], w.shape[0])
-    pos, neg = _pos_neg_logits(x, w, targets.masked_fill(~mask, 0), negatives)  # (N,), (N, n)
-    row_loss = -(F.logsigmoid(pos) + F.logsigmoid(-neg).sum(-1)) / (1 + neg.shape[1])  # (N,)
-    return _masked_mean(row_loss, mask)
+    mask, pos, neg = _checked_logits(x, w, targets, negatives, mask)  # (N,), (N,), (N, n)
+    return _masked_mean(_binary_rows(pos, neg), mask)
 
 
 def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
@@ -228,10 +136,8 @@ def gbce_positive_logit(pos: Tensor, beta: float) -> Tensor:
     cut = math.log(2.0)
     y = -beta * F.logsigmoid(pos)  # (...) = -log sigma(s)^beta (F.softplus is linear above 20)
     far = torch.log1p(-torch.exp(-y.clamp(min=cut)))  # (...) log(1 - e^-y) for y > log 2
-    big, small = (
-        pos.clamp(min=20.0),
-        pos.clamp(max=20.0),
-    )  # each branch sees only its own side: no inf/NaN grads
+    # each branch sees only its own side: no inf/NaN grads
+    big, small = pos.clamp(min=20.0), pos.clamp(max=20.0)  # (...), (...)
     log_sp = torch.where(pos > 20.0, -big - 0.5 * torch.exp(-big), torch.log(-F.logsigmoid(small)))  # (...)
     y_mid = y.clamp(min=1e-8, max=cut)  # (...)
     ratio = torch.where(y < 1e-8, -0.5 * y, torch.log(-torch.expm1(-y_mid) / y_mid))  # (...) log((1-e^-y)/y)
@@ -252,13 +158,14 @@ def gbce_loss(
     """Generalised BCE: BCE with the positive probability ``sigma(s+)`` replaced by ``sigma(s+)^beta``.
 
     The positive term ``-log sigma(l)`` of the transformed logit ``l = gbce_positive_logit(s+, beta)`` equals
-    ``-beta * log sigma(s+)`` exactly, which is how it is computed (finite for any s+). Negatives are meant to come
-    from :func:`sample_uniform` (with replacement). Row loss = mean of the 1 + n terms, as in :func:`bce_loss`.
+    ``-beta * log sigma(s+)`` exactly, which is how it is computed (finite for any s+). Negatives are meant to
+    come from :func:`~dualenc.losses.uniform_negatives.sample_uniform` (with replacement). Row loss = mean of
+    the 1 + n terms, as in :func:`bce_loss`.
 
     Args:
         t: calibration parameter in [0, 1] (paper grid 0.75, 0.9); t = 0 is BCE.
-        num_items: catalog size for ``alpha = n / (C - 1)``; None = rows of ``w``. Pass C - 1 when ``w`` holds
-            a pad row, to match the SCE code (which counts real items only).
+        num_items: catalog size for ``alpha = n / (C - 1)``; None = rows of ``w``. Pass C - 1 when ``w``
+            holds a pad row, to match the SCE code (which counts real items only).
 
     Shapes:
         as :func:`bce_loss`.
@@ -266,12 +173,9 @@ def gbce_loss(
     References:
         Petrov & Macdonald, RecSys 2023 (``CITATIONS["gbce"]``); Mezentsev et al., RecSys 2024 (baseline).
     """
-    mask = check_inputs(x, w, targets, mask)  # (N,)
-    _check_negatives(negatives, x.shape[0], w.shape[0])
-    beta = gbce_beta(negatives.shape[1], num_items if num_items is not None else w.shape[0], t)
-    pos, neg = _pos_neg_logits(x, w, targets.masked_fill(~mask, 0), negatives)  # (N,), (N, n)
-    row_loss = -(beta * F.logsigmoid(pos) + F.logsigmoid(-neg).sum(-1)) / (1 + neg.shape[1])  # (N,)
-    return _masked_mean(row_loss, mask)
+    mask, pos, neg = _checked_logits(x, w, targets, negatives, mask)  # (N,), (N,), (N, n)
+    beta = gbce_beta(neg.shape[1], num_items if num_items is not None else w.shape[0], t)
+    return _masked_mean(_binary_rows(pos, neg, beta), mask)
 
 
 def ce_minus_loss(
@@ -280,17 +184,17 @@ def ce_minus_loss(
     """Sampled softmax CE⁻: cross-entropy over [positive, n negatives], no logQ correction.
 
     The paper's setting shares one negative set per sequence: pass negatives (S, n) from
-    :func:`sample_unseen` with one history row per sequence, and rows of ``x`` grouped by sequence (N = S * L,
-    the flattening of an (S, L) batch). Per-row negatives (N, n) work too.
+    :func:`~dualenc.losses.uniform_negatives.sample_unseen` with one history row per sequence, and rows of
+    ``x`` grouped by sequence (N = S * L, the flattening of an (S, L) batch). Per-row negatives (N, n) work
+    too.
 
     Shapes:
         as :func:`bce_loss`.
 
     References:
-        Klenitskiy & Vasilev, RecSys 2023 (``CITATIONS["ce_minus"]``); Mezentsev et al., RecSys 2024 (baseline).
+        Klenitskiy & Vasilev, RecSys 2023 (``CITATIONS["ce_minus"]``); Mezentsev et al., RecSys 2024
+        (baseline).
     """
-    mask = check_inputs(x, w, targets, mask)  # (N,)
-    _check_negatives(negatives, x.shape[0], w.shape[0])
-    pos, neg = _pos_neg_logits(x, w, targets.masked_fill(~mask, 0), negatives)  # (N,), (N, n)
+    mask, pos, neg = _checked_logits(x, w, targets, negatives, mask)  # (N,), (N,), (N, n)
     row_loss = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos  # (N,)
     return _masked_mean(row_loss, mask)

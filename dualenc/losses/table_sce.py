@@ -2,9 +2,10 @@
 
 cache-CE is the full softmax of each query over [its live positive, every cached document (constants)]: the
 gradient reaches the query tower and the positives only (XBM/MoCo-style; ALGORITHMS.md A5 use 1). This module
-is its memory-light stand-in: :class:`~dualenc.losses.sce.ScalableCE` over (X = scaled queries, W = the table), with the
-live positive logit appended and the positive's own (stale) slot masked as the row's target. With full coverage
-(one bucket holding every query and every slot) it equals cache-CE exactly, value and gradient.
+is its memory-light stand-in: :class:`~dualenc.losses.sce.ScalableCE` over (X = scaled queries, W = the
+table), with the live positive logit appended and the positive's own (stale) slot masked as the row's target.
+With full coverage (one bucket holding every query and every slot) it equals cache-CE exactly, value and
+gradient.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ class TableSCE(nn.Module):
     Args:
         temperature: τ; logits are <q, e>/τ.
         learn_temperature: learn log(1/τ).
-        n_buckets, bucket_size_x, bucket_size_y, mix, block_size: :class:`~dualenc.losses.sce.ScalableCE` knobs (None =
-            the paper's default 2·sqrt(N) for n_b and b_x).
+        n_buckets, bucket_size_x, bucket_size_y, mix, block_size: :class:`~dualenc.losses.sce.ScalableCE`
+            knobs (None = the paper's default :func:`~dualenc.losses.sce.default_bucket_count` of the B
+            queries for n_b and b_x).
 
     Inputs (:class:`~dualenc.losses.base.LossInputs`):
-        q_emb (B, D) live queries; d_emb[targets] (B, D) their live positives; cache.target_slots (B,) the table
-        slot holding each positive's stale copy (masked as the row's own target); cache.table (M, D) stale
-        embeddings (float32, no grad); cache.generator draws the bucket centres.
+        q_emb (B, D) live queries; d_emb[targets] (B, D) their live positives; cache.target_slots (B,) the
+        table slot holding each positive's stale copy (masked as the row's own target); cache.table (M, D)
+        stale embeddings (float32, no grad); cache.generator draws the bucket centres.
     """
 
     citation = SCE_CITATION

@@ -24,7 +24,7 @@ from torch import nn
 
 from dualenc.errors import InputError
 from dualenc.io.atomic import write_json
-from dualenc.model.st_folder import read_json
+from dualenc.io.input_files import read_json
 
 TOWER_FILE = "tower.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,7 +37,7 @@ def is_custom_tower_dir(folder: str | Path) -> bool:
 
 
 def tower_spec(tower: nn.Module) -> dict[str, Any]:
-    """The ``tower.json`` content for ``tower``; ``TypeError`` naming the class and the fix if not saveable."""
+    """The ``tower.json`` content for ``tower``; a ``TypeError`` naming class and fix if it is unsaveable."""
     dotted = _class_path(tower)
     config = tower.get_config()
     if not isinstance(config, dict):
@@ -178,7 +178,7 @@ def load_custom_tower(folder: str | Path, *, dtype: torch.dtype | None = None) -
 
 
 def _check_state(tower: nn.Module, state: dict[str, torch.Tensor], dotted: str, path: Path) -> None:
-    """Refuse weights that do not fit the rebuilt module (missing, unexpected, reshaped tensors) in one line."""
+    """Refuse, in one line, weights that do not fit the rebuilt module (missing, unexpected, reshaped)."""
     expected = tower.state_dict()
     problems = []
     for label, names in (("missing", expected.keys() - state), ("unexpected", state.keys() - expected)):

@@ -1,4 +1,4 @@
-"""A randomly initialised BERT with a WordPiece vocabulary trained on the given texts (offline smoke runs, tests)."""
+"""A randomly initialised BERT with a WordPiece vocabulary built from the given texts (offline smoke runs)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
-    """Build an uncased BERT WordPiece vocabulary from ``texts``, deterministically, and load it as a tokenizer.
+    """Build an uncased BERT WordPiece vocabulary from ``texts``, deterministically; load it as a tokenizer.
 
-    The vocabulary is the special tokens, every character seen (alone and as a ``##`` continuation, so any word
-    can be spelled), then the most frequent whole words (ties broken alphabetically) up to ``vocab_size``.
-    Words come from the ``tokenizers`` BERT normaliser and pre-tokeniser. (The ``tokenizers`` WordPiece trainer
-    is not used: it breaks frequency ties in hash order, so two runs of the same recipe would get different
-    vocabularies.) ``vocab.txt`` and ``tokenizer_config.json`` are written to ``out_dir`` so
-    ``AutoTokenizer.from_pretrained(out_dir)`` works with transformers 4.x and 5.x alike.
+    The vocabulary is the special tokens, every character seen (alone and as a ``##`` continuation, so any
+    word can be spelled), then the most frequent whole words (ties broken alphabetically) up to
+    ``vocab_size``. Words come from the ``tokenizers`` BERT normaliser and pre-tokeniser. (The ``tokenizers``
+    WordPiece trainer is not used: it breaks frequency ties in hash order, so two runs of the same recipe
+    would get different vocabularies.) ``vocab.txt`` and ``tokenizer_config.json`` are written to ``out_dir``
+    so ``AutoTokenizer.from_pretrained(out_dir)`` works with transformers 4.x and 5.x alike.
     """
     from tokenizers import normalizers, pre_tokenizers
     from transformers import AutoTokenizer

@@ -1,36 +1,26 @@
-"""The sentence-transformers model directory: write one for an ``HFEncoder`` tower, read a foreign one.
+"""The sentence-transformers folder of an ``HFEncoder`` tower: write one, read a foreign one.
 
-``DualEncoder.save_pretrained`` writes, and ``DualEncoder.from_pretrained`` and
-``sentence_transformers.SentenceTransformer`` both load, this model directory (shared tower)::
+Files (the HF model and tokenizer at the folder's root)::
 
-    config.json, model.safetensors, tokenizer files    HF save_pretrained of the model and the tokenizer
-    modules.json                                       Transformer "" -> Pooling "1_Pooling" [-> Normalize]
-    sentence_bert_config.json                          {"max_seq_length": passage_max_len, "do_lower_case": false}
-    1_Pooling/config.json                              legacy pooling_mode_* flags (read by ST 3.x to 6.x)
-    config_sentence_transformers.json                  prompts (our prefixes), similarity_fn_name
-    dualenc_config.json                                every DualEncoderConfig field + format_version
+    config.json, model.safetensors, tokenizer files  HF save_pretrained of the model and the tokenizer
+    modules.json                                     Transformer "" -> Pooling "1_Pooling" [-> Normalize]
+    sentence_bert_config.json                        max_seq_length (the tower's max_len), do_lower_case false
+    1_Pooling/config.json                            legacy pooling_mode_* flags (read by ST 3.x to 6.x)
+    config_sentence_transformers.json                prompts (our prefixes), similarity_fn_name
 
-Separate towers put one such folder (without ``dualenc_config.json``) in ``query/`` and ``passage/`` and keep
-``dualenc_config.json`` (``shared: false``) at the root. ``dualenc_config.json`` is dualenc's own file
-(``dualenc.model.encoder``); this module writes and reads the sentence-transformers files only.
-
-A custom (non-``HFEncoder``) tower takes the place of a sentence-transformers folder (at the root, or in
-``query/`` / ``passage/``) with ``tower.json``, ``model.safetensors`` and the tokenizer files: see
-``dualenc.model.custom_tower``. sentence-transformers cannot load those folders; ``DualEncoder.from_pretrained`` can.
+How these folders make up a model directory, next to ``dualenc_config.json``: ``dualenc.model.model_dir``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dualenc.errors import InputError
 from dualenc.io.atomic import write_json
-
-if TYPE_CHECKING:
-    from dualenc.model.encoder import HFEncoder
+from dualenc.io.input_files import read_json
+from dualenc.model.options import POOLINGS
+from dualenc.model.towers import HFEncoder
 
 # sentence-transformers <= 5 pooling flags; ST 6 still reads them and maps them to its ``pooling_mode``
 _ST_POOLING_FLAGS = {
@@ -43,16 +33,6 @@ _ST_POOLING_FLAGS = {
 }
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; a missing file or bad JSON raises ``InputError`` naming the file (and line)."""
-    if not path.is_file():
-        raise InputError("file not found", path=path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"invalid JSON: {err.msg}", path=path, line=err.lineno) from err
-
-
 def write_st_folder(
     folder: Path,
     encoder: HFEncoder,
@@ -61,7 +41,7 @@ def write_st_folder(
     prompts: dict[str, str],
     default: str | None,
 ) -> None:
-    """Write one sentence-transformers folder: HF model + tokenizer at the root, Pooling, optional Normalize."""
+    """Write one sentence-transformers folder: HF model + tokenizer at its root, Pooling, maybe Normalize."""
     folder.mkdir(parents=True, exist_ok=True)
     encoder.model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -88,12 +68,11 @@ def write_st_folder(
     write_json(folder / "config_sentence_transformers.json", st_config)
 
 
-def read_st_dir(root: Path, poolings: Sequence[str]) -> tuple[Path, dict[str, Any]]:
+def read_st_dir(root: Path) -> tuple[Path, dict[str, Any]]:
     """Read a sentence-transformers folder: (the HF model dir, detected DualEncoderConfig fields).
 
     Args:
         root: the folder holding ``modules.json``.
-        poolings: the pooling modes the caller supports (``dualenc.model.encoder.POOLINGS``).
     """
     modules_file = root / "modules.json"
     modules = read_json(modules_file)
@@ -107,7 +86,7 @@ def read_st_dir(root: Path, poolings: Sequence[str]) -> tuple[Path, dict[str, An
             model_dir = sub
             detected.update(_read_st_max_len(sub))
         elif kind == "Pooling":
-            detected["pooling"] = _read_st_pooling(sub / "config.json", poolings)
+            detected["pooling"] = _read_st_pooling(sub / "config.json")
         elif kind == "Normalize":
             detected["normalize"] = True
         else:
@@ -128,7 +107,7 @@ def read_st_dir(root: Path, poolings: Sequence[str]) -> tuple[Path, dict[str, An
     return model_dir, detected
 
 
-def _read_st_pooling(path: Path, poolings: Sequence[str]) -> str:
+def _read_st_pooling(path: Path) -> str:
     """Pooling mode from ``1_Pooling/config.json`` (ST 6 ``pooling_mode`` or the older boolean flags)."""
     config = read_json(path)
     if "pooling_mode" in config:
@@ -136,9 +115,9 @@ def _read_st_pooling(path: Path, poolings: Sequence[str]) -> str:
         modes = [modes] if isinstance(modes, str) else list(modes)
     else:  # no flag set means mean pooling, as in sentence-transformers
         modes = [mode for key, mode in _ST_POOLING_FLAGS.items() if config.get(key)] or ["mean"]
-    if len(modes) != 1 or modes[0] not in poolings:
+    if len(modes) != 1 or modes[0] not in POOLINGS:
         raise InputError(
-            f"unsupported pooling mode {'+'.join(modes)!r}; dualenc supports {' and '.join(poolings)}",
+            f"unsupported pooling mode {'+'.join(modes)!r}; dualenc supports {' and '.join(POOLINGS)}",
             path=path,
         )
     if config.get("include_prompt", True) is False:

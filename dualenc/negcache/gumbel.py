@@ -1,8 +1,12 @@
-"""Gumbel-max sampling with counter-based ("keyed") noise (ALGORITHMS.md A3).
+"""The negative cache's randomness: counter-based ("keyed") Gumbel noise and derived seeds (ALGORITHMS.md A3).
 
 * Gumbel-max: ``argmax_c (s_c + g_c)`` with ``g_c ~ Gumbel(0, 1)`` i.i.d. is one draw from ``softmax(s)``.
-* Gumbel-top-m (Kool et al. 2019): the top-m of ``s + g``, in decreasing order, are m draws from ``softmax(s)``
-  without replacement (draw one, remove it, renormalise, draw the next).
+* Gumbel-top-m (Kool et al. 2019): the top-m of ``s + g``, in decreasing order, are m draws from
+  ``softmax(s)`` without replacement (draw one, remove it, renormalise, draw the next).
+
+Training draws its cache negatives with this noise: the scans (:mod:`dualenc.negcache.scan`,
+:mod:`dualenc.negcache.sce_candidates`) add :func:`keyed_gumbel` to their scores, and
+:func:`~dualenc.negcache.scan.merge_shards` combines the shards' log-sum-exps with :func:`combine_lse`.
 
 The noise of draw k of query q for document d is a pure function of (seed, step, global query id q, corpus row
 d, k): the five integers are hashed with the splitmix64 finaliser (Steele, Lea & Flood 2014; Stafford's
@@ -13,6 +17,9 @@ d, k): the five integers are hashed with the splitmix64 finaliser (Steele, Lea &
   the argmax over a table is the max over its shards' maxima, and the top-m of a table is the top-m of its
   shards' top-m, for any number of processes and any block size;
 * a resumed run redraws the same noise from the same (seed, step).
+
+:func:`derived_seed` turns a tuple of integers into a seed (numpy's SeedSequence), for the generators that do
+keep state (SCE bucket centres, dropout).
 
 References:
     Gumbel (1954); Maddison, Tarlow & Minka, "A* Sampling", NeurIPS 2014 (the Gumbel-max trick).
@@ -129,8 +136,9 @@ def keyed_bits(key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int) -
 def bits_to_uniform(bits: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniforms strictly inside (0, 1) from the top bits of 64-bit patterns. Shapes: any -> same.
 
-    float32 uses the top 23 bits n and returns (n + 1/2) / 2^23, float64 the top 52 bits and (n + 1/2) / 2^52:
-    exact in the dtype, symmetric around 1/2, never 0 or 1 (at least 2^-24, resp. 2^-53, away from either end).
+    float32 uses the top 23 bits n and returns (n + 1/2) / 2^23, float64 the top 52 bits and
+    (n + 1/2) / 2^52: exact in the dtype, symmetric around 1/2, never 0 or 1 (at least 2^-24, resp. 2^-53,
+    away from either end).
     """
     if dtype not in _UNIFORM_BITS:
         raise ValueError(f"noise dtype must be float32 or float64, got {dtype}")
@@ -142,10 +150,10 @@ def bits_to_uniform(bits: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 def keyed_uniform(
     key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Uniforms in (0, 1) keyed by (seed, step, query id, document row, draw). Shapes: as :func:`keyed_gumbel`.
+    """Uniforms in (0, 1) keyed by (seed, step, query id, document row, draw).
 
-    Hashes 2^16 elements at a time on a CPU (the int64 temporaries stay in cache), 2^24 elsewhere; the values do
-    not depend on it.
+    Hashes 2^16 elements at a time on a CPU (the int64 temporaries stay in cache), 2^24 elsewhere; the values
+    do not depend on it. Shapes: as :func:`keyed_gumbel`.
     """
     states, docs = _query_states(key, query_ids, draw)[:, None], _as_rows(doc_rows)  # (Q, 1), (1 or Q, b)
     out = torch.empty(states.shape[0], docs.shape[1], dtype=dtype, device=states.device)  # (Q, b)
@@ -160,7 +168,9 @@ def keyed_uniform(
 def keyed_gumbel(
     key: GumbelKey, query_ids: Tensor, doc_rows: Tensor, draw: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Gumbel(0, 1) noise ``-log(-log u)`` of draw ``draw`` for every (query, document) pair (a :class:`NoiseFn`).
+    """Gumbel(0, 1) noise ``-log(-log u)`` of draw ``draw`` for every (query, document) pair.
+
+    The default :class:`NoiseFn` of the scans.
 
     Args:
         key: seed and step of the sampling call.
@@ -189,25 +199,8 @@ def combine_lse(shard_lse: Tensor) -> Tensor:
 
 
 def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence), e.g. (seed, rank, micro-batch)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+    """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence).
 
-
-def staleness(cached: Tensor, fresh: Tensor) -> Tensor:
-    """Relative squared error of cached embeddings against freshly computed ones (logging only).
-
-    Args:
-        cached: (n, D) embeddings read from the table.
-        fresh: (n, D) the same documents re-encoded with the current document tower.
-
-    Returns:
-        (n,) ``||cached - fresh||² / ||fresh||²`` (``inf``/``nan`` where ``fresh`` is the zero vector).
-
-    References:
-        Lindgren et al. 2021, the reference code's staleness summary (ALGORITHMS.md Part B 1.3).
+    E.g. (seed, rank, micro-batch) for dropout, (seed, step, stream) for the SCE bucket centres.
     """
-    if cached.shape != fresh.shape or cached.dim() != 2:
-        raise ValueError(
-            f"cached and fresh must both be (n, D), got {tuple(cached.shape)} and {tuple(fresh.shape)}"
-        )
-    return (cached - fresh).pow(2).sum(dim=1) / fresh.pow(2).sum(dim=1)  # (n,)
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)

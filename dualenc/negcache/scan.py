@@ -1,18 +1,20 @@
 """One pass over a table shard, block by block: masked log-sum-exp, Gumbel-max candidates, positive rank.
 
 The (Q, M) score matrix of all queries against a shard is never materialised: for a 1M-slot shard and 512
-queries it would be 2 GiB of float32. Slots are scored ``block_size`` at a time and the per-query results are
-merged across blocks (log-sum-exp by ``logaddexp``; Gumbel-max by the running maximum of the perturbed scores;
-Gumbel-top-m by merging running top-m). The Gumbel noise of a (query, document) pair is keyed by (seed, step,
-global query id, corpus row, draw) (:func:`dualenc.negcache.gumbel.keyed_gumbel`), so it does not depend on the block or
-on the shard holding the document. Hence the max over a union of blocks or shards is the max of their maxima, and
-:func:`merge_shards` turns the shards' results into exactly the draws of one scan over the whole table, for any
-block size and any number of shards (with replacement, a tie between perturbed scores goes to the lowest global
-slot).
+queries it would be 2 GiB of float32. :func:`scan_table` scores ``block_size`` slots at a time and merges the
+per-query results across blocks (log-sum-exp by ``logaddexp``; Gumbel-max by the running maximum of the
+perturbed scores; Gumbel-top-m by merging running top-m). The Gumbel noise of a (query, document) pair is
+keyed by (seed, step, global query id, corpus row, draw) (:func:`dualenc.negcache.gumbel.keyed_gumbel`), so it
+does not depend on the block or on the shard holding the document. Hence the max over a union of blocks or
+shards is the max of their maxima, and :func:`merge_shards` turns the shards' results into exactly the draws
+of one scan over the whole table, for any block size and any number of shards (with replacement, a tie
+between perturbed scores goes to the lowest global slot). :mod:`dualenc.negcache.sce_candidates` does the same
+over the slots of SCE buckets only (``cache_candidates=sce``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,8 @@ from dualenc.negcache.table import EmbeddingTable
 
 @dataclass
 class ScanResult:
+    """What a scan of a shard (or :func:`merge_shards` of several) returns for each of Q queries."""
+
     lse: Tensor  # (Q,) log-sum-exp of the masked scaled scores (-inf when all masked)
     above: Tensor  # (Q,) unmasked slots whose score exceeds the query's positive score
     slots: Tensor  # (Q, m) the drawn slots (local to the shard; merge_shards: what it was given), -1 = none
@@ -39,7 +43,10 @@ def _mask_block(
     mask_slots: Tensor,
     home_slots: list[Tensor] | None,
 ) -> Tensor:
-    """Set masked (query, slot) scores of the block of slots [start, start + b) to -inf. Shapes: (Q, b) -> same."""
+    """Set masked (query, slot) scores of the block of slots [start, start + b) to -inf, in place.
+
+    Shapes: block (Q, b) -> (Q, b).
+    """
     end = start + block.shape[1]
     block[:, table.doc_idx[start:end] < 0] = float("-inf")  # empty slots
     inside = (mask_slots >= start) & (mask_slots < end)
@@ -84,8 +91,8 @@ def scan_table(
             returned in decreasing order of perturbed score.
         key: (seed, step) of the noise.
         query_ids: (Q,) int64 global id of each query (its row in the step's gathered batch).
-        noise: the noise function (:class:`~dualenc.negcache.gumbel.NoiseFn`), called per block with the block's
-            ``table.doc_idx`` as document rows.
+        noise: the noise function (:class:`~dualenc.negcache.gumbel.NoiseFn`), called per block with the
+            block's ``table.doc_idx`` as document rows.
         block_size: slots scored at once; memory O(Q · block_size). The results do not depend on it.
         with_mean: also return Σ_j softmax_j e_j over the unmasked slots (the gradient direction of cache-CE).
 
@@ -93,40 +100,80 @@ def scan_table(
         ScanResult with shapes (Q,), (Q,), (Q, m), (Q, m), (Q, D) or None; ``slots`` are local.
     """
     num_queries, device = queries.shape[0], table.emb.device
-    lse = torch.full((num_queries,), float("-inf"), device=device)  # (Q,)
-    above = torch.zeros(num_queries, dtype=torch.long, device=device)  # (Q,)
-    keys = torch.full((num_queries, num_samples), float("-inf"), device=device)  # (Q, m)
-    slots = torch.full((num_queries, num_samples), -1, dtype=torch.long, device=device)  # (Q, m)
+    result = nothing_drawn(num_queries, num_samples, device)  # running over the blocks
     mean = torch.zeros(num_queries, table.dim, device=device) if with_mean else None  # (Q, D)
     for start in range(0, table.num_slots, block_size):
         end = min(start + block_size, table.num_slots)
         block = scale * (queries @ table.emb[start:end].float().T)  # (Q, b)
         block = _mask_block(block, table, start, mask_rows, mask_slots, home_slots)
-        new_lse = torch.logaddexp(lse, torch.logsumexp(block, dim=1))  # (Q,)
+        new_lse = torch.logaddexp(result.lse, torch.logsumexp(block, dim=1))  # (Q,)
         if mean is not None:  # running softmax-weighted mean, rescaled to the new normaliser
-            keep = torch.exp(lse - new_lse).nan_to_num(0.0)  # (Q,) old mass share (0 when both are -inf)
+            keep = torch.exp(result.lse - new_lse).nan_to_num(0.0)  # (Q,) old mass share (0 when both -inf)
             weights = torch.exp(block - new_lse[:, None]).nan_to_num(0.0)  # (Q, b)
             mean = mean * keep[:, None] + weights @ table.emb[start:end].float()  # (Q, D)
-        lse = new_lse
-        above += (block > pos_score[:, None]).sum(1)
-        rows = table.doc_idx[start:end]  # (b,) corpus rows: what the noise is keyed by
-        if replacement:
-            for k in range(num_samples):  # draw k: running argmax (ties: the earlier block keeps it)
-                value, index = (block + noise(key, query_ids, rows, k, block.dtype)).max(1)  # (Q,), (Q,)
-                better = value > keys[:, k]  # (Q,)
-                keys[:, k] = torch.where(better, value, keys[:, k])
-                slots[:, k] = torch.where(better, index + start, slots[:, k])
-        else:  # merge this block's perturbed top-m into the running top-m
-            perturbed = block + noise(key, query_ids, rows, 0, block.dtype)  # (Q, b)
-            top_val, top_idx = perturbed.topk(min(num_samples, end - start), dim=1)  # (Q, <=m)
-            keys, slots = _top_m(
-                torch.cat([keys, top_val], 1), torch.cat([slots, top_idx + start], 1), num_samples
-            )
-    slots = slots.masked_fill(~torch.isfinite(keys), -1)
-    return ScanResult(lse, above, slots, keys, mean)
+        result.lse = new_lse
+        result.above += (block > pos_score[:, None]).sum(1)  # (Q,)
+        perturbed = perturbed_scores(
+            block, table.doc_idx[start:end], key, query_ids, noise, replacement, num_samples
+        )
+        _merge_block_draws(result, perturbed, start, replacement)
+    result.slots = result.slots.masked_fill(~torch.isfinite(result.keys), -1)  # (Q, m)
+    result.mean = mean
+    return result
 
 
-def _top_m(keys: Tensor, items: Tensor, m: int) -> tuple[Tensor, Tensor]:
+def perturbed_scores(
+    scores: Tensor,
+    rows: Tensor,
+    key: GumbelKey,
+    query_ids: Tensor,
+    noise: NoiseFn,
+    replacement: bool,
+    num_samples: int,
+) -> Iterator[Tensor]:
+    """Scores plus the keyed noise of each draw: m draws (0..m-1) with replacement, else draw 0 only.
+
+    Lazy, so that one perturbed copy of the scores exists at a time. Shapes: scores (Q, b), rows (b,) or
+    (Q, b), the corpus rows the noise is keyed by -> m (or 1) of (Q, b).
+    """
+    for k in range(num_samples if replacement else 1):
+        yield scores + noise(key, query_ids, rows, k, scores.dtype)  # (Q, b)
+
+
+def _merge_block_draws(
+    result: ScanResult, perturbed: Iterator[Tensor], start: int, replacement: bool
+) -> None:
+    """Fold the draws of the block of slots [start, start + b) into the running draws of ``result``.
+
+    With replacement, draw k is the running argmax of ``perturbed[k]`` (ties: the earlier block keeps it);
+    without, the block's perturbed top-m is merged into the running top-m. Shapes: perturbed of (Q, b).
+    """
+    num_samples = result.keys.shape[1]
+    if replacement:
+        for k, block in enumerate(perturbed):
+            value, index = block.max(1)  # (Q,), (Q,)
+            better = value > result.keys[:, k]  # (Q,)
+            result.keys[:, k] = torch.where(better, value, result.keys[:, k])
+            result.slots[:, k] = torch.where(better, index + start, result.slots[:, k])
+        return
+    block = next(perturbed)  # (Q, b)
+    top_val, top_idx = block.topk(min(num_samples, block.shape[1]), dim=1)  # (Q, <=m)
+    result.keys, result.slots = top_m(
+        torch.cat([result.keys, top_val], 1), torch.cat([result.slots, top_idx + start], 1), num_samples
+    )  # (Q, m), (Q, m)
+
+
+def nothing_drawn(num_queries: int, num_samples: int, device: torch.device) -> ScanResult:
+    """The scan of a shard with no unmasked slot: no mass, no slot above the positive, no draw."""
+    return ScanResult(
+        lse=torch.full((num_queries,), float("-inf"), device=device),  # (Q,)
+        above=torch.zeros(num_queries, dtype=torch.long, device=device),  # (Q,)
+        slots=torch.full((num_queries, num_samples), -1, dtype=torch.long, device=device),  # (Q, m)
+        keys=torch.full((num_queries, num_samples), float("-inf"), device=device),  # (Q, m)
+    )
+
+
+def top_m(keys: Tensor, items: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """The m largest keys per row (decreasing) and their items. Shapes: (Q, n), (Q, n) -> (Q, m), (Q, m)."""
     best, order = keys.topk(min(m, keys.shape[1]), dim=1)  # (Q, <=m)
     picked = items.gather(1, order)  # (Q, <=m)
@@ -168,7 +215,7 @@ def merge_shards(
         best, shard = keys.max(0)  # (Q, m), (Q, m)
         picked = items.gather(0, shard[None]).squeeze(0)  # (Q, m)
     else:
-        best, picked = _top_m(
+        best, picked = top_m(
             keys.permute(1, 0, 2).flatten(1), items.permute(1, 0, 2).flatten(1), keys.shape[2]
         )
     picked = picked.masked_fill(~torch.isfinite(best), -1)  # (Q, m)
@@ -178,120 +225,3 @@ def merge_shards(
         share = torch.exp(lse - total[None]).nan_to_num(0.0)  # (S, Q)
         merged_mean = (share[..., None] * mean).sum(0)  # (Q, D)
     return ScanResult(total, above.sum(0), picked, best, merged_mean)
-
-
-@torch.no_grad()
-def scan_candidates(
-    table: EmbeddingTable,
-    queries: Tensor,
-    scale: Tensor | float,
-    *,
-    pos_score: Tensor,
-    mask_rows: Tensor,
-    mask_slots: Tensor,
-    home_slots: list[Tensor] | None,
-    num_samples: int,
-    replacement: bool,
-    key: GumbelKey,
-    query_ids: Tensor,
-    generator: torch.Generator,
-    num_buckets: int,
-    bucket_size_x: int,
-    bucket_size_y: int,
-    mix: bool,
-    noise: NoiseFn = keyed_gumbel,
-    block_size: int = 65_536,
-) -> ScanResult:
-    """Like :func:`scan_table`, but over SCE bucket candidates instead of every slot (ALGORITHMS.md A5 use 2).
-
-    n_b random centres (Gaussian, or Mix: random combinations of the queries) each take their b_x most aligned
-    queries and b_y most aligned slots of this shard (exact MIPS, in blocks over the table: n_b × M scores instead
-    of Q × M). A query's candidates are the slots of the buckets holding it; log-sum-exp, rank and Gumbel draws
-    are computed over those candidates only. This truncates the softmax to its (approximately) largest terms, a
-    better-targeted version of the reference code's contiguous block-max ``top_k``; with one bucket holding
-    every query and every slot it equals :func:`scan_table`. Queries in no bucket get no draw (-1) and -inf mass.
-
-    ``generator`` draws the centres only; seed it from (seed, step) alone so that every process builds the same
-    buckets over the same gathered queries. The candidate set is each shard's own top-b_y per bucket, so it
-    depends on the sharding (the draws from a given candidate set do not: the noise is keyed as in scan_table).
-
-    Shapes: as :func:`scan_table`; memory O(Q · n_b · b_y) for the candidate scores.
-    """
-    from dualenc.losses.sce import blockwise_topk
-
-    num_queries, dim, device = queries.shape[0], table.dim, table.emb.device
-    bucket_size_x = min(bucket_size_x, num_queries)
-    if mix:
-        omega = torch.randn(num_queries, num_buckets, generator=generator, device=device)  # (Q, n_b)
-        centres = omega.T @ queries  # (n_b, D)
-    else:
-        centres = torch.randn(num_buckets, dim, generator=generator, device=device)  # (n_b, D)
-    members = (centres @ queries.T).topk(bucket_size_x, dim=1).indices  # (n_b, b_x)
-    empty = table.doc_idx < 0  # (M,)
-    size_y = min(bucket_size_y, int((~empty).sum()))
-    if size_y < 1:
-        return scan_table(
-            table,
-            queries,
-            scale,
-            pos_score=pos_score,
-            mask_rows=mask_rows,
-            mask_slots=mask_slots,
-            home_slots=home_slots,
-            num_samples=num_samples,
-            replacement=replacement,
-            key=key,
-            query_ids=query_ids,
-            noise=noise,
-            block_size=block_size,
-        )
-    _, items = blockwise_topk(
-        centres, table.emb.float(), size_y, block_size=block_size, exclude=empty
-    )  # (n_b, b_y)
-    in_bucket = torch.zeros(num_queries, num_buckets, dtype=torch.bool, device=device)  # (Q, n_b)
-    in_bucket[members, torch.arange(num_buckets, device=device)[:, None].expand_as(members)] = True
-    cand = items.reshape(1, -1).expand(num_queries, -1).clone()  # (Q, n_b * b_y)
-    cand[~in_bucket.repeat_interleave(size_y, dim=1)] = -1
-    cand = _first_occurrences(cand)  # a slot in several of the query's buckets counts once
-    scores = scale * torch.einsum("qd,qkd->qk", queries, table.emb[cand.clamp(min=0)].float())  # (Q, K)
-    scores = scores.masked_fill(_candidate_mask(cand, mask_rows, mask_slots, home_slots), float("-inf"))
-    lse = torch.logsumexp(scores, dim=1)  # (Q,)
-    above = (scores > pos_score[:, None]).sum(1)  # (Q,)
-    # (Q, K) corpus rows of the candidates: what the noise is keyed by
-    rows = torch.where(cand >= 0, table.doc_idx[cand.clamp(min=0)], -1)
-    if replacement:
-        draws = [(scores + noise(key, query_ids, rows, k, scores.dtype)).max(1) for k in range(num_samples)]
-        keys = torch.stack([v for v, _ in draws], dim=1)  # (Q, m)
-        picks = torch.stack([i for _, i in draws], dim=1)  # (Q, m)
-        slots = cand.gather(1, picks)  # (Q, m)
-    else:
-        keys, slots = _top_m(
-            scores + noise(key, query_ids, rows, 0, scores.dtype), cand, num_samples
-        )  # (Q, m)
-    slots = slots.masked_fill(~torch.isfinite(keys), -1)  # (Q, m)
-    return ScanResult(lse, above, slots, keys)
-
-
-def _candidate_mask(
-    cand: Tensor, mask_rows: Tensor, mask_slots: Tensor, home_slots: list[Tensor] | None
-) -> Tensor:
-    """(Q, K) True where a candidate slot is missing (-1) or masked for its query (positives, home documents)."""
-    masked = cand < 0  # (Q, K)
-    if mask_rows.numel():  # the queries' own positives: (row, slot) pairs
-        hit = (cand[mask_rows] == mask_slots[:, None]).int()  # (pairs, K)
-        masked |= torch.zeros_like(cand, dtype=torch.int).index_add_(0, mask_rows, hit) > 0
-    per_home = cand.shape[0] // len(home_slots) if home_slots else 0
-    for home, slots in enumerate(home_slots or []):
-        rows = slice(home * per_home, (home + 1) * per_home)
-        masked[rows] |= torch.isin(cand[rows], slots)
-    return masked
-
-
-def _first_occurrences(cand: Tensor) -> Tensor:
-    """Replace repeats of a slot within a row by -1 (keep the first). Shapes: (Q, K) -> (Q, K)."""
-    order = torch.sort(cand, dim=1, stable=True)  # values (Q, K), indices (Q, K)
-    repeat = torch.zeros_like(cand, dtype=torch.bool)  # (Q, K) in sorted order
-    repeat[:, 1:] = (order.values[:, 1:] == order.values[:, :-1]) & (order.values[:, 1:] >= 0)
-    out = cand.clone()
-    out.scatter_(1, order.indices, torch.where(repeat, torch.full_like(order.values, -1), order.values))
-    return out

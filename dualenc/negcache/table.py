@@ -4,7 +4,8 @@ A slot holds a (possibly stale) embedding, the corpus row of its document (``doc
 (steps since it was written). Two ways to use it:
 
 * corpus mode: :meth:`EmbeddingTable.fill_corpus` loads the whole shard once (slot i holds corpus row
-  ``slot_offset + i``); each step the oldest slots (:meth:`~EmbeddingTable.oldest`) are re-encoded and written.
+  ``slot_offset + i``); after each optimizer step the oldest slots (:meth:`~EmbeddingTable.oldest`) are
+  re-encoded and written.
 * stream mode: a FIFO of recent documents. Per step (Lindgren et al.'s ``update_cache``, Part B 1.2): refresh
   written-back slots with :meth:`~EmbeddingTable.write` (LRU resets their age to -1), then
   :meth:`~EmbeddingTable.insert` new documents into the oldest slots, then :meth:`~EmbeddingTable.tick`.
@@ -16,12 +17,10 @@ No distributed code: the cross-process exchange calls these methods on each proc
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
+from dualenc.negcache.slot_index import SlotIndex
 
 _BUFFERS = ("emb", "doc_idx", "age")
 DEFAULT_BLOCK = 65536  # slots per matmul in scores(): bounds the float32 copy of a bf16/fp16 block
@@ -37,8 +36,8 @@ class EmbeddingTable(nn.Module):
         device: device of the buffers.
         slot_offset: global index of local slot 0 (process p owns ``[offset_p, offset_p + M_p)``).
 
-    Buffers (in ``state_dict``, hence checkpointed): ``emb`` (M, D) ``dtype``; ``doc_idx`` (M,) int64 corpus row,
-    -1 = empty; ``age`` (M,) int32 steps since written.
+    Buffers (in ``state_dict``, hence checkpointed): ``emb`` (M, D) ``dtype``; ``doc_idx`` (M,) int64 corpus
+    row, -1 = empty; ``age`` (M,) int32 steps since written.
     """
 
     emb: Tensor
@@ -65,8 +64,8 @@ class EmbeddingTable(nn.Module):
         self.register_buffer("emb", torch.zeros(num_slots, dim, dtype=dtype, device=device))  # (M, D)
         self.register_buffer("doc_idx", torch.full((num_slots,), -1, dtype=torch.long, device=device))  # (M,)
         self.register_buffer("age", torch.zeros(num_slots, dtype=torch.int32, device=device))  # (M,)
-        # lazy lookup index for locate(): None = stale; "corpus" = slot i holds row offset + i; else (sorted, perm)
-        self._index: str | tuple[Tensor, Tensor] | None = None
+        # the lookup locate() searches, built lazily; None = stale (doc_idx changed since)
+        self._index: SlotIndex | None = None
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -85,7 +84,8 @@ class EmbeddingTable(nn.Module):
         return self.doc_idx >= 0
 
     def extra_repr(self) -> str:
-        return f"num_slots={self.num_slots}, dim={self.dim}, dtype={self.emb.dtype}, slot_offset={self.slot_offset}"
+        sizes = f"num_slots={self.num_slots}, dim={self.dim}"
+        return f"{sizes}, dtype={self.emb.dtype}, slot_offset={self.slot_offset}"
 
     # ------------------------------------------------------------------------------------------- writes
     def _slots(self, slots: Tensor) -> Tensor:
@@ -102,7 +102,8 @@ class EmbeddingTable(nn.Module):
     ) -> None:
         """Write (refresh) rows ``slots``.
 
-        If a slot occurs several times in one call, the last occurrence wins (deterministically, on any device).
+        If a slot occurs several times in one call, the last occurrence wins (deterministically, on any
+        device).
 
         Args:
             slots: (n,) local slot indices in ``[0, M)``; out of range -> IndexError naming the slot.
@@ -175,8 +176,8 @@ class EmbeddingTable(nn.Module):
         """Stream (FIFO) mode: put new documents into the oldest slots and set their age to -1.
 
         Call after this step's refreshes (:meth:`write`): those slots have age -1, so they are evicted only
-        if there are fewer other slots than new documents. If more documents than slots remain, only the last M
-        are written (the earlier ones would be evicted first anyway).
+        if there are fewer other slots than new documents. If more documents than slots remain, only the
+        last M are written (the earlier ones would be evicted first anyway).
 
         Args:
             doc_idx: (n,) corpus rows (>= 0).
@@ -207,19 +208,6 @@ class EmbeddingTable(nn.Module):
         self.age.add_(1)
 
     # ------------------------------------------------------------------------------------------- reads
-    def _lookup_index(self) -> str | tuple[Tensor, Tensor]:
-        """Build (lazily) the structure locate() searches; rebuilt after any change of ``doc_idx``."""
-        index = self._index
-        if index is None or (not isinstance(index, str) and index[0].device != self.doc_idx.device):
-            corpus_rows = torch.arange(self.num_slots, device=self.doc_idx.device) + self.slot_offset  # (M,)
-            if torch.equal(self.doc_idx, corpus_rows):
-                index = "corpus"
-            else:
-                index = torch.sort(self.doc_idx, stable=True)  # sorted (M,), perm (M,)
-                index = (index.values, index.indices)
-            self._index = index
-        return index
-
     def locate(self, doc_idx: Tensor) -> Tensor:
         """Local slots holding the given corpus rows.
 
@@ -227,23 +215,18 @@ class EmbeddingTable(nn.Module):
             doc_idx: (n,) corpus rows (negative values are never found).
 
         Returns:
-            (n,) int64 local slots on the table's device, -1 where absent. If a document is held by several slots
-            (only possible through :meth:`write` with ``doc_idx``), the lowest slot.
+            (n,) int64 local slots on the table's device, -1 where absent. If a document is held by several
+            slots (only possible through :meth:`write` with ``doc_idx``), the lowest slot.
 
-        Uses a sorted copy of ``doc_idx`` and ``searchsorted`` (O(n log M)); a table in corpus layout (slot i holds
-        row ``slot_offset + i``) is looked up by subtraction.
+        Searches a :class:`~dualenc.negcache.slot_index.SlotIndex` of ``doc_idx``, built on the first call
+        after ``doc_idx`` changed.
         """
         query = doc_idx.reshape(-1).to(device=self.doc_idx.device, dtype=torch.long)  # (n,)
         if self.num_slots == 0:
             return torch.full_like(query, -1)
-        index = self._lookup_index()
-        if isinstance(index, str):  # corpus layout
-            local = query - self.slot_offset  # (n,)
-            return torch.where((local >= 0) & (local < self.num_slots), local, -1)
-        sorted_doc, perm = index
-        pos = torch.searchsorted(sorted_doc, query).clamp(max=self.num_slots - 1)  # (n,)
-        found = (sorted_doc[pos] == query) & (query >= 0)  # (n,)
-        return torch.where(found, perm[pos], -1)  # (n,)
+        if self._index is None or self._index.device != self.doc_idx.device:
+            self._index = SlotIndex(self.doc_idx, self.slot_offset)
+        return self._index.locate(query)  # (n,)
 
     @torch.no_grad()
     def scores(
@@ -251,8 +234,8 @@ class EmbeddingTable(nn.Module):
     ) -> Tensor:
         """Stale scores of queries against every slot: ``scale * <q, emb>``, empty slots ``-inf``.
 
-        Computed without gradient (cached embeddings are constants), in float32, ``block_size`` slots at a time
-        (default 65536) so that a bf16/fp16 table is never copied whole to float32.
+        Computed without gradient (cached embeddings are constants), in float32, ``block_size`` slots at a
+        time (default 65536) so that a bf16/fp16 table is never copied whole to float32.
 
         Args:
             queries: (Q, D) query embeddings (any float dtype; cast to float32).
@@ -287,9 +270,9 @@ class EmbeddingTable(nn.Module):
             mine = getattr(self, name)
             if key in state_dict and tuple(state_dict[key].shape) != tuple(mine.shape):
                 raise ValueError(
-                    f"EmbeddingTable: checkpoint {key!r} has shape {tuple(state_dict[key].shape)} but this table's "
-                    f"is {tuple(mine.shape)} (num_slots={self.num_slots}, dim={self.dim}); was it saved with another "
-                    "cache size, embedding dimension or number of processes?"
+                    f"EmbeddingTable: checkpoint {key!r} has shape {tuple(state_dict[key].shape)} but "
+                    f"this table's is {tuple(mine.shape)} (num_slots={self.num_slots}, dim={self.dim}); was "
+                    "it saved with another cache size, embedding dimension or number of processes?"
                 )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -1,8 +1,9 @@
 """Hard-negative mining (ANCE, Tevatron): the top-ranked documents of a run that are not judged relevant.
 
 A run of the current model (or BM25) over the training queries gives, per query, a ranking; its top ``depth``
-documents minus the query's positives are its hard negatives. The output is the ``groups`` format of
-:mod:`dualenc.training.data`: one JSON line ``{"query_id", "query"?, "positive_ids", "negative_ids"}`` per query.
+documents minus the query's positives are its hard negatives. The output is the ``groups`` training format
+(:mod:`dualenc.training.formats`): one JSON line ``{"query_id", "query"?, "positive_ids", "negative_ids"}``
+per query.
 
 References:
     Xiong et al., "Approximate Nearest Neighbor Negative Contrastive Learning for Dense Text Retrieval"

@@ -1,4 +1,8 @@
-"""Search an index (FAISS index dir, or an embeddings dir searched exactly with torch) with query vectors."""
+"""Search with query vectors: a FAISS index directory, or an embeddings directory searched exactly with torch.
+
+Both return a run in the tie order of ``dualenc.retrieval.topk`` (score desc, then doc id asc). faiss is
+imported only when a FAISS index is searched.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import torch
 from dualenc.errors import InputError
 from dualenc.io.embeddings import META_FILE, load_embeddings
 from dualenc.io.runs import Run, run_from_search
-
-INDEX_META_FILE = "index_meta.json"
+from dualenc.retrieval.index import search_shards
+from dualenc.retrieval.index_dir import INDEX_META_FILE, load_index
+from dualenc.retrieval.topk import exact_search_torch
 
 
 def index_kind(path: str | os.PathLike) -> str:
@@ -42,8 +47,8 @@ def search_vectors(
     Args:
         query_ids: ids of the queries, in row order of ``query_emb``.
         query_emb: (Q, D) float32 query vectors.
-        index_path: a FAISS index directory (any factory; ANN parameters via ``search_params``) or an embeddings
-            directory (exact inner-product search with torch, on ``device``; needs no faiss).
+        index_path: a FAISS index directory (any factory; ANN parameters via ``search_params``) or an
+            embeddings directory (exact inner-product search with torch, on ``device``; needs no faiss).
         k: hits per query.
         device: torch device for exact search ("cuda" uses the GPU without faiss-gpu).
         search_params: FAISS ParameterSpace string such as ``"nprobe=32"`` or ``"efSearch=256"``.
@@ -54,16 +59,12 @@ def search_vectors(
     if len(query_ids) != query_emb.shape[0]:
         raise ValueError(f"{len(query_ids)} query ids for {query_emb.shape[0]} vectors")
     if index_kind(index_path) == "faiss":
-        from dualenc.retrieval.index import load_index, search
-
         shards = load_index(index_path)
-        scores, doc_ids = search(shards, query_emb, k, params=search_params)
+        scores, doc_ids = search_shards(shards, query_emb, k, params=search_params)
         return {
             qid: {doc: float(s) for doc, s in zip(docs, row, strict=False)}
             for qid, docs, row in zip(query_ids, doc_ids, scores, strict=True)
         }
-    from dualenc.retrieval.topk import exact_search_torch
-
     if search_params:
         raise InputError(
             f"search parameters {search_params!r} need a FAISS index; {index_path} holds raw embeddings"

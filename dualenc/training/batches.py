@@ -9,17 +9,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
 from dualenc.errors import InputError
-from dualenc.io.readers import doc_text
+from dualenc.io.readers import doc_texts
 from dualenc.model.encoder import tokenize_texts
 from dualenc.training.data import TrainData
 
 if TYPE_CHECKING:
+    import datasets
+
     from dualenc.model.encoder import DualEncoder
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class GroupDataset(torch.utils.data.Dataset):
         self.group_size, self.seed, self.epoch = group_size, seed, 0
         if group_size > 1:
             table = self.groups.with_format("arrow")[:]
+            import pyarrow.compute as pc
+
             num_neg = pc.list_value_length(table.column("negatives")).to_numpy()  # (N,)
             empty = np.flatnonzero(num_neg == 0)
             if len(empty):
@@ -99,14 +101,15 @@ class TrainCollator:
     by pickling (the ``spawn`` start method) then copies no weights.
 
     Args:
-        model: a :class:`dualenc.model.encoder.DualEncoder`; its ``tokenizer``, ``doc_tokenizer`` and ``config``
-            are kept, so batches are tokenized as its ``tokenize_queries`` and ``tokenize_docs`` do.
+        model: a :class:`dualenc.model.encoder.DualEncoder`; its ``tokenizer``, ``doc_tokenizer`` and
+            ``config`` are kept, so batches are tokenized as its ``tokenize_queries`` and ``tokenize_docs``
+            do.
         corpus: the corpus of the :class:`TrainData`.
 
     Returns (from ``__call__``):
         ``{"query": BatchEncoding (B, Lq), "doc": BatchEncoding (B*G, Ld), "doc_idx": LongTensor (B*G,),
         "positives": LongTensor (B, P_max) padded with -1}``. Query ``i``'s documents are rows
-        ``i*G .. i*G+G-1`` of ``doc``, its positive first. Document text is ``doc_text(title, text)``.
+        ``i*G .. i*G+G-1`` of ``doc``, its positive first. Document text is ``doc_texts`` of the rows.
     """
 
     def __init__(self, model: DualEncoder, corpus: datasets.Dataset):
@@ -121,7 +124,7 @@ class TrainCollator:
             raise ValueError("every item of a batch needs the same number of documents")
         doc_idx = [int(row) for item in items for row in item["doc_idx"]]  # (B*G,)
         docs = self.corpus[doc_idx]  # one batched Arrow take
-        texts = [doc_text(title, text) for title, text in zip(docs["title"], docs["text"], strict=True)]
+        texts = doc_texts(docs)
         num_pos = max(len(item["positives"]) for item in items)
         positives = torch.full((len(items), num_pos), -1, dtype=torch.long)  # (B, P_max)
         for i, item in enumerate(items):

@@ -1,21 +1,30 @@
-"""Checkpoints: ``accelerator.save_state`` written atomically, found again by ``resume_from=latest``.
+"""Checkpoints: ``accelerator.save_state`` written atomically, found again by ``resume_from=latest``, and
+restored with the trainer state and the negative cache's shard.
 
-Layout: ``output_dir/checkpoints/step_00000100/`` (Accelerate state: model, optimizer, scheduler, RNG, registered
-objects) plus our ``trainer_state.json`` and the resolved ``config.yaml``. A checkpoint is first written to a
-hidden ``.tmp-step_…`` sibling and renamed when complete, so a crash never leaves a half checkpoint that
-``latest`` would pick.
+Layout: ``output_dir/checkpoints/step_00000100/`` (Accelerate state: model, optimizer, scheduler, RNG,
+registered objects) plus our ``trainer_state.json`` and the resolved ``config.yaml``. A checkpoint is first
+written to a hidden ``.tmp-step_…`` sibling and renamed when complete, so a crash never leaves a half
+checkpoint that ``latest`` would pick.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from accelerate import Accelerator
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
+from dualenc.negcache.negative_cache import NegativeCache
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -32,7 +41,7 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
-    """``None`` -> None; ``"latest"`` -> the newest complete checkpoint (None if there is none); else a dir."""
+    """``None`` -> None; ``"latest"`` -> the newest complete checkpoint (or None); else a directory."""
     if resume_from is None:
         return None
     if resume_from == "latest":
@@ -93,7 +102,7 @@ def save_checkpoint(
 
 
 def load_process_state(checkpoint: Path, accelerator, name: str) -> dict:
-    """This process's ``name`` state dict from a checkpoint (saved by ``save_checkpoint(per_process=...)``)."""
+    """This process's ``name`` state dict, saved by ``save_checkpoint(per_process=...)``."""
     from safetensors.torch import load_file
 
     path = _process_file(Path(checkpoint), name, accelerator)
@@ -103,9 +112,40 @@ def load_process_state(checkpoint: Path, accelerator, name: str) -> dict:
             "a different number of processes?)",
             path=path,
         )
-    # read on the CPU, then move: "cpu:0", the device Accelerate reports for CPU processes, is no safetensors device
+    # read on the CPU, then move: safetensors does not know "cpu:0", Accelerate's device for CPU processes
     return {k: v.to(accelerator.device) for k, v in load_file(str(path), device="cpu").items()}
 
 
 def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint stores beyond Accelerate's state: step, best dev score, training clock."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainerState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def restore_checkpoint(
+    accelerator: Accelerator, out: Path, resume_from: str | None, cache: NegativeCache | None
+) -> tuple[Path | None, TrainerState]:
+    """Load the checkpoint ``resume_from`` names (None: a fresh start): Accelerate's state, ours and this
+    process's shard of the negative cache."""
+    resume = resolve_resume(out, resume_from)
+    if resume is None:
+        return None, TrainerState()
+    accelerator.load_state(str(resume))
+    state = TrainerState.from_dict(read_state(resume))
+    if cache is not None:
+        cache.table.load_state_dict(load_process_state(resume, accelerator, "cache"))
+    logger.info("resumed from %s at step %d", resume, state.step)
+    return resume, state

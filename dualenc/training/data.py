@@ -1,8 +1,9 @@
 """Training data: query groups whose positives and negatives are ROW indices of one corpus dataset.
 
 Every document training can touch is a row of one corpus ``datasets.Dataset`` (``id``, ``title``, ``text``,
-as :func:`dualenc.io.readers.read_collection` returns it). Groups name documents by row (``int64``), so the negative
-cache can store rows, re-encode a row by reading the corpus, and mask a query's known positives by row.
+as :func:`dualenc.io.readers.read_collection` returns it). Groups name documents by row (``int64``), so the
+negative cache can store rows, re-encode a row by reading the corpus, and mask a query's known positives by
+row.
 
 Formats (``load_train_data(format=...)``: ``auto | tevatron | groups | triples | qrels``) and their parsers
 are in :mod:`dualenc.training.formats`; this module resolves ids to rows and groups lines per query.
@@ -31,42 +32,39 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import datasets
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from dualenc.errors import InputError
-from dualenc.io import readers as data_mod
-from dualenc.io.readers import existing_file, input_error_in_chain, read_collection
+from dualenc.io import input_files, qrels, readers
+from dualenc.io.input_files import existing_file
+from dualenc.io.qrels import read_qrels
+from dualenc.io.readers import input_error_in_chain, read_collection
 from dualenc.training import formats as train_formats
-from dualenc.training.formats import Doc, Record, check_files, qrels_groups, records, sniff
+from dualenc.training import groups as groups_mod
+from dualenc.training.formats import TRAIN_FORMATS, check_files, records, sniff
+from dualenc.training.groups import CorpusRows, Groups, NewDocs, qrels_groups, text_id
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "tevatron", "groups", "triples", "qrels")
-GROUP_FEATURES = datasets.Features(
-    {
-        "query_id": datasets.Value("string"),
-        "query": datasets.Value("string"),
-        "positives": datasets.Sequence(datasets.Value("int64")),
-        "negatives": datasets.Sequence(datasets.Value("int64")),
-    }
-)
-_DIGEST_SIZE = 12  # 96-bit content hash: P(any collision) < 1e-14 for 10^7 distinct texts
 
+def group_features() -> datasets.Features:
+    """The schema of the groups dataset: string query id and text, corpus rows of positives and negatives."""
+    import datasets
 
-def text_id(title: str, text: str) -> str:
-    """A stable id for a document (or, with ``title=""``, a query) that has none: 24 hex digits of BLAKE2b."""
-    return _digest(title, text).hex()
-
-
-def _digest(title: str, text: str) -> bytes:
-    return hashlib.blake2b(f"{title}\x00{text}".encode(), digest_size=_DIGEST_SIZE).digest()
+    return datasets.Features(
+        {
+            "query_id": datasets.Value("string"),
+            "query": datasets.Value("string"),
+            "positives": datasets.Sequence(datasets.Value("int64")),
+            "negatives": datasets.Sequence(datasets.Value("int64")),
+        }
+    )
 
 
 @dataclass
@@ -126,7 +124,8 @@ def load_train_data(
     # a tuple: datasets shards a generator over every *list* in gen_kwargs
     stamps = tuple(_stamp(path) for path in files.values() if path is not None)
     # the parsing code is part of the cache fingerprint
-    sources = (__file__, train_formats.__file__, data_mod.__file__)
+    sources = [__file__, train_formats.__file__, groups_mod.__file__]
+    sources += [readers.__file__, qrels.__file__, input_files.__file__]
     module_hash = hashlib.sha256(b"".join(Path(source).read_bytes() for source in sources)).hexdigest()
     if files["corpus_file"] is not None:
         corpus = read_collection(files["corpus_file"], cache_dir=cache_dir)
@@ -135,7 +134,7 @@ def load_train_data(
         corpus = _from_generator(_generate_corpus, corpus_kwargs, cache_dir=cache_dir)
     group_kwargs = {**files, "fmt": fmt, "min_relevance": min_relevance, "cache_dir": cache_dir}
     group_kwargs.update(stamps=stamps, code=module_hash)
-    groups = _from_generator(_generate_groups, group_kwargs, cache_dir=cache_dir, features=GROUP_FEATURES)
+    groups = _from_generator(_generate_groups, group_kwargs, cache_dir=cache_dir, features=group_features())
     logger.info("training data: %d query groups over %d corpus documents", len(groups), len(corpus))
     return TrainData(corpus=corpus, groups=groups)
 
@@ -144,8 +143,8 @@ def _resolve_format(
     train_file: Any, format: str, corpus_file: Any, queries_file: Any, qrels_file: Any
 ) -> tuple[str, str]:
     """The internal format (``tevatron | groups | text-triples | id-triples | qrels``) and why."""
-    if format not in FORMATS:
-        raise InputError(f"unknown train data format {format!r}; expected one of {', '.join(FORMATS)}")
+    if format not in TRAIN_FORMATS:
+        raise InputError(f"unknown train data format {format!r}; expected one of {', '.join(TRAIN_FORMATS)}")
     reason = f"format={format!r}"
     if format == "auto":
         if train_file is None:
@@ -168,6 +167,8 @@ def _from_generator(
     features: datasets.Features | None = None,
 ) -> datasets.Dataset:
     """``Dataset.from_generator`` that re-raises the InputError that datasets wrapped."""
+    import datasets
+
     try:
         return datasets.Dataset.from_generator(
             generator, features=features, cache_dir=cache_dir, gen_kwargs=gen_kwargs
@@ -179,165 +180,9 @@ def _from_generator(
         raise cause from None
 
 
-# --- resolving ids to rows, grouping -----------------------------------------------------------------------
-
-
-class _CorpusRows:
-    """Doc id -> corpus row through one dict built once (~120 bytes per id: ~1 GB for MS MARCO's 8.8M ids)."""
-
-    def __init__(self, corpus: datasets.Dataset, corpus_path: str):
-        ids = corpus.data.column("id").to_pylist()  # a fresh read_collection dataset: no indices mapping
-        self.rows = dict(zip(ids, range(len(ids)), strict=True))
-        self.corpus_path = corpus_path
-
-    def row(self, ref: str | Doc, path: str, lineno: int | None) -> int:
-        doc_id = ref
-        if isinstance(ref, Doc):
-            if ref.docid is None:
-                raise InputError(
-                    "a passage has no 'docid': with corpus_file every passage needs one",
-                    path=path,
-                    line=lineno,
-                )
-            doc_id = ref.docid
-        row = self.rows.get(doc_id)
-        if row is None:
-            raise InputError(
-                f"doc id {doc_id!r} is not in the corpus {self.corpus_path}", path=path, line=lineno
-            )
-        return row
-
-
-class _NewDocs:
-    """Rows for the passages of the train file itself, numbered in order of first appearance.
-
-    Keyed by docid, or by the content digest when there is none (~130 bytes per distinct passage).
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[str | bytes, int] = {}
-        self.digests = bytearray()  # _DIGEST_SIZE bytes per row: catches one docid used for two texts
-        self.lines = array("q")  # first line of each row
-
-    def add(self, doc: Doc, path: str, lineno: int) -> tuple[int, bool]:
-        """``(row, is_new)`` of ``doc``."""
-        digest = _digest(doc.title, doc.text)
-        key = digest if doc.docid is None else doc.docid
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = len(self.rows)
-            self.digests += digest
-            self.lines.append(lineno)
-            return row, True
-        if doc.docid is not None and self.digests[row * _DIGEST_SIZE : (row + 1) * _DIGEST_SIZE] != digest:
-            raise InputError(
-                f"doc id {doc.docid!r} has a different title/text than on line {self.lines[row]}",
-                path=path,
-                line=lineno,
-            )
-        return row, False
-
-    def row(self, doc: Doc, path: str, lineno: int) -> int:
-        return self.add(doc, path, lineno)[0]
-
-
-class _Groups:
-    """Query -> group number (order of first appearance) and the (group, row) pairs, 8 bytes each."""
-
-    def __init__(self, query_texts: dict[str, str] | None, queries_path: str | None):
-        self.query_texts, self.queries_path = query_texts, queries_path
-        self.number: dict[str, int] = {}
-        self.query_ids: list[str] = []
-        self.queries: list[str] = []
-        self.lines = array("q")  # first line of each group
-        self.num_records = 0
-        self.pos, self.neg = array("q"), array("q")  # (group << 32) | row: corpus rows < 2^32
-
-    def add(self, record: Record, path: str, rows: _CorpusRows | _NewDocs) -> None:
-        self.num_records += 1
-        query_id = record.query_id if record.query_id is not None else text_id("", record.query)
-        query = record.query
-        if query is None:
-            if self.query_texts is None:
-                raise InputError(
-                    f"no 'query' for query id {query_id!r} and no queries_file given",
-                    path=path,
-                    line=record.line,
-                )
-            query = self.query_texts.get(query_id)
-            if query is None:
-                raise InputError(
-                    f"query id {query_id!r} is not in the queries file {self.queries_path}",
-                    path=path,
-                    line=record.line,
-                )
-        group = self.number.get(query_id)
-        if group is None:
-            group = self.number[query_id] = len(self.query_ids)
-            self.query_ids.append(query_id)
-            self.queries.append(query)
-            self.lines.append(record.line)
-        elif self.queries[group] != query:
-            raise InputError(
-                f"query id {query_id!r} has a different query text than on line {self.lines[group]}",
-                path=path,
-                line=record.line,
-            )
-        high = group << 32
-        self.pos.extend(high | rows.row(ref, path, record.line) for ref in record.positives)
-        self.neg.extend(high | rows.row(ref, path, record.line) for ref in record.negatives)
-
-    def rows(self) -> Iterator[dict[str, Any]]:
-        """The merged groups as dataset rows; logs what merging and de-duplication removed."""
-        num_groups = len(self.query_ids)
-        pos_keys = np.frombuffer(self.pos, dtype=np.int64)  # (E_pos,)
-        pos_offsets, pos_rows, _ = _group_pairs(pos_keys, num_groups)
-        neg_keys = np.frombuffer(self.neg, dtype=np.int64)  # (E_neg,)
-        neg_offsets, neg_rows, num_dropped = _group_pairs(neg_keys, num_groups, exclude=pos_keys)
-        logger.info(
-            "%d lines -> %d query groups; %d positives, %d negatives (%d repeated pairs merged); dropped %d "
-            "negatives that are positives of the same query",
-            self.num_records,
-            num_groups,
-            len(pos_rows),
-            len(neg_rows),
-            len(pos_keys) + len(neg_keys) - len(pos_rows) - len(neg_rows) - num_dropped,
-            num_dropped,
-        )
-        for group in range(num_groups):
-            yield {
-                "query_id": self.query_ids[group],
-                "query": self.queries[group],
-                "positives": pos_rows[pos_offsets[group] : pos_offsets[group + 1]].tolist(),
-                "negatives": neg_rows[neg_offsets[group] : neg_offsets[group + 1]].tolist(),
-            }
-
-
-def _group_pairs(
-    keys: np.ndarray, num_groups: int, exclude: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Distinct ``(group << 32) | row`` keys, ordered by group then first appearance, minus ``exclude``.
-
-    Returns:
-        ``(offsets, rows, num_excluded)``: group ``g`` owns ``rows[offsets[g]:offsets[g + 1]]``.
-
-    Shapes:
-        keys: (E,); offsets: (num_groups + 1,); rows: (E_distinct,)
-    """
-    distinct, first = np.unique(keys, return_index=True)  # (U,), (U,): sorted by group, then row
-    num_excluded = 0
-    if exclude is not None and len(distinct):
-        keep = ~np.isin(distinct, exclude)  # (U,)
-        num_excluded = int(len(keep) - keep.sum())
-        distinct, first = distinct[keep], first[keep]
-    distinct = distinct[np.lexsort((first, distinct >> 32))]  # (U,) by group, then first appearance
-    offsets = np.searchsorted(distinct >> 32, np.arange(num_groups + 1))  # (G + 1,)
-    return offsets, distinct & 0xFFFFFFFF, num_excluded
-
-
 def _query_texts(queries_file: str, cache_dir: str | None) -> dict[str, str]:
     """Query id -> text (about 150 bytes per query: ~120 MB for MS MARCO's 800k training queries)."""
-    queries = data_mod.read_queries(queries_file, cache_dir=cache_dir)
+    queries = readers.read_queries(queries_file, cache_dir=cache_dir)
     table = queries.data
     return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
 
@@ -345,7 +190,7 @@ def _query_texts(queries_file: str, cache_dir: str | None) -> dict[str, str]:
 def _generate_corpus(path: str, fmt: str, stamps: tuple, code: str) -> Iterator[dict[str, str]]:
     """Corpus rows: the distinct passages of a Tevatron or text-triples file, in order of first appearance."""
     del stamps, code  # fingerprint only
-    docs = _NewDocs()
+    docs = NewDocs()
     for record in records(path, fmt):
         for doc in (*record.positives, *record.negatives):
             _, is_new = docs.add(doc, path, record.line)
@@ -368,17 +213,17 @@ def _generate_groups(
     """Group rows for every format (datasets caches them; the file is read again only when it changed)."""
     del stamps, code  # fingerprint only
     if fmt == "qrels":
-        qrels = data_mod.read_qrels(qrels_file)
+        qrels = read_qrels(qrels_file)
         query_texts = _query_texts(queries_file, cache_dir)
-        doc_rows = _CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file).rows
+        doc_rows = CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file).rows
         files = {"qrels_file": qrels_file, "queries_file": queries_file, "corpus_file": corpus_file}
         yield from qrels_groups(qrels, query_texts, doc_rows, min_relevance, **files)
         return
-    rows: _CorpusRows | _NewDocs = _NewDocs()
+    rows: CorpusRows | NewDocs = NewDocs()
     if corpus_file is not None:
-        rows = _CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file)
+        rows = CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file)
     query_texts = None if queries_file is None else _query_texts(queries_file, cache_dir)
-    groups = _Groups(query_texts, queries_file)
+    groups = Groups(query_texts, queries_file)
     for record in records(train_file, fmt):
         groups.add(record, train_file, rows)
     yield from groups.rows()

@@ -19,9 +19,9 @@ def rank_and_world() -> tuple[int, int]:
 def all_gather_with_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every process along dim 0, keeping the autograd graph.
 
-    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the incoming gradients and returns
-    each process its slice, so with DDP's gradient averaging the result equals one process holding the whole
-    global batch. Every process must pass the same shape.
+    Uses ``torch.distributed.nn.functional.all_gather``, whose backward sums the incoming gradients and
+    returns each process its slice, so with DDP's gradient averaging the result equals one process holding the
+    whole global batch. Every process must pass the same shape.
 
     Shapes:
         x (n, ...) -> (P·n, ...), process p's rows at [p·n, (p+1)·n).

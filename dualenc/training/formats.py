@@ -1,14 +1,16 @@
 """Training-data formats: auto-detection, the files each format needs, and one parser per format.
 
-:func:`dualenc.training.data.load_train_data` reads these (``format=...``; ``"auto"`` picks one from the suffix
-and the first line, and logs which):
+:func:`dualenc.training.data.load_train_data` reads these (``format=...``; ``"auto"`` picks one from the
+suffix and the first line, and logs which):
 
 - ``tevatron``: JSONL ``{"query_id"?, "query", "positive_passages": [{"docid"?, "title"?, "text"}, ...],
   "negative_passages"?: [...]}`` (Tevatron's training format). With ``corpus_file`` every passage needs a
   ``docid`` of that corpus; without it the corpus is the file's distinct passages in order of first
-  appearance, keyed by ``docid`` or, without one, by :func:`dualenc.training.data.text_id` of title and text.
+  appearance, keyed by ``docid`` or, without one, by :func:`dualenc.training.groups.text_id` of title and
+  text.
 - ``groups``: JSONL ``{"query_id", "query"?, "positive_ids": [...], "negative_ids"?: [...]}`` (what
-  :mod:`dualenc.retrieval.mine` writes) against ``corpus_file``; ``queries_file`` supplies a missing ``"query"``.
+  :mod:`dualenc.retrieval.mine` writes) against ``corpus_file``; ``queries_file`` supplies a missing
+  ``"query"``.
 - ``triples``: TSV, 3 columns: ``query<TAB>positive<TAB>negative`` texts (MS MARCO
   ``triples.train.small.tsv``) or, when ``corpus_file`` and ``queries_file`` are both given, ids
   ``qid<TAB>pid<TAB>nid`` (qidpidtriples).
@@ -17,22 +19,23 @@ and the first line, and logs which):
 
 Each line of a tevatron, groups or triples file becomes one :class:`Record` (documents as string ids or
 :class:`Doc` texts); resolving them to corpus rows and merging them per query is
-:mod:`dualenc.training.data`'s job.
+:mod:`dualenc.training.groups`'s job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from dualenc.errors import InputError
-from dualenc.io.readers import iter_lines
+from dualenc.io.input_files import iter_lines
 
 logger = logging.getLogger(__name__)
 
+TRAIN_FORMATS = ("auto", "tevatron", "groups", "triples", "qrels")  # what a user may name
 _JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _TSV_SUFFIXES = (".tsv", ".tsv.gz", ".txt", ".txt.gz")
 
@@ -234,67 +237,3 @@ def _triple_record(line: str, path: str, lineno: int, fmt: str) -> Record:
     if fmt == "id-triples":
         return Record(lineno, cols[0], None, [cols[1]], [cols[2]])
     return Record(lineno, None, cols[0], [Doc(None, "", cols[1])], [Doc(None, "", cols[2])])
-
-
-# --- qrels: groups straight from the judgments --------------------------------------------------------------
-
-
-def qrels_groups(
-    qrels: dict[str, dict[str, int]],
-    query_texts: Mapping[str, str],
-    doc_rows: Mapping[str, int],
-    min_relevance: int,
-    *,
-    qrels_file: str,
-    queries_file: str,
-    corpus_file: str,
-) -> Iterator[dict[str, Any]]:
-    """One group per judged query with a grade >= ``min_relevance``; no negatives.
-
-    Args:
-        qrels: ``{query_id: {doc_id: grade}}`` as :func:`dualenc.io.readers.read_qrels` returns it.
-        query_texts: query id -> text.
-        doc_rows: doc id -> corpus row.
-        min_relevance: the smallest grade that counts as a positive.
-        qrels_file, queries_file, corpus_file: the files, named in errors.
-
-    Returns:
-        Group rows ``{"query_id", "query", "positives", "negatives": []}`` in qrels order.
-    """
-    num_groups = 0
-    for query_id, judged in qrels.items():
-        positive_ids = [doc_id for doc_id, grade in judged.items() if grade >= min_relevance]
-        if not positive_ids:
-            continue
-        query = query_texts.get(query_id)
-        if query is None:
-            line = _qrels_line(qrels_file, query_id, None)
-            raise InputError(
-                f"query id {query_id!r} is not in the queries file {queries_file}", path=qrels_file, line=line
-            )
-        unknown = next((doc_id for doc_id in positive_ids if doc_id not in doc_rows), None)
-        if unknown is not None:
-            line = _qrels_line(qrels_file, query_id, unknown)
-            raise InputError(
-                f"doc id {unknown!r} is not in the corpus {corpus_file}", path=qrels_file, line=line
-            )
-        positives = [doc_rows[doc_id] for doc_id in positive_ids]
-        num_groups += 1
-        yield {"query_id": query_id, "query": query, "positives": positives, "negatives": []}
-    logger.info(
-        "qrels: %d of %d judged queries have a grade >= %d (the others are skipped)",
-        num_groups,
-        len(qrels),
-        min_relevance,
-    )
-    if num_groups == 0:
-        raise InputError(f"no query has a judgment with grade >= {min_relevance}", path=qrels_file)
-
-
-def _qrels_line(path: str, query_id: str, doc_id: str | None) -> int | None:
-    """The first line of ``path`` that judges ``query_id`` (and ``doc_id``); error path only."""
-    for lineno, line in iter_lines(path):
-        cols = line.split()
-        if cols and cols[0] == query_id and (doc_id is None or doc_id in cols[1:-1]):
-            return lineno
-    return None

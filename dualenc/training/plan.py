@@ -3,14 +3,14 @@
 One place derives everything the loop and a resumed run need from the optimizer step alone: the epoch, the
 micro-batches of that epoch already consumed, how many micro-batches the step accumulates, the seeds.
 
-* The data order of an epoch is a permutation of the query groups drawn from (seed, epoch) and cut to a multiple
-  of the global batch (per-process batch x processes), so that every process gets the same number of full
-  batches and P processes with batch b see exactly the batches one process with batch P·b sees
+* The data order of an epoch is a permutation of the query groups drawn from (seed, epoch) and cut to a
+  multiple of the global batch (per-process batch x processes), so that every process gets the same number of
+  full batches and P processes with batch b see exactly the batches one process with batch P·b sees
   (:class:`EpochSampler`).
 * An optimizer step accumulates ``accumulation`` micro-batches; the last step of an epoch takes what is left
   (``ceil``), so no micro-batch is dropped and no step straddles two epochs (:class:`StepPlan`).
-* The learning-rate schedule is sized in optimizer steps and stepped once per optimizer step by the loop (it is
-  not wrapped by ``accelerator.prepare``, whose wrapper steps it once per process).
+* The learning-rate schedule is sized in optimizer steps and stepped once per optimizer step by the loop (it
+  is not wrapped by ``accelerator.prepare``, whose wrapper steps it once per process).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class StepPlan:
         return min(self.accumulation, self.batches_per_epoch - self.batches_before(step))
 
     def micro_id(self, step: int, micro: int) -> int:
-        """A unique number for micro-batch ``micro`` of step ``step``: it keys the dropout seed and cache draws."""
+        """A unique number for micro-batch ``micro`` of step ``step``; keys dropout seeds and cache draws."""
         return step * self.accumulation + micro
 
     def num_epochs(self) -> int:

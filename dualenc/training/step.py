@@ -1,9 +1,10 @@
 """One micro-batch's loss: encode, gather across processes, add the negative cache's terms, call the loss.
 
 :class:`TrainingModule` is what Accelerate wraps (DDP): its ``forward`` runs the whole micro-batch, so every
-parameter that gets a gradient (both towers, the learned temperature) is used inside the wrapped forward. Every
-loss has the same contract, ``loss(LossInputs) -> LossOutput`` (dualenc/losses/base.py); a loss that needs the
-negative cache says which terms through its ``cache_terms`` attribute, and this module asks the cache for them.
+parameter that gets a gradient (both towers, the learned temperature) is used inside the wrapped forward.
+Every loss has the same contract, ``loss(LossInputs) -> LossOutput`` (dualenc/losses/base.py); a loss that
+needs the negative cache says which terms through its ``cache_terms`` attribute, and this module asks the
+cache for them.
 The step never changes the cache: it returns the fresh document embeddings, and the training loop writes them
 back (``NegativeCache.write_back``) where a reader can see it.
 """
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepOutput:
-    """A micro-batch's loss, its detached logs, and the fresh document embeddings for the cache's write-back."""
+    """A micro-batch's loss, its detached logs, and fresh document embeddings for the cache's write-back."""
 
     loss: Tensor  # ()
     logs: dict[str, Tensor] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class TrainingModule(nn.Module):
     def _cache_terms(
         self, needs: str, cache: NegativeCache, q_emb: Tensor, d_emb: Tensor, batch: dict, draw_id: int
     ) -> tuple[CacheTerms, Tensor | None, Tensor | None, dict[str, Tensor]]:
-        """The cache's terms for the loss (A3-A5), and the drawn negatives' rows and live embeddings (or None)."""
+        """The cache's terms for the loss (A3-A5); the drawn negatives' rows and live embeddings (or None)."""
         group = d_emb.shape[0] // q_emb.shape[0]
         positive = d_emb[::group]  # (B, D) each query's live positive
         if needs == "table":  # SCE over the whole table, one process (refused for more when the run starts)
