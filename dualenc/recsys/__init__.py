@@ -5,6 +5,7 @@ from dualenc.recsys.config import SASRecConfig, describe_sasrec_config, load_sas
 from dualenc.recsys.data import Interactions, SequenceSplit, read_interactions, temporal_split
 from dualenc.recsys.evaluate import evaluate, ranking_metrics
 from dualenc.recsys.sasrec import SASRec
+from dualenc.recsys.train import load_split, train_seed
 
 __all__ = [
     "Interactions",
@@ -13,8 +14,10 @@ __all__ = [
     "SequenceSplit",
     "describe_sasrec_config",
     "evaluate",
+    "load_split",
     "load_sasrec_config",
     "ranking_metrics",
     "read_interactions",
     "temporal_split",
+    "train_seed",
 ]
