@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import tiny_bert_config, write_tokenizer_dir
+from helpers import TINY_CORPUS, TINY_QUERIES, tiny_bert_config, write, write_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +77,18 @@ def tiny_model_dir(tmp_path_factory, tiny_bert_dir) -> Path:
     path = tmp_path_factory.mktemp("tiny_dualenc") / "model"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def hf(tmp_path) -> str:
+    """A datasets cache directory of this test's own."""
+    return str(tmp_path / "hf")
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    """The tiny training corpus and queries (tests/helpers.py) written as TSV files."""
+    return {
+        "corpus_file": write(tmp_path / "corpus.tsv", TINY_CORPUS),
+        "queries_file": write(tmp_path / "q.tsv", TINY_QUERIES),
+    }

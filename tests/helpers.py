@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -220,3 +221,22 @@ def gpu_machine_env(tmp: Path, **extra: str) -> dict:
     (site / "sitecustomize.py").write_text(GPU_MACHINE_BLOCKER)
     path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+# a five-document corpus and three queries, the training-data tests' shared fixture files
+TINY_CORPUS = (
+    "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"
+)
+TINY_QUERIES = "q1\tquery one\nq2\tquery two\nq3\tquery three\n"
+
+
+def write(path: Path, content: str) -> Path:
+    """Write ``content`` as UTF-8, gzipped when the name ends in ``.gz``."""
+    data = content.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def jsonl(*records: dict) -> str:
+    """JSON lines, one per record."""
+    return "".join(json.dumps(r) + "\n" for r in records)

@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import pickle
 from dataclasses import replace
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import jsonl, write
 
 from dualenc.errors import InputError
 from dualenc.training.batches import GroupDataset, TrainCollator
 from dualenc.training.data import TrainData, group_features, load_train_data
-
-CORPUS = "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"
-QUERIES = "q1\tquery one\nq2\tquery two\nq3\tquery three\n"
-
-
-def write(path: Path, content: str) -> Path:
-    data = content.encode("utf-8")
-    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
-    return path
-
-
-def jsonl(*records: dict) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
-
-
-@pytest.fixture
-def hf(tmp_path) -> str:
-    return str(tmp_path / "hf")
-
-
-@pytest.fixture
-def files(tmp_path) -> dict[str, Path]:
-    return {
-        "corpus_file": write(tmp_path / "corpus.tsv", CORPUS),
-        "queries_file": write(tmp_path / "q.tsv", QUERIES),
-    }
-
 
 # --- GroupDataset -----------------------------------------------------------------------------------------
 

@@ -34,11 +34,6 @@ def rows(dataset: datasets.Dataset) -> list[dict]:
     return [dict(r) for r in dataset]
 
 
-@pytest.fixture
-def hf(tmp_path) -> str:
-    return str(tmp_path / "hf")
-
-
 # --- good input -------------------------------------------------------------------------------------------
 
 

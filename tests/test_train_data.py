@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CORPUS, jsonl, write
 
 from dualenc.errors import InputError
 from dualenc.io.readers import read_collection
 from dualenc.training import data as train_data
 from dualenc.training.data import TrainData, group_features, load_train_data
-
-CORPUS = "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"
-QUERIES = "q1\tquery one\nq2\tquery two\nq3\tquery three\n"
-
-
-def write(path: Path, content: str) -> Path:
-    data = content.encode("utf-8")
-    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
-    return path
-
-
-def jsonl(*records: dict) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def sha_id(title: str, text: str) -> str:
@@ -48,19 +34,6 @@ def as_ids(data: TrainData) -> list[tuple[str, str, list[str], list[str]]]:
 
 def corpus_rows(data: TrainData) -> list[tuple[str, str, str]]:
     return [(r["id"], r["title"], r["text"]) for r in data.corpus]
-
-
-@pytest.fixture
-def hf(tmp_path) -> str:
-    return str(tmp_path / "hf")
-
-
-@pytest.fixture
-def files(tmp_path) -> dict[str, Path]:
-    return {
-        "corpus_file": write(tmp_path / "corpus.tsv", CORPUS),
-        "queries_file": write(tmp_path / "q.tsv", QUERIES),
-    }
 
 
 # --- tevatron ---------------------------------------------------------------------------------------------
@@ -154,7 +127,7 @@ def test_groups_format_with_and_without_query_text(tmp_path, hf, files):
         },  # merged with line 1
     )
     data = load_train_data(write(tmp_path / "g.jsonl", content), **files, cache_dir=hf)
-    assert corpus_rows(data) == [tuple(line.split("\t")) for line in CORPUS.splitlines()]
+    assert corpus_rows(data) == [tuple(line.split("\t")) for line in TINY_CORPUS.splitlines()]
     # q2: positives d3, d4 (union, first appearance); negatives d5, d1, d2; d4 dropped as a positive of q2
     assert as_ids(data) == [
         ("q2", "query two", ["d3", "d4"], ["d5", "d1", "d2"]),

@@ -48,7 +48,7 @@ def mine_hard_negatives(
 
     Args:
         run: ``{query_id: {doc_id: score}}``.
-        qrels: ``{query_id: {doc_id: grade}}`` (as :func:`dualenc.io.readers.read_qrels` returns).
+        qrels: ``{query_id: {doc_id: grade}}`` (as :func:`dualenc.io.qrels.read_qrels` returns).
         depth: how many top hits to consider (>= 1).
         skip_top: how many of the top hits to drop first (0 <= skip_top < depth).
         num_negatives: keep at most this many negatives (>= 0); ``None`` keeps all.
