@@ -1,6 +1,6 @@
 """The negative cache: a sharded table of stale document embeddings, exact Gumbel-max draws from it and its
 refresh. The layer above dualenc.retrieval, beside dualenc.evaluation: it imports dualenc.retrieval,
-dualenc.model, dualenc.losses, dualenc.io and dualenc.errors."""
+dualenc.model, dualenc.losses and dualenc.io."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The few collectives a training step needs, over the process group Accelerate set up (none: one process)."""
+"""The training step's own collectives: gathering the batch's documents across processes, with and without
+gradient, over the process group Accelerate set up (none with one process). The negative cache's collectives
+are in :mod:`dualenc.negcache.draw`."""
 
 from __future__ import annotations
 
