@@ -11,6 +11,7 @@ from dualenc.io.embeddings import (
     write_shard,
 )
 from dualenc.io.input_files import existing_file, iter_lines, read_json
+from dualenc.io.lock import output_lock
 from dualenc.io.provenance import dir_fingerprint, environment_info, git_commit
 from dualenc.io.qrels import read_qrels
 from dualenc.io.readers import doc_text, doc_texts, read_collection, read_queries
@@ -31,6 +32,7 @@ __all__ = [
     "git_commit",
     "iter_lines",
     "load_embeddings",
+    "output_lock",
     "read_collection",
     "read_json",
     "read_meta",
