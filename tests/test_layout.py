@@ -16,7 +16,7 @@ from helpers import REPO, gpu_machine_env
 PACKAGE = REPO / "dualenc"
 MAX_MODULE_LINES = 300
 MAX_FUNCTION_LINES = 80
-LONG_FUNCTIONS_ALLOWED = {("dualenc/training/loop.py", "train")}  # the one training loop
+LONG_FUNCTIONS_ALLOWED = {("dualenc/training/loop.py", "_train")}  # the one training loop
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

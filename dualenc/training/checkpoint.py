@@ -23,6 +23,13 @@ from accelerate import Accelerator
 from dualenc.errors import InputError
 from dualenc.io import atomic
 from dualenc.negcache.negative_cache import NegativeCache
+from dualenc.training.resume_check import (
+    check_manifest,
+    check_same_processes,
+    check_same_settings,
+    damaged,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
         atomic.write_text(tmp / "config.yaml", config_yaml)
+        write_manifest(tmp)  # last: it lists every file above with its size and hash
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -128,6 +136,7 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     elapsed_s: float = 0.0
+    num_processes: int | None = None  # None in checkpoints saved before it was recorded
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainerState:
@@ -136,16 +145,35 @@ class TrainerState:
 
 
 def restore_checkpoint(
-    accelerator: Accelerator, out: Path, resume_from: str | None, cache: NegativeCache | None
+    accelerator: Accelerator,
+    out: Path,
+    resume_from: str | None,
+    cache: NegativeCache | None,
+    config: dict[str, dict],
 ) -> tuple[Path | None, TrainerState]:
     """Load the checkpoint ``resume_from`` names (None: a fresh start): Accelerate's state, ours and this
-    process's shard of the negative cache."""
+    process's shard of the negative cache. Refused first, with one clear error, when ``config`` (the run's
+    sections) or the process count differ from the checkpoint's, and when its files do not load."""
     resume = resolve_resume(out, resume_from)
     if resume is None:
-        return None, TrainerState()
-    accelerator.load_state(str(resume))
-    state = TrainerState.from_dict(read_state(resume))
+        return None, TrainerState(num_processes=accelerator.num_processes)
+    check_manifest(resume)
+    try:
+        saved = read_state(resume)
+    except (OSError, ValueError) as err:
+        raise damaged(resume, err) from None
+    check_same_settings(resume, config)
+    check_same_processes(resume, saved, accelerator.num_processes)
+    try:
+        accelerator.load_state(str(resume))
+        cache_state = load_process_state(resume, accelerator, "cache") if cache is not None else None
+    except InputError:
+        raise
+    except Exception as err:  # truncated or corrupted files: safetensors, torch.load, numpy, pickle errors
+        raise damaged(resume, err) from None
     if cache is not None:
-        cache.table.load_state_dict(load_process_state(resume, accelerator, "cache"))
+        cache.table.load_state_dict(cache_state)
+    state = TrainerState.from_dict(saved)
+    state.num_processes = accelerator.num_processes
     logger.info("resumed from %s at step %d", resume, state.step)
     return resume, state

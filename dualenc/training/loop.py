@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dualenc.evaluation.dev_set import DevSet, load_dev_set
+from dualenc.io.lock import output_lock
 from dualenc.model.encoder import DualEncoder
 from dualenc.negcache.negative_cache import NegativeCache
 from dualenc.training.batches import GroupDataset, TrainCollator
@@ -67,9 +68,17 @@ def train(
         model: a ready ``DualEncoder`` (e.g. with custom towers) to train instead of building one from
             ``cfg.model`` (whose settings are then ignored).
     """
-    started = time.perf_counter()
     accelerator = accelerator or make_accelerator(cfg)
     check_processes(cfg, accelerator.num_processes)
+    # one run per output_dir: the main process holds its lock (a second run is refused with the pid)
+    lock = output_lock(cfg.train.output_dir) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, accelerator, model)
+
+
+def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) -> TrainResult:
+    """The training loop of :func:`train` (which made the Accelerator and holds the output_dir's lock)."""
+    started = time.perf_counter()
     out, seed, rank = Path(cfg.train.output_dir), cfg.train.seed, accelerator.process_index
     set_seed(seed)
     data, model = _data_and_model(cfg, accelerator, model)
@@ -101,7 +110,9 @@ def train(
         cache = NegativeCache(cfg.cache, data.corpus, accelerator, model.dim, seed=seed, sce=cfg.sce)
     config_yaml = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     log = JsonlLog(out / "train_log.jsonl", enabled=accelerator.is_main_process)
-    resume, state = restore_checkpoint(accelerator, out, cfg.train.resume_from, cache)
+    resume, state = restore_checkpoint(
+        accelerator, out, cfg.train.resume_from, cache, config=config_to_dict(cfg)
+    )
     if resume is not None:  # drop the lines written after the checkpoint this run restarts from
         log.truncate_after(state.step)
     clock_origin = started - state.elapsed_s  # the training clock continues across resumes
