@@ -20,8 +20,8 @@ from dualenc.io.embeddings import load_embeddings, read_meta, shard_bounds, shar
 from dualenc.io.readers import read_collection
 from dualenc.model.config import DualEncoderConfig
 from dualenc.model.encoder import DualEncoder
-from dualenc.retrieval.encode import encode_texts, model_fingerprint
-from dualenc.retrieval.encode_to_disk import encode_collection, encode_corpus
+from dualenc.retrieval.encode import encode_texts, encoder_identity, model_fingerprint
+from dualenc.retrieval.encode_to_disk import collection_identity, encode_collection, encode_corpus
 
 
 @pytest.fixture
@@ -94,18 +94,30 @@ def test_more_processes_than_rows_gives_empty_shards(model, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(model, tmp_path):
+    """An interrupted encode made with another storage dtype, or with no record (older dualenc): refused."""
     write_collection(tmp_path / "c.tsv", 60)
     data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
     emb_path, _ = shard_paths(tmp_path / "e", 0, 1)
     emb_path.parent.mkdir(parents=True)
     np.lib.format.open_memmap(
-        emb_path.with_suffix(".partial.npy"), mode="w+", dtype=np.float32, shape=(60, 32)
+        emb_path.with_suffix(".partial.npy"), mode="w+", dtype=np.float16, shape=(60, 32)
     )
-    emb_path.with_suffix(".progress.json").write_text(
-        json.dumps({"fingerprint": "other", "done": 20, "rows": 60})
+    made_by = {**encoder_identity(model, "doc"), **collection_identity(data, "doc", "float16")}
+    progress = emb_path.with_suffix(".progress.json")
+    progress.write_text(
+        json.dumps({"made_by": {**made_by, "shard": [0, 1], "shard_rows": [0, 60]}, "done": 20, "rows": 60})
     )
-    with pytest.raises(InputError, match="progress.json.*different data or settings"):
+    with pytest.raises(InputError) as err:
         encode_collection(model, data, tmp_path / "e", progress=False)
+    assert str(err.value) == (
+        f"{tmp_path / 'e'}: interrupted encode emb.00000-of-00001.partial.npy was made with "
+        "storage_dtype='float16', this run has storage_dtype='float32'; rerun with the same model and "
+        "collection to reuse or resume it, or use --overwrite (overwrite=True) to encode again from scratch"
+    )
+    progress.write_text(json.dumps({"fingerprint": "0123", "done": 20, "rows": 60}))  # an older dualenc's
+    with pytest.raises(InputError, match="partial.npy has no record of the model and collection"):
+        encode_collection(model, data, tmp_path / "e", progress=False)
+    assert not emb_path.exists() and json.loads(progress.read_text())["done"] == 20  # nothing written
 
 
 def test_bad_storage_dtype(model, tmp_path):
@@ -177,20 +189,21 @@ def test_kill_9_then_resume_is_identical(tiny_model_dir, tmp_path):
     assert not progress.exists() and not emb_path.with_suffix(".partial.npy").exists()
 
 
-def test_finished_shard_of_another_model_is_encoded_again(model, tmp_path):
-
+def test_finished_shard_of_another_model_is_refused_unless_overwrite(model, tmp_path):
     write_collection(tmp_path / "c.tsv", 30)
     data = read_collection(tmp_path / "c.tsv", cache_dir=str(tmp_path / "hf"))
-    path = encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
+    path = encode_collection(model, data, tmp_path / "e", progress=False)
     first = np.load(path)
-    assert (
-        encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
-        == path
-    )
+    assert encode_collection(model, data, tmp_path / "e", progress=False) == path  # same model: reused
+    old_fingerprint = model_fingerprint(model)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    encode_collection(model, data, tmp_path / "e", progress=False, model_id=model_fingerprint(model))
+    with pytest.raises(InputError, match=f"model_fingerprint='{old_fingerprint}', this run has model_fing"):
+        encode_collection(model, data, tmp_path / "e", progress=False)
+    np.testing.assert_array_equal(np.load(path), first)  # the refused run left the finished shard alone
+    encode_collection(model, data, tmp_path / "e", progress=False, overwrite=True)
+    np.testing.assert_allclose(np.load(path), encode_texts(model, list(data["text"])), atol=1e-5)
     assert not np.allclose(np.load(path), first)  # re-encoded with the new weights
 
 

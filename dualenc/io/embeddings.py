@@ -9,6 +9,10 @@
       emb.00001-of-00002.npy ...
 
 Shard ``p`` of ``P`` holds the contiguous block :func:`shard_bounds` gives, in collection order.
+``meta.json`` is written last, so a directory without it is unfinished; ``meta.json["made_by"]`` records
+what made the vectors (model, tokenizer, collection, kind, dtype, rows), which :func:`check_made_by`
+compares before anything reuses or resumes them. :func:`read_meta` and :func:`load_embeddings` refuse an
+unfinished directory (no ``meta.json``, a shard missing, a ``.npy`` shorter or longer than its header says).
 """
 
 from __future__ import annotations
@@ -69,13 +73,97 @@ def write_meta(emb_dir: str | os.PathLike, meta: dict) -> None:
 
 
 def read_meta(emb_dir: str | os.PathLike) -> dict:
-    """``meta.json`` of an embeddings directory; ``InputError`` if there is none."""
+    """``meta.json`` of a complete embeddings directory; one ``InputError`` naming the file otherwise.
+
+    Complete: ``meta.json`` is valid, and every shard it lists has both files, with ``.npy`` sizes that
+    agree with their headers and rows that add up to ``count``.
+    """
     path = Path(emb_dir) / META_FILE
+    if not Path(emb_dir).is_dir():
+        raise InputError("no such embeddings directory; run `dualenc encode` first", path=emb_dir)
     if not path.exists():
         raise InputError(
-            "not an embeddings directory (no meta.json); run `dualenc encode` first", path=emb_dir
+            "missing: not a finished embeddings directory (the encode did not finish, or none ran here); "
+            "run `dualenc encode` to finish it",
+            path=path,
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"not valid JSON ({err})", path=path) from None
+    missing = [key for key in ("dim", "num_shards", "count") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise InputError(f"no {missing[0]!r} entry: not an embeddings meta.json", path=path)
+    rows = 0
+    for index in range(meta["num_shards"]):
+        emb_path, ids_path = shard_paths(emb_dir, index, meta["num_shards"])
+        for shard_file in (emb_path, ids_path):
+            if not shard_file.exists():
+                raise InputError("missing shard file (encode did not finish?)", path=shard_file)
+        shape, _ = npy_header(emb_path)
+        if len(shape) != 2 or (shape[0] and shape[1] != meta["dim"]):
+            raise InputError(f"embeddings of shape {shape}, meta.json says dim {meta['dim']}", path=emb_path)
+        rows += shape[0]
+    if rows != meta["count"]:
+        raise InputError(f"the shards hold {rows} rows, meta.json says count {meta['count']}", path=path)
+    return meta
+
+
+def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` from its header; ``InputError`` if its size disagrees (truncated)."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+            read = np.lib.format.read_array_header_2_0 if version == (2, 0) else read
+            if read is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, _, dtype = read(fh)
+            offset = fh.tell()
+    except (ValueError, OSError) as err:
+        raise InputError(f"not a readable .npy file ({err})", path=path) from None
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise InputError(
+            f"{'truncated' if actual < expected else 'wrong size'}: its header says {shape} {dtype} "
+            f"({expected} bytes) but the file has {actual} bytes",
+            path=path,
+        )
+    return shape, dtype
+
+
+def check_output_dir(out_dir: str | os.PathLike) -> None:
+    """Refuse an output path that is a file, or under one, or in a folder this process cannot write."""
+    existing = Path(out_dir)
+    while not existing.exists() and existing != existing.parent:  # the nearest folder that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError("is a file, not a directory: cannot write embeddings there", path=existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError("not writable: cannot write embeddings there", path=existing)
+
+
+def check_made_by(where: str | os.PathLike, what: str, old: dict | None, new: dict) -> None:
+    """Refuse to reuse or resume ``what`` in ``where`` when what made it (``old``) differs from ``new``.
+
+    One ``InputError`` naming the directory, the first field that differs and both values. ``old`` is
+    ``None`` for files written without a record (an older dualenc).
+    """
+    if old is None:
+        raise InputError(
+            f"{what} has no record of the model and collection that made it (written by an older dualenc); "
+            "use --overwrite (overwrite=True) to encode again from scratch",
+            path=where,
+        )
+    for field in [*new, *(k for k in old if k not in new)]:
+        if old.get(field) != new.get(field):
+            raise InputError(
+                f"{what} was made with {field}={old.get(field)!r}, this run has {field}={new.get(field)!r}; "
+                "rerun with the same model and collection to reuse or resume it, or use --overwrite "
+                "(overwrite=True) to encode again from scratch",
+                path=where,
+            )
 
 
 def read_ids(path: str | os.PathLike) -> list[str]:
@@ -93,10 +181,10 @@ def write_collection_meta(
         emb_path, ids_path = shard_paths(out_dir, index, num_shards)
         if not (emb_path.exists() and ids_path.exists()):
             raise InputError("shard not finished; cannot write meta.json", path=emb_path)
-        emb = np.load(emb_path, mmap_mode="r")
-        count += emb.shape[0]
-        if emb.shape[0]:
-            dim, dtype = emb.shape[1], str(emb.dtype)
+        shape, npy_dtype = npy_header(emb_path)
+        count += shape[0]
+        if shape[0]:
+            dim, dtype = shape[1], str(npy_dtype)
     meta = {
         "dim": dim,
         "dtype": dtype,
@@ -111,15 +199,15 @@ def write_collection_meta(
 
 
 def load_embeddings(emb_dir: str | os.PathLike, *, mmap: bool = True) -> list[EmbeddingShard]:
-    """Load every shard listed by ``meta.json`` (memory-mapped by default), checking ids against rows."""
+    """Load every shard listed by ``meta.json`` (memory-mapped by default), checking ids against rows.
+
+    An unfinished directory is refused as :func:`read_meta` refuses it, before any shard is loaded.
+    """
     meta = read_meta(emb_dir)
     shards = []
     seen: set[str] = set()
     for index in range(meta["num_shards"]):
         emb_path, ids_path = shard_paths(emb_dir, index, meta["num_shards"])
-        for path in (emb_path, ids_path):
-            if not path.exists():
-                raise InputError("missing shard file (encode did not finish?)", path=path)
         emb = np.load(emb_path, mmap_mode="r" if mmap else None, allow_pickle=False)
         ids = read_ids(ids_path)
         if emb.ndim != 2 or emb.shape[0] != len(ids):

@@ -88,21 +88,27 @@ class NegativeCache:
         self._stats = StalenessStats(self.table.emb.device)
 
     def fill(self, model, work_dir: Path, *, batch_size: int) -> None:
-        """Corpus mode: encode this process's shard of the corpus (no grad, resumable) and load it."""
+        """Corpus mode: encode this process's shard of the corpus (no grad, resumable) and load it.
+
+        The shards go to ``work_dir/<model fingerprint>``: a killed fill resumes with the same model, and a
+        run that starts over with other weights encodes into a folder of its own instead of meeting the old
+        rows.
+        """
         from dualenc.retrieval import encode_collection, model_fingerprint
 
         acc = self.accelerator
+        model_id = model_fingerprint(model)
         path = encode_collection(
             model,
             self.corpus,
-            work_dir,
+            Path(work_dir) / model_id[:16],
             batch_size=batch_size,
             process_index=acc.process_index,
             num_processes=acc.num_processes,
             device=acc.device,
             progress=acc.is_local_main_process,
             autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None,
-            model_id=model_fingerprint(model),
+            model_id=model_id,
         )
         emb = torch.from_numpy(np.load(path))  # (M_local, D)
         offset = self.table.slot_offset

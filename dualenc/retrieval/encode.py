@@ -2,13 +2,15 @@
 
 Texts are sorted by length (longest first) so each batch pads to similar lengths; the output keeps the input
 order. Encoding a whole collection into an embeddings directory (sharded, resumable) is
-``dualenc.retrieval.encode_to_disk``.
+``dualenc.retrieval.encode_to_disk``; :func:`encoder_identity` is what such a directory records of the model
+that made it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -83,11 +85,44 @@ def encode_texts(
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap identity of a model's current weights: a hash of every parameter's sum and sum of squares."""
+    """A cheap identity of a model's current weights: a hash of every parameter's sum and sum of squares,
+    computed on the CPU in float64 so that the same weights give the same fingerprint on any device."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            values = param.detach().double()
+            values = param.detach().to(device="cpu", dtype=torch.float64)
             total, squares = float(values.sum()), float((values * values).sum())
             digest.update(f"{name}:{tuple(param.shape)}:{total:.12e}:{squares:.12e}".encode())
     return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """``<class>:<hash of the vocabulary>``: the same for a tokenizer wherever its files are loaded from."""
+    if tokenizer is None:
+        return "none"
+    try:
+        vocab = sorted(tokenizer.get_vocab().items())
+    except (AttributeError, NotImplementedError):
+        vocab = [("len", len(tokenizer))] if hasattr(tokenizer, "__len__") else []
+    digest = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
+    return f"{type(tokenizer).__name__}:{digest}"
+
+
+def encoder_identity(model, kind: str, model_id: str | None = None) -> dict:
+    """What turns a text into this model's ``kind`` vector: weights, tokenizer, length, prefix, pooling.
+
+    Two encodes with equal identities give the same vectors for the same texts (up to batch-size noise), so
+    an embeddings directory records it and refuses to resume or reuse rows made with another (see
+    ``dualenc.retrieval.encode_to_disk``). ``model_id`` replaces :func:`model_fingerprint` when given.
+    """
+    config = getattr(model, "config", None)
+    side = "query" if kind == "query" else "passage"
+    tokenizer = getattr(model, "tokenizer" if kind == "query" else "doc_tokenizer", None)
+    return {
+        "model_fingerprint": model_id or model_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer or getattr(model, "tokenizer", None)),
+        f"{side}_max_len": getattr(config, f"{side}_max_len", None),
+        f"{side}_prefix": getattr(config, f"{side}_prefix", None),
+        "pooling": getattr(config, "pooling", None),
+        "normalize": getattr(config, "normalize", None),
+    }
