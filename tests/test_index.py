@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import faiss
@@ -12,8 +13,10 @@ from helpers import K, assert_ties_present, brute_force, gauss_data, ids_of, int
 
 from dualenc.errors import InputError
 from dualenc.io.embeddings import write_meta, write_shard
+from dualenc.io.provenance import dir_fingerprint
+from dualenc.retrieval import index as index_mod
 from dualenc.retrieval import topk as topk_mod
-from dualenc.retrieval.index import IndexShard, build_index, search_shards, set_search_params
+from dualenc.retrieval.index import IndexShard, build_index, check_trainable, search_shards, set_search_params
 from dualenc.retrieval.index_dir import index_from_embeddings, load_index, save_index
 from dualenc.retrieval.topk import exact_search_torch
 
@@ -194,10 +197,24 @@ def test_load_index_errors(tmp_path):
     save_index(tmp_path, build_index(docs[60:]), doc_ids[60:], shard=1, num_shards=2)
     assert json.loads((tmp_path / "index_meta.json").read_text())["count"] == 100
     assert [len(s.doc_ids) for s in load_index(tmp_path)] == [60, 40]
-    (tmp_path / "docids.00001-of-00002.txt").write_text("\n".join(doc_ids[60:99]) + "\n")
-    with pytest.raises(InputError, match="39 doc ids but index.00001-of-00002.faiss holds 40") as err:
+    ids_file = tmp_path / "docids.00001-of-00002.txt"
+    size = ids_file.stat().st_size
+    ids_file.write_text("\n".join(doc_ids[60:99]) + "\n")  # a line short
+    shorter = size - len(doc_ids[99]) - 1
+    with pytest.raises(InputError, match=f"{shorter} bytes but index_meta.json records {size}") as err:
         load_index(tmp_path)
     assert err.value.path.endswith("docids.00001-of-00002.txt")
+    swapped = [doc_ids[61], doc_ids[60], *doc_ids[62:100]]  # same bytes, two rows' ids exchanged
+    ids_file.write_text("\n".join(swapped) + "\n")
+    assert ids_file.stat().st_size == size
+    with pytest.raises(InputError, match="SHA-256 differs from index_meta.json's: .* rebuild it") as err:
+        load_index(tmp_path)
+    assert err.value.path.endswith("docids.00001-of-00002.txt")
+    meta = json.loads((tmp_path / "index_meta.json").read_text())
+    del meta["files"]  # as an index written before sizes and checksums were recorded
+    (tmp_path / "index_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="records no file sizes or checksums"):
+        load_index(tmp_path)
 
 
 def test_bad_inputs_are_input_errors(tmp_path):
@@ -274,3 +291,73 @@ def test_index_from_embeddings_names_the_file_with_nan(tmp_path):
         str(err.value)
         == f"{tmp_path / 'emb.00001-of-00002.npy'}: embedding row 7 (0-based) of shard 1 contains NaN or inf"
     )
+
+
+def test_too_few_training_vectors_is_one_input_error_before_training(monkeypatch):
+    _, docs, _ = int_data(num_docs=120)
+    sampled = []  # the training sample is drawn right before k-means runs
+
+    def sample_rows(shards, size, *args):
+        sampled.append(size)
+        return sample_rows_orig(shards, size, *args)
+
+    sample_rows_orig = index_mod._sample_rows
+    monkeypatch.setattr(index_mod, "_sample_rows", sample_rows)
+    cases = [
+        (
+            "IVF4096,Flat",
+            {},
+            r"IVF4096 needs >= 4096 training vectors \(159744 = 39 x nlist recommended\), "
+            r"the embeddings have 120: use a smaller nlist or Flat/HNSW",
+        ),
+        (
+            "IVF16,Flat",
+            {"train_size": 10},
+            r"the embeddings have 120 and train_size samples 10 of them: "
+            r"use a smaller nlist \(or a larger train_size\)",
+        ),
+        ("IVF8,PQ4", {}, r"PQ4 with 256 centroids per sub-quantizer needs >= 256 training vectors"),
+        ("OPQ4,IVF8,PQ4", {}, r"PQ4 with 256 centroids"),
+    ]
+    for factory, kwargs, message in cases:
+        with pytest.raises(InputError, match=message):
+            build_index(docs, factory, **kwargs)
+        with pytest.raises(InputError, match=message):
+            check_trainable(factory, 16, 120, kwargs.get("train_size", 262_144))
+    assert sampled == []  # refused before any training
+    for factory in ("IVF8,PQ4x4", "IVF100,Flat", "HNSW32", "Flat"):  # 16 and 100 centroids fit in 120 points
+        check_trainable(factory, 16, 120)
+    assert build_index(docs, "IVF8,PQ4x4").ntotal == 120 and sampled == [120]
+
+
+def test_reindexing_replaces_the_whole_directory_and_records_its_sources(tmp_path):
+    _, docs, doc_ids = int_data(num_docs=300)
+    for p, (a, b) in enumerate([(0, 100), (100, 300)]):
+        write_shard(tmp_path / "emb", p, 2, doc_ids[a:b], docs[a:b])
+    emb_meta = {"dim": 16, "dtype": "float32", "num_shards": 2, "count": 300, "model_fingerprint": "abc"}
+    write_meta(tmp_path / "emb", emb_meta)
+    out = tmp_path / "index"
+    index_from_embeddings(tmp_path / "emb", out, "Flat")
+    index_from_embeddings(tmp_path / "emb", out, "Flat", per_shard=True)  # 2 shards replace the 1
+    names = ["docids.00000-of-00002.txt", "docids.00001-of-00002.txt", "index.00000-of-00002.faiss"]
+    assert sorted(p.name for p in out.iterdir()) == [*names, "index.00001-of-00002.faiss", "index_meta.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "emb", "index"]  # no aside, no tmp
+    meta = json.loads((out / "index_meta.json").read_text())
+    assert (
+        meta["embeddings_meta"] == emb_meta
+        and meta["per_shard"]
+        and meta["shard_counts"]
+        == {
+            "00000-of-00002": 100,
+            "00001-of-00002": 200,
+        }
+    )
+    assert meta["embeddings_fingerprint"] == dir_fingerprint(tmp_path / "emb")
+    for name, record in meta["files"].items():
+        data = (out / name).read_bytes()
+        assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    before = {p.name: p.read_bytes() for p in (tmp_path / "emb").iterdir()}
+    for target in (tmp_path / "emb", tmp_path):  # not index directories: never replaced
+        with pytest.raises(InputError, match="exists and is not an index directory"):
+            index_from_embeddings(tmp_path / "emb", target, "Flat")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "emb").iterdir()} == before

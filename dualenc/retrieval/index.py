@@ -82,6 +82,52 @@ def _to_gpu(faiss: Any, index: faiss.Index, use_gpu: bool | None) -> faiss.Index
         return index
 
 
+def _make_index(faiss: Any, dim: int, factory: str) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise InputError(f"bad faiss factory string {factory!r}: {_faiss_reason(err)}") from None
+
+
+def check_trainable(factory: str, dim: int, num_vectors: int, train_size: int = 262_144) -> None:
+    """InputError, with a hint, when ``factory`` needs more training vectors than :func:`build_index` samples.
+
+    k-means needs at least as many points as centroids: ``nlist`` for an IVF index (``IVF4096``), ``2**nbits``
+    (256 by default) per sub-quantizer for a product quantizer (``PQ64``, ``PQ64x4``). faiss recommends 39
+    points per centroid. Cheap: it builds the empty index only, so callers run it before writing anything.
+
+    Args:
+        factory: ``faiss.index_factory`` string (a bad one is an InputError too).
+        dim: vector dimension.
+        num_vectors: vectors in the corpus.
+        train_size: at most this many are sampled for training (``build_index``'s ``train_size``).
+    """
+    import faiss
+
+    index = _make_index(faiss, dim, factory)
+    if index.is_trained:
+        return
+    sample = min(train_size, num_vectors)
+    have, more = f"the embeddings have {num_vectors}", ""
+    if sample < num_vectors:
+        have, more = f"{have} and train_size samples {sample} of them", " (or a larger train_size)"
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and sample < ivf.nlist:
+        n = ivf.nlist
+        raise InputError(
+            f"{factory!r}: IVF{n} needs >= {n} training vectors ({39 * n} = 39 x nlist recommended), {have}: "
+            f"use a smaller nlist{more} or Flat/HNSW"
+        )
+    for match in re.finditer(r"(?<![A-Za-z])PQ(\d+)(?:x(\d+))?", factory):
+        m, centroids = match.group(1), 2 ** int(match.group(2) or 8)
+        if sample < centroids:
+            raise InputError(
+                f"{factory!r}: PQ{m} with {centroids} centroids per sub-quantizer needs >= {centroids} "
+                f"training vectors ({39 * centroids} recommended), {have}: "
+                f"use fewer bits (e.g. PQ{m}x4){more}, Flat or HNSW"
+            )
+
+
 def build_index(
     embeddings: np.ndarray | Sequence[np.ndarray],
     factory: str = "Flat",
@@ -113,15 +159,18 @@ def build_index(
 
     shards = as_shards(embeddings)
     dim, total = shards[0].shape[1], sum(emb.shape[0] for emb in shards)
-    try:
-        cpu_index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise InputError(f"bad faiss factory string {factory!r}: {_faiss_reason(err)}") from None
+    check_trainable(factory, dim, total, train_size)
+    cpu_index = _make_index(faiss, dim, factory)
     index = _to_gpu(faiss, cpu_index, use_gpu)
     if not index.is_trained:
         sample = _sample_rows(shards, min(train_size, total), seed, sources)  # (T, D)
         logger.info("training %r on %d of %d vectors", factory, sample.shape[0], total)
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as err:  # what check_trainable does not foresee
+            raise InputError(
+                f"cannot train {factory!r} on {sample.shape[0]} vectors: {_faiss_reason(err)}"
+            ) from None
     with tqdm(total=total, unit="vec", desc=f"add {factory}", disable=not progress) as bar:
         for p, start, block in iter_blocks(shards, add_batch_size):
             block = np.ascontiguousarray(block, dtype=np.float32)  # (B, D)
