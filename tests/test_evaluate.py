@@ -228,7 +228,7 @@ def test_unknown_query_names_run_file_id_line_and_qrels(tmp_path):
     # dict order differs from file order on purpose: the error must report the file's first unknown id
     run = dict(sorted(run_dict(RUN_WITH_UNKNOWN).items()))
     with pytest.raises(InputError) as info:
-        check_run_queries(run, QRELS, run_path=run_path, qrels_path=qrels_path)
+        check_run_queries(run, QRELS, run_path=run_path, qrels_path=qrels_path, strict=True)
     err = info.value
     assert (err.path, err.line) == (str(run_path), 4)
     assert str(err).startswith(f"{run_path}:4: query id 'zz9' is not in the qrels {qrels_path}")
@@ -240,24 +240,44 @@ def test_unknown_query_line_in_msmarco_tsv_run(tmp_path):
     run_path.write_text("q1\td1\t1\nq1\td2\t2\nbad\td1\t1\n")
     run = {"q1": {"d1": 2.0, "d2": 1.0}, "bad": {"d1": 1.0}}
     with pytest.raises(InputError, match=r"dev\.tsv:3: query id 'bad'") as info:
-        check_run_queries(run, QRELS, run_path=run_path)
+        check_run_queries(run, QRELS, run_path=run_path, strict=True)
     assert info.value.line == 3
 
 
 def test_unknown_query_without_run_path():
     with pytest.raises(InputError, match="query id 'zz9' is not in the qrels") as info:
-        check_run_queries(run_dict(RUN_WITH_UNKNOWN), QRELS)
+        check_run_queries(run_dict(RUN_WITH_UNKNOWN), QRELS, strict=True)
     assert info.value.line is None and info.value.path is None
 
 
-def test_allow_unknown_and_matching_runs_pass(tmp_path):
-    assert check_run_queries(run_dict(RUN_WITH_UNKNOWN), QRELS, allow_unknown=True) is None
-    assert check_run_queries(RUN, QRELS) is None
-    assert check_run_queries({"q1": RUN["q1"]}, QRELS) is None  # a subset of the qrels is fine
+def test_unjudged_and_missing_queries_warn_with_counts(tmp_path, caplog):
+    run_path, qrels_path = tmp_path / "dev.trec", tmp_path / "qrels.txt"
+    run_path.write_text(RUN_WITH_UNKNOWN)
+    # run: q1 q2 (judged), zz9 aa1 (unjudged); qrels: q1 q2 q3, so q3 counts 0
+    with caplog.at_level("WARNING", logger="dualenc.evaluation.measures"):
+        warnings = check_run_queries(
+            run_dict(RUN_WITH_UNKNOWN), QRELS, run_path=run_path, qrels_path=qrels_path
+        )
+    assert warnings == [
+        f"2 run queries have no judgments in the qrels {qrels_path} and are ignored (first: 'zz9' on line 4)",
+        "the run ranks 2 of 3 judged queries; the other 1 count 0",
+    ]
+    assert [r.getMessage() for r in caplog.records] == warnings
+    # averaging over the run's queries only: nothing counts 0, so no second warning
+    assert len(check_run_queries(run_dict(RUN_WITH_UNKNOWN), QRELS, missing_as_zero=False)) == 1
+    assert check_run_queries(RUN, QRELS) == []  # the same queries: nothing to say
+    assert check_run_queries({"q1": RUN["q1"]}, QRELS) == [
+        "the run ranks 1 of 3 judged queries; the other 2 count 0"
+    ]
 
 
-@pytest.mark.parametrize("allow_unknown", [False, True])
-def test_disjoint_topics_are_rejected(tmp_path, allow_unknown):
+def test_unjudged_queries_are_ignored_as_trec_eval_does():
+    run = {**RUN, "zz9": {"d1": 1.0, "d2": 0.5}}
+    assert evaluate(QRELS, run, "nDCG@10 RR@10") == evaluate(QRELS, RUN, "nDCG@10 RR@10")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_disjoint_topics_are_rejected(tmp_path, strict):
     run_path, qrels_path = tmp_path / "run.trec", tmp_path / "qrels.dl20.txt"
     with pytest.raises(InputError, match="wrong topics/qrels pair") as info:
         check_run_queries(
@@ -265,7 +285,7 @@ def test_disjoint_topics_are_rejected(tmp_path, allow_unknown):
             QRELS,
             run_path=run_path,
             qrels_path=qrels_path,
-            allow_unknown=allow_unknown,
+            strict=strict,
         )
     message = str(info.value)
     assert message.startswith(f"{run_path}: ") and str(qrels_path) in message and "'x1'" in message

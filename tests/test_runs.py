@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import ir_measures
 import numpy as np
 import pytest
@@ -171,3 +173,20 @@ def test_run_from_search_shape_errors():
         run_from_search(["q"], ["d"], np.zeros((2, 1)), np.zeros((2, 1), dtype=int))
     with pytest.raises(InputError, match="out of range"):
         run_from_search(["q"], ["d"], np.zeros((1, 1)), np.array([[1]]))
+
+
+def test_gzipped_and_undecodable_runs(tmp_path):
+    run = {"q1": {"d1": 2.0, "d2": 1.0}, "q2": {"d3": 0.5}}
+    plain = tmp_path / "run.trec"
+    write_run(run, plain, format="trec")
+    packed = tmp_path / "run.trec.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_run(packed) == read_run(plain) == run
+    garbled = tmp_path / "bad.trec.gz"
+    garbled.write_bytes(gzip.compress(plain.read_bytes())[:-12])  # cut short
+    with pytest.raises(InputError, match="not a valid gzip file"):
+        read_run(garbled)
+    latin = tmp_path / "latin.trec"
+    latin.write_bytes(plain.read_bytes() + "q3 Q0 d\xe9 1 0.1 t\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin.trec:4: not valid UTF-8"):
+        read_run(latin)

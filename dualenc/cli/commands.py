@@ -43,7 +43,8 @@ def cmd_encode(args) -> int:
     device = state.device
     kind = "query" if args.topics else "doc"
     source = args.topics or args.collection
-    data = read_queries(source) if args.topics else read_collection(source)
+    reader = read_queries if args.topics else read_collection
+    data = reader(source, columns=args.columns)
     model = _load_model(args.model, args, device)
     if state.is_main_process:
         logger.info("encoding %d %ss from %s on %d process(es)", len(data), kind, source, state.num_processes)
@@ -63,6 +64,7 @@ def cmd_encode(args) -> int:
         process_index=state.process_index,
         num_processes=state.num_processes,
         wait_for_everyone=state.wait_for_everyone,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -92,14 +94,20 @@ def _write(run, args) -> None:
 def cmd_search(args) -> int:
     import numpy as np
 
-    from dualenc.io.embeddings import load_embeddings
+    from dualenc.io.embeddings import load_embeddings, read_meta
     from dualenc.retrieval.search import search_vectors
 
     shards = load_embeddings(args.queries)
     query_ids = [qid for shard in shards for qid in shard.ids]
     query_emb = np.concatenate([np.asarray(shard.emb, dtype=np.float32) for shard in shards])
     run = search_vectors(
-        query_ids, query_emb, args.index, k=args.hits, device=args.device, search_params=args.search_params
+        query_ids,
+        query_emb,
+        args.index,
+        k=args.hits,
+        device=args.device,
+        search_params=args.search_params,
+        query_meta=read_meta(args.queries),
     )
     _write(run, args)
     return 0
@@ -109,7 +117,7 @@ def cmd_retrieve(args) -> int:
     import torch
 
     from dualenc.io.readers import read_queries
-    from dualenc.retrieval.encode import encode_texts
+    from dualenc.retrieval.encode import encode_texts, model_fingerprint
     from dualenc.retrieval.search import search_vectors
 
     device = torch.device(args.device)
@@ -124,6 +132,8 @@ def cmd_retrieve(args) -> int:
         autocast_dtype=_amp_dtype(args.amp, device),
         progress=not args.quiet,
     )
+    # the index must come from this encoder's weights: the check compares fingerprints
+    query_meta = {"model": args.encoder, "model_fingerprint": model_fingerprint(model)}
     run = search_vectors(
         list(topics["id"]),
         query_emb,
@@ -131,6 +141,7 @@ def cmd_retrieve(args) -> int:
         k=args.hits,
         device=args.device,
         search_params=args.search_params,
+        query_meta=query_meta,
     )
     _write(run, args)
     return 0
@@ -145,7 +156,12 @@ def cmd_evaluate(args) -> int:
     qrels = read_qrels(args.qrels)
     run = read_run(args.run)
     check_run_queries(
-        run, qrels, run_path=args.run, qrels_path=args.qrels, allow_unknown=args.allow_unknown_queries
+        run,
+        qrels,
+        run_path=args.run,
+        qrels_path=args.qrels,
+        strict=args.strict,
+        missing_as_zero=not args.skip_missing,
     )
     results = evaluate(qrels, run, args.measures, missing_as_zero=not args.skip_missing)
     per_query = (

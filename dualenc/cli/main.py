@@ -1,17 +1,22 @@
 """The ``dualenc`` parser and entry point: one subparser per command of :mod:`dualenc.cli.commands`.
 
-Bad input ends with one line ``dualenc: error: <file>:<line>: <problem>`` and exit status 2.
+Bad input ends with one line ``dualenc: error: <file>:<line>: <problem>`` and exit status 2, and so does
+every other expected failure (an OS error, a corrupt model, embeddings, gzip or index file): the flags are
+checked before any file is touched (:mod:`dualenc.cli.checks`), and the traceback is printed only with
+``--debug`` or ``DUALENC_DEBUG=1``. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from dualenc.cli.checks import check_args, failure_line
 from dualenc.cli.commands import cmd_encode, cmd_evaluate, cmd_index, cmd_mine, cmd_retrieve, cmd_search
-from dualenc.errors import InputError
 
 DESCRIPTION = "dualenc command line: encode, index, search, retrieve, evaluate, mine."
 
@@ -42,6 +47,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualenc", description=DESCRIPTION)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error too (or DUALENC_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _encode_parser(sub)
     _index_parser(sub)
@@ -60,13 +68,26 @@ def _encode_parser(sub) -> None:
         help="dualenc / sentence-transformers / Hugging Face model dir (custom towers: module on PYTHONPATH)",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--collection", help="collection: .tsv (id<TAB>text[<TAB>...]) or BEIR .jsonl")
+    src.add_argument(
+        "--collection",
+        help="collection: .tsv (id<TAB>text, id<TAB>title<TAB>text, or see --columns) or BEIR .jsonl",
+    )
+    p.add_argument(
+        "--columns",
+        help='TSV columns in order, e.g. "id,text,-" (names: id, title, text; "-" ignores a column); '
+        "default: 2 or 3 columns as above, or a header line naming them (id<TAB>text<TAB>title)",
+    )
     src.add_argument("--topics", help="queries (.tsv or BEIR .jsonl), encoded with the query tower")
     p.add_argument("--output", required=True, help="embeddings directory")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=8192, help="rows per resumable chunk")
     p.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--device", default=None, help="'cpu' forces CPU; default: what Accelerate picks")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="encode from scratch even if --output holds (or began) embeddings of another model/collection",
+    )
     _add_model_flags(p)
     p.set_defaults(func=cmd_encode)
 
@@ -121,8 +142,11 @@ def _evaluate_parser(sub) -> None:
         help="average over the run's queries only (default: a qrels query missing from the run counts 0)",
     )
     p.add_argument(
-        "--allow-unknown-queries", action="store_true", help="accept run queries absent from the qrels"
+        "--strict",
+        action="store_true",
+        help="refuse run queries absent from the qrels (default: they are ignored, with a warning)",
     )
+    p.add_argument("--allow-unknown-queries", action="store_true", help=argparse.SUPPRESS)  # now the default
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -161,7 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _quiet_libraries()
     try:
+        check_args(args)  # before any file is touched
         return args.func(args)
-    except InputError as err:
-        print(f"dualenc: error: {err}", file=sys.stderr)
+    except Exception as err:
+        line = failure_line(err, args)
+        if line is None:  # a bug: keep the traceback
+            raise
+        if args.debug or os.environ.get("DUALENC_DEBUG", "0") not in ("", "0"):
+            traceback.print_exc()
+        print(f"dualenc: error: {line}", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@ Queries the run does not rank (``missing_as_zero``):
     ``missing_as_zero=False`` is trec_eval's behaviour without ``-c``: the qrels are first restricted to
     the queries the run contains, so the mean covers only ranked queries.
 
-Query ids in the run that are not in the qrels are ignored by ir-measures; call
-:func:`check_run_queries` first to reject them (a run on the wrong topics file is a common mistake).
+Query ids in the run that are not in the qrels are ignored by ir-measures, as by trec_eval and pyserini.
+:func:`check_run_queries` warns about them and about judged queries the run lacks (counting both), and
+rejects a run that shares no query with the qrels (a run on the wrong topics file is a common mistake), or,
+with ``strict=True``, any unjudged run query.
 """
 
 from __future__ import annotations
@@ -181,21 +183,29 @@ def check_run_queries(
     *,
     run_path: str | os.PathLike | None = None,
     qrels_path: str | os.PathLike | None = None,
-    allow_unknown: bool = False,
-) -> None:
-    """Reject a run whose query ids do not match the qrels (e.g. searched with the wrong topics file).
+    strict: bool = False,
+    missing_as_zero: bool = True,
+) -> list[str]:
+    """Check that a run and qrels are about the same queries; warn about the queries only one of them has.
+
+    Run queries that the qrels do not judge (the TREC DL 2020 topics file has 200 topics, 54 judged) are
+    ignored by ir-measures, as by trec_eval and pyserini: a warning gives their count. Judged queries that
+    the run lacks count 0 (``missing_as_zero``, see the module docstring): a warning gives their count too.
 
     Args:
         run: ``{query_id: {doc_id: score}}``.
         qrels: ``{query_id: {doc_id: relevance}}``.
-        run_path: the run's file, named in errors; re-read only to find the line of an unknown id.
-        qrels_path: the qrels' file, named in errors.
-        allow_unknown: accept run queries that are not in the qrels (ir-measures ignores them).
+        run_path: the run's file, named in messages; re-read only to find the line of an unjudged id.
+        qrels_path: the qrels' file, named in messages.
+        strict: refuse unjudged run queries instead of warning (``dualenc evaluate --strict``).
+        missing_as_zero: as in :func:`evaluate`; only then do missing judged queries get a warning.
+
+    Returns:
+        The warnings, each also logged (``logging.WARNING``).
 
     Raises:
-        InputError: the run or qrels is empty; they share no query id; or (unless ``allow_unknown``) a run
-            query id is not in the qrels: the message names the first such id, its line in ``run_path``,
-            and the qrels file.
+        InputError: the run or qrels is empty; they share no query id; or (``strict``) a run query id is
+            not in the qrels: the message names the first such id, its line in ``run_path``, and the qrels.
     """
     qrels_name = f"qrels {qrels_path}" if qrels_path is not None else "qrels"
     if not run:
@@ -209,18 +219,31 @@ def check_run_queries(
             f"({len(qrels)} queries, e.g. '{next(iter(qrels))}'): wrong topics/qrels pair?",
             path=run_path,
         )
-    if not unknown or allow_unknown:
-        if unknown:
-            logger.warning("%d run queries are not in the %s; they are ignored", len(unknown), qrels_name)
-        return
-    qid, line = unknown[0], None
-    if run_path is not None:
-        found = _first_line_of(run_path, set(unknown))
-        if found is not None:
-            qid, line = found
-    raise InputError(
-        f"query id '{qid}' is not in the {qrels_name} ({len(unknown)} of {len(run)} run queries are "
-        "unknown; allow_unknown=True or --allow-unknown-queries ignores them)",
-        path=run_path,
-        line=line,
-    )
+    warnings = []
+    if unknown:
+        qid, line = _first_unknown(unknown, run_path)
+        where = f"'{qid}'" + (f" on line {line}" if line is not None else "")
+        if strict:
+            raise InputError(
+                f"query id '{qid}' is not in the {qrels_name} ({len(unknown)} of {len(run)} run queries are "
+                "unjudged; without --strict they are ignored with a warning)",
+                path=run_path,
+                line=line,
+            )
+        many = len(unknown) > 1
+        count, verb = (f"{len(unknown)} run queries have", "are") if many else ("1 run query has", "is")
+        warnings.append(f"{count} no judgments in the {qrels_name} and {verb} ignored (first: {where})")
+    ranked = len(run) - len(unknown)
+    if missing_as_zero and ranked < len(qrels):
+        warnings.append(
+            f"the run ranks {ranked} of {len(qrels)} judged queries; the other {len(qrels) - ranked} count 0"
+        )
+    for message in warnings:
+        logger.warning("%s", message)
+    return warnings
+
+
+def _first_unknown(unknown: list[str], run_path: str | os.PathLike | None) -> tuple[str, int | None]:
+    """The first unjudged query id in file order and its line, when the run's file is known."""
+    found = _first_line_of(run_path, set(unknown)) if run_path is not None else None
+    return found if found is not None else (unknown[0], None)

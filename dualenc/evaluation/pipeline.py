@@ -18,13 +18,12 @@ import torch
 from dualenc.evaluation.measures import check_run_queries, evaluate
 from dualenc.io.atomic import write_text
 from dualenc.io.embeddings import META_FILE, read_meta, write_collection_meta
-from dualenc.io.provenance import dir_fingerprint, environment_info
+from dualenc.io.provenance import environment_info
 from dualenc.io.qrels import read_qrels
 from dualenc.io.readers import read_collection, read_queries
 from dualenc.io.runs import write_run
 from dualenc.model.encoder import DualEncoder
-from dualenc.model.model_dir import resolve_model_path
-from dualenc.retrieval.encode import encode_texts
+from dualenc.retrieval.encode import encode_texts, model_fingerprint
 from dualenc.retrieval.encode_to_disk import encode_collection
 from dualenc.retrieval.index_dir import index_from_embeddings
 from dualenc.retrieval.search import search_vectors
@@ -104,7 +103,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     }
     model = DualEncoder.from_pretrained(cfg.model, **overrides).to(device).eval()
     timings = {}
-    emb_dir = _corpus_embeddings(model, cfg, device, dir_fingerprint(resolve_model_path(cfg.model)))
+    # the weights' fingerprint, as `dualenc encode` records it: this index and its query vectors compare
+    emb_dir = _corpus_embeddings(model, cfg, device, model_fingerprint(model))
     timings["encode_corpus_s"] = read_meta(emb_dir).get("encode_seconds")  # when the embeddings were made
     t0 = time.perf_counter()
     index_path = _index(emb_dir, cfg)
@@ -127,7 +127,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     timings["search_s"] = time.perf_counter() - t0
     run_path = Path(cfg.work_dir) / "run.trec"
     write_run(run, run_path, format="trec", tag=cfg.run_tag, k=cfg.hits)
-    check_run_queries(run, qrels, run_path=run_path, qrels_path=cfg.qrels, allow_unknown=True)
+    check_run_queries(run, qrels, run_path=run_path, qrels_path=cfg.qrels)  # warns about unjudged topics
     measures = evaluate(qrels, run, cfg.measures)
     meta = read_meta(emb_dir)
     return {

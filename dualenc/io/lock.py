@@ -3,7 +3,8 @@
 A second writer (another process, or another run of a command) gets one clear error naming the directory and
 the pid that holds it, before it touches any file. The lock is a sibling file ``.<name>.lock`` (the directory
 itself may be swapped in whole by :func:`dualenc.io.atomic.atomic_dir`); the operating system drops it when
-the holder exits, even on ``kill -9``, so a stale lock file never blocks a later run.
+the holder exits, even on ``kill -9``, so a stale lock file never blocks a later run; a new writer waits
+:data:`GRACE_S` seconds for a holder that is still exiting (the workers of a launcher killed a moment ago).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dualenc.errors import InputError
+
+GRACE_S = 5.0  # how long to wait for a holder that is exiting (processes killed a moment ago)
 
 
 def lock_path(directory: str | os.PathLike) -> Path:
@@ -29,7 +32,7 @@ def output_lock(directory: str | os.PathLike) -> Iterator[None]:
 
     path = lock_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), timeout=0)
+    lock = FileLock(str(path), timeout=GRACE_S)
     try:
         lock.acquire()
     except Timeout:

@@ -13,7 +13,7 @@ import os
 import re
 
 from dualenc.errors import InputError
-from dualenc.io.input_files import existing_file, iter_lines
+from dualenc.io.input_files import existing_file, gzip_errors_first, iter_lines
 
 _BEIR_QRELS_HEADER = ["query-id", "corpus-id", "score"]
 _INT_RE = re.compile(r"[+-]?[0-9]+")
@@ -32,6 +32,11 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
         InputError: missing or empty file, wrong column count, non-integer grade, conflicting duplicate.
     """
     path = existing_file(path)
+    with gzip_errors_first(path):  # a garbled .gz is reported as such, not as the bad line it made
+        return _read_qrels(path)
+
+
+def _read_qrels(path: str) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
     beir: bool | None = None

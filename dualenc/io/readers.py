@@ -3,9 +3,13 @@
 Formats, chosen by the file name's suffix (case-insensitive; ``.gz`` means gzip):
 
 - **TSV** (``.tsv``, ``.tsv.gz``; also ``.txt``, ``.txt.gz`` as Anserini/pyserini name their topics):
-  collection ``pid<TAB>text`` (MS MARCO) or ``pid<TAB>title<TAB>text``; the first non-blank line fixes
-  the column count and every line must have it. Queries: ``qid<TAB>text``. No quoting: a tab always
-  separates columns, a ``"`` is text.
+  collection ``pid<TAB>text`` (2 columns, MS MARCO) or ``pid<TAB>title<TAB>text`` (3 columns); queries
+  ``qid<TAB>text``. Any other column count is an error naming the file, the line and the count: extra
+  columns are never guessed at. Another layout is named by a header line (first line with ``id`` and
+  ``text`` among its names, e.g. DPR's ``id<TAB>text<TAB>title``; other names are ignored columns) or by
+  ``columns="id,text,-"`` (``-``: an ignored column). The first data line fixes the column count and every
+  line must have it. No quoting: a tab always separates columns, a ``"`` is text. The rule in full:
+  :mod:`dualenc.io.tsv_columns`.
 - **JSONL** (``.jsonl``, ``.jsonl.gz``), BEIR: corpus ``{"_id", "title", "text", ...}`` ("title"
   optional, extra keys ignored), queries ``{"_id", "text", ...}``. ``_id`` is a JSON string (an integer is
   taken as its decimal text).
@@ -45,8 +49,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import dualenc.io.input_files as input_files
+import dualenc.io.tsv_columns as tsv_columns
 from dualenc.errors import InputError
-from dualenc.io.input_files import existing_file, iter_lines
+from dualenc.io.input_files import existing_file, gzip_errors_first, iter_lines
+from dualenc.io.tsv_columns import check_width, first_line_layout, parse_columns
 
 if TYPE_CHECKING:
     import datasets
@@ -80,12 +86,16 @@ def doc_texts(rows: Mapping[str, Sequence[str]] | datasets.Dataset) -> list[str]
     return [doc_text(title, text) for title, text in zip(titles, texts, strict=True)]
 
 
-def read_collection(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
+def read_collection(
+    path: str | os.PathLike, *, cache_dir: str | None = None, columns: str | Sequence[str] | None = None
+) -> datasets.Dataset:
     """Read a document collection (MS MARCO TSV or BEIR JSONL, optionally gzipped).
 
     Args:
         path: the collection file (see the module docstring for the formats).
         cache_dir: datasets cache directory; ``None`` uses the datasets default.
+        columns: a TSV file's columns, e.g. ``"id,text,-"`` (names ``id``, ``title``, ``text``, ``-``);
+            ``None``: 2 or 3 columns, or a header line (:mod:`dualenc.io.tsv_columns`).
 
     Returns:
         A memory-mapped dataset with string columns ``id``, ``title`` (``""`` when absent), ``text``, in
@@ -94,15 +104,18 @@ def read_collection(path: str | os.PathLike, *, cache_dir: str | None = None) ->
     Raises:
         InputError: missing or empty file, bad line (columns, empty id/text, UTF-8, JSON), duplicate id.
     """
-    return _read_table(path, "collection", cache_dir)
+    return _read_table(path, "collection", cache_dir, columns)
 
 
-def read_queries(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
+def read_queries(
+    path: str | os.PathLike, *, cache_dir: str | None = None, columns: str | Sequence[str] | None = None
+) -> datasets.Dataset:
     """Read queries (``qid<TAB>text`` TSV or BEIR JSONL, optionally gzipped).
 
     Args:
         path: the queries (topics) file.
         cache_dir: datasets cache directory; ``None`` uses the datasets default.
+        columns: as in :func:`read_collection` (a ``title`` column of queries is ignored).
 
     Returns:
         A memory-mapped dataset with string columns ``id``, ``text``, in file order.
@@ -110,13 +123,16 @@ def read_queries(path: str | os.PathLike, *, cache_dir: str | None = None) -> da
     Raises:
         InputError: as :func:`read_collection`.
     """
-    return _read_table(path, "queries", cache_dir)
+    return _read_table(path, "queries", cache_dir, columns)
 
 
-def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> datasets.Dataset:
+def _read_table(
+    path: str | os.PathLike, kind: str, cache_dir: str | None, columns: str | Sequence[str] | None
+) -> datasets.Dataset:
     """Stream ``path`` into a cached Arrow dataset, then check that the ids are unique."""
     import datasets
 
+    names = parse_columns(columns)
     resolved = existing_file(path)
     fmt = _file_format(resolved)
     stat = os.stat(resolved)
@@ -124,20 +140,24 @@ def _read_table(path: str | os.PathLike, kind: str, cache_dir: str | None) -> da
         "path": resolved,
         "fmt": fmt,
         "kind": kind,
+        "columns": names,
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         # datasets hashes `_generate_rows` but not the helpers it calls: any edit to them means a new cache
-        "reader": _source_hash(__file__, input_files.__file__),
+        "reader": _source_hash(__file__, input_files.__file__, tsv_columns.__file__),
     }
     # No `features=`: datasets then skips its per-row `encode_example`, which took ~85% of the build time;
     # every value is a str, so Arrow infers `string` for each column (checked in tests/test_data.py).
-    try:
-        dataset = datasets.Dataset.from_generator(_generate_rows, cache_dir=cache_dir, gen_kwargs=gen_kwargs)
-    except Exception as err:  # datasets wraps it in DatasetGenerationError (module path varies by version)
-        cause = input_error_in_chain(err)
-        if cause is None:
-            raise
-        raise cause from None
+    with gzip_errors_first(resolved):  # a garbled .gz is reported as such, not as the bad line it made
+        try:
+            dataset = datasets.Dataset.from_generator(
+                _generate_rows, cache_dir=cache_dir, gen_kwargs=gen_kwargs
+            )
+        except Exception as err:  # datasets wraps it in DatasetGenerationError (module path varies)
+            cause = input_error_in_chain(err)
+            if cause is None:
+                raise
+            raise cause from None
     _check_unique_ids(dataset, resolved)
     logger.info("read %d %s rows from %s", len(dataset), kind, resolved)
     return dataset
@@ -152,11 +172,11 @@ def _source_hash(*files: str) -> str:
 
 
 def _generate_rows(
-    path: str, fmt: str, kind: str, size: int, mtime_ns: int, reader: str
+    path: str, fmt: str, kind: str, columns: tuple[str, ...] | None, size: int, mtime_ns: int, reader: str
 ) -> Iterator[dict[str, str]]:
     """The ``from_generator`` callable; ``size``, ``mtime_ns`` and ``reader`` only feed the fingerprint."""
     del size, mtime_ns, reader
-    rows = _tsv_rows(path, kind) if fmt == "tsv" else _jsonl_rows(path, kind)
+    rows = _tsv_rows(path, kind, columns) if fmt == "tsv" else _jsonl_rows(path, kind)
     num_rows = 0
     for row in rows:
         num_rows += 1
@@ -165,27 +185,18 @@ def _generate_rows(
         raise InputError("empty file: no non-blank line", path=path)
 
 
-def _tsv_rows(path: str, kind: str) -> Iterator[dict[str, str]]:
-    """Yield one row per non-blank TSV line, checking the column count."""
-    num_cols = None
+def _tsv_rows(path: str, kind: str, columns: tuple[str, ...] | None) -> Iterator[dict[str, str]]:
+    """Yield one row per non-blank TSV data line, checking the column count (:mod:`.tsv_columns`)."""
+    layout = None
     for lineno, line in iter_lines(path):
-        cols = line.split("\t")
-        if num_cols is None:
-            num_cols = len(cols)
-            allowed = (2, 3) if kind == "collection" else (2,)
-            if num_cols not in allowed:
-                want = "2 (id, text) or 3 (id, title, text)" if kind == "collection" else "2 (id, text)"
-                raise InputError(
-                    f"expected {want} tab-separated columns, found {num_cols}", path=path, line=lineno
-                )
-        elif len(cols) != num_cols:
-            raise InputError(
-                f"expected {num_cols} tab-separated columns (as on the first line), found {len(cols)}",
-                path=path,
-                line=lineno,
-            )
-        title = cols[1] if num_cols == 3 else ""
-        yield _make_row(path, lineno, kind, cols[0], title, cols[-1])
+        cells = line.split("\t")
+        if layout is None:
+            layout = first_line_layout(cells, kind, columns, path, lineno)
+            if layout.header:
+                continue
+        check_width(cells, layout, path, lineno)
+        title = "" if layout.title_col is None else cells[layout.title_col]
+        yield _make_row(path, lineno, kind, cells[layout.id_col], title, cells[layout.text_col])
 
 
 def _jsonl_rows(path: str, kind: str) -> Iterator[dict[str, str]]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from dualenc.errors import InputError
 from dualenc.io.atomic import write_lines
+from dualenc.io.input_files import iter_lines
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ def _detect_format(line: str, path: Path, line_no: int) -> str:
 def read_run(path: str | os.PathLike) -> Run:
     """Read a TREC or MS MARCO run (format detected on the first non-empty line, then required on all).
 
-    MS MARCO runs carry no scores: each hit gets ``score = -rank``. Blank lines are skipped.
+    MS MARCO runs carry no scores: each hit gets ``score = -rank``. Blank lines are skipped; a ``.gz`` run is
+    read decompressed.
 
     Raises:
         InputError: missing or empty file, wrong column count, non-numeric score or rank,
@@ -142,22 +144,18 @@ def read_run(path: str | os.PathLike) -> Run:
     run: Run = {}
     first_seen: dict[tuple[str, str], int] = {}
     fmt = None
-    with open(path, encoding="utf-8") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fmt = fmt or _detect_format(line, path, line_no)
-            query_id, doc_id, score = _parse_line(line, fmt, path, line_no)
-            key = (query_id, doc_id)
-            if key in first_seen:
-                raise InputError(
-                    f"duplicate hit: query {query_id!r}, doc {doc_id!r} (first on line {first_seen[key]})",
-                    path=path,
-                    line=line_no,
-                )
-            first_seen[key] = line_no
-            run.setdefault(query_id, {})[doc_id] = score
+    for line_no, line in iter_lines(str(path)):  # gzip aware; a bad byte or gzip stream is one clear error
+        fmt = fmt or _detect_format(line, path, line_no)
+        query_id, doc_id, score = _parse_line(line, fmt, path, line_no)
+        key = (query_id, doc_id)
+        if key in first_seen:
+            raise InputError(
+                f"duplicate hit: query {query_id!r}, doc {doc_id!r} (first on line {first_seen[key]})",
+                path=path,
+                line=line_no,
+            )
+        first_seen[key] = line_no
+        run.setdefault(query_id, {})[doc_id] = score
     if fmt is None:
         raise InputError("empty run file", path=path)
     return run

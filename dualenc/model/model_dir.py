@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -37,13 +38,33 @@ from dualenc.errors import InputError
 from dualenc.io.atomic import atomic_dir, write_json
 from dualenc.io.input_files import read_json
 from dualenc.model.config import DualEncoderConfig, make_config
-from dualenc.model.custom_tower import is_custom_tower_dir, load_custom_tower, write_custom_tower
+from dualenc.model.custom_tower import (
+    TOWER_FILE,
+    is_custom_tower_dir,
+    load_custom_tower,
+    write_custom_tower,
+)
 from dualenc.model.options import resolve_dtype
 from dualenc.model.st_folder import read_st_dir, write_st_folder
 from dualenc.model.towers import HFEncoder
 
 CONFIG_NAME = "dualenc_config.json"  # our own file, next to the sentence-transformers files
 FORMAT_VERSION = 1  # bump when the directory layout changes incompatibly
+# what a tower folder must hold: one weights file (the first found is used) and one tokenizer file
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def resolve_model_path(path: str | PathLike) -> Path:
@@ -94,12 +115,69 @@ def read_model_dir(path: str | PathLike, config_overrides: dict[str, Any]) -> Mo
     elif (root / "modules.json").is_file():
         query_dir, detected = read_st_dir(root)
         config = make_config({**detected, **config_overrides}, path=root / "modules.json")
-    else:
+    elif (root / "config.json").is_file() or is_custom_tower_dir(root):
         query_dir, config = root, make_config(config_overrides, path=root)
+    else:
+        raise InputError(
+            f"not a model directory: none of {CONFIG_NAME} (dualenc), modules.json (sentence-transformers), "
+            "config.json (Hugging Face)",
+            path=root,
+        )
     for tower_dir in (query_dir, doc_dir):
-        if tower_dir is not None and not tower_dir.is_dir():
-            raise InputError("tower directory not found", path=tower_dir)
+        if tower_dir is not None:
+            check_tower_files(tower_dir)
     return ModelDir(root, query_dir, doc_dir, config)
+
+
+def check_tower_files(folder: Path) -> None:
+    """Refuse a tower folder that lacks its config, weights or tokenizer, or whose weights are cut short.
+
+    Checked before any weight is loaded, so that half a model or a truncated ``model.safetensors`` is one
+    ``InputError`` naming the folder or file and what is missing, not a loader's traceback.
+    """
+    if not folder.is_dir():
+        raise InputError("tower directory not found", path=folder)
+    config_file = TOWER_FILE if is_custom_tower_dir(folder) else "config.json"
+    if not (folder / config_file).is_file():
+        raise InputError(f"incomplete model: {config_file} is missing", path=folder)
+    weights = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise InputError(f"incomplete model: no weights file ({' or '.join(_WEIGHT_FILES)})", path=folder)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise InputError(f"incomplete model: no tokenizer file ({', '.join(_TOKENIZER_FILES)})", path=folder)
+    if weights[0] == "model.safetensors.index.json":
+        index = read_json(folder / weights[0])
+        shards = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise InputError(f"incomplete model: weights shard {shard} is missing", path=folder)
+            check_safetensors(folder / shard)
+    elif weights[0] == "model.safetensors":
+        check_safetensors(folder / weights[0])
+
+
+def check_safetensors(path: Path) -> None:
+    """``InputError`` when a safetensors file's header is unreadable or its size disagrees with the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if header_len < 0 or 8 + header_len > size:
+            raise InputError(
+                f"truncated weights: {size} bytes, too short for the safetensors header", path=path
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        expected = 8 + header_len + max(ends, default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise InputError("corrupt weights: the safetensors header is not valid", path=path) from None
+    if size != expected:
+        problem = "truncated" if size < expected else "corrupt"
+        raise InputError(
+            f"{problem} weights: {size} bytes, the safetensors header says {expected}", path=path
+        )
 
 
 def load_tower(
@@ -107,9 +185,17 @@ def load_tower(
 ) -> nn.Module:
     """The tower of ``folder``: a custom tower (it has ``tower.json``) or an ``HFEncoder`` with ``config``'s
     pooling and normalize (``folder`` may also be a hub name)."""
-    if is_custom_tower_dir(folder):
-        return load_custom_tower(folder, dtype=resolve_dtype(dtype))
-    return HFEncoder.from_pretrained(folder, pooling=config.pooling, normalize=config.normalize, dtype=dtype)
+    from safetensors import SafetensorError
+
+    try:
+        if is_custom_tower_dir(folder):
+            return load_custom_tower(folder, dtype=resolve_dtype(dtype))
+        return HFEncoder.from_pretrained(
+            folder, pooling=config.pooling, normalize=config.normalize, dtype=dtype
+        )
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:  # unreadable or corrupt model files
+        message = " ".join(str(err).split())
+        raise InputError(f"cannot load the model: {type(err).__name__}: {message}", path=folder) from err
 
 
 def write_model_dir(
