@@ -4,10 +4,14 @@ written: other settings, another process count, a damaged checkpoint, a second r
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
+import torch
 from helpers import REPO, last_logged_step, tiny_overrides, train_subprocess
 
 from dualenc.errors import InputError
@@ -122,3 +126,84 @@ def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
     finally:
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=60) == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------- kill -9 at other points of a run
+
+SLOWED_SCRIPT = """
+import sys, time
+import dualenc.retrieval.encode_to_disk as encode_to_disk
+import dualenc.training.checkpoint as checkpoint
+from dualenc.training import load_config, train
+
+point = sys.argv[1]
+if point == "fill":  # every batch of the cache fill's encode
+    encode_texts = encode_to_disk.encode_texts
+    def slow_encode(*args, **kwargs):
+        time.sleep(5.0)
+        return encode_texts(*args, **kwargs)
+    encode_to_disk.encode_texts = slow_encode
+if point == "checkpoint":  # inside save_checkpoint: state files written, manifest and rename not yet
+    write_manifest = checkpoint.write_manifest
+    def slow_manifest(folder, *args, **kwargs):
+        if str(folder).endswith("step_00000008"):  # the last checkpoint only
+            time.sleep(60.0)
+        return write_manifest(folder, *args, **kwargs)
+    checkpoint.write_manifest = slow_manifest
+train(load_config(sys.argv[2], sys.argv[3:]))
+"""
+
+
+def _run_slowed(tmp_path, point: str, overrides: list[str]) -> subprocess.Popen:
+    script = tmp_path / "slowed_train.py"
+    script.write_text(SLOWED_SCRIPT)
+    return subprocess.Popen(
+        [sys.executable, str(script), point, str(TINY), *overrides],
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["fill", "checkpoint"])
+def test_kill_9_in_the_cache_fill_or_a_checkpoint_write_then_resume_is_exact(tmp_path, point):
+    common = {
+        "loss": "cache",
+        "max_steps": 8,
+        "save_steps": 4,
+        "save_total_limit": 0,
+        "dev_corpus_file": None,
+    }
+    base = tiny_overrides(tmp_path, **common)
+    reference = tmp_path / "reference"
+    train(load_config(TINY, [*base, f"output_dir={reference}"]))
+    killed = tmp_path / "killed"
+    victim = _run_slowed(tmp_path, point, [*base, f"output_dir={killed}"])
+    deadline = time.time() + 300
+
+    def reached() -> bool:
+        if point == "fill":  # the fill has started writing its shard
+            return any(p.is_file() for p in (killed / "cache_fill").rglob("*"))
+        tmp = killed / "checkpoints" / ".tmp-step_00000008"
+        return (tmp / "config.yaml").exists()  # the last state file before the manifest
+
+    while not reached():
+        assert victim.poll() is None and time.time() < deadline, f"the run ended before reaching {point}"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert not (killed / "final_model").exists()  # killed before the end
+    if point == "checkpoint":
+        assert not (killed / "checkpoints" / "step_00000008").exists()  # the half checkpoint is not one
+    train(load_config(TINY, [*base, f"output_dir={killed}", "resume_from=latest"]))
+    ref, got = _weights(reference / "final_model"), _weights(killed / "final_model")
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name

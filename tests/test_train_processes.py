@@ -27,6 +27,8 @@ import pytest
 import torch
 from helpers import REPO, last_logged_step, make_text, tiny_bert_config, write_tokenizer_dir
 
+from dualenc.errors import InputError
+
 NUM_QUERIES = 44  # global batch 8 -> 40 used per epoch (a different 4 left out each epoch) -> 5 batches
 GLOBAL_BATCH, MAX_STEPS, WARMUP_RATIO, LR = 8, 7, 0.3, 1e-3
 LOSSES = ["inbatch", "cache", "cache_ce"]  # loss=sce runs on one process only (refused on more)
@@ -208,6 +210,18 @@ SLOW_SCRIPT = textwrap.dedent(
 )
 
 
+def _wait_until_unlocked(run_dir: Path, timeout_s: float = 120) -> None:
+    from dualenc.io.lock import output_lock
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with output_lock(run_dir):
+                return
+        except InputError:
+            assert time.time() < deadline, "the killed run's processes still hold its output directory"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_kill_9_two_processes_then_resume_is_exact(setup, loss, tmp_path):
@@ -238,6 +252,7 @@ def test_kill_9_two_processes_then_resume_is_exact(setup, loss, tmp_path):
         save < max(logged) < MAX_STEPS and not (killed / "final_model").exists()
     )  # it really was interrupted
 
+    _wait_until_unlocked(killed)  # the launcher's workers die of its death a moment later
     _train(2, [*overrides, "resume_from=latest"])
     ref, got = _log(reference), _log(killed)
     assert [row["step"] for row in got] == list(range(1, MAX_STEPS + 1))  # no step missing or logged twice
