@@ -31,7 +31,14 @@ def output_lock(directory: str | os.PathLike) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     path = lock_path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise InputError("is a file, not a directory: cannot write an output directory there", path=directory)
+    try:  # the parent must be a folder this process can write: say so now, not as a lock timeout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write there: {err.strerror or err}", path=err.filename or path) from None
     lock = FileLock(str(path), timeout=GRACE_S)
     try:
         lock.acquire()
