@@ -92,3 +92,15 @@ def files(tmp_path) -> dict[str, Path]:
         "corpus_file": write(tmp_path / "corpus.tsv", TINY_CORPUS),
         "queries_file": write(tmp_path / "q.tsv", TINY_QUERIES),
     }
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state reset before and after a test that builds its own Accelerator."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    yield
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()

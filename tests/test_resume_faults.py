@@ -18,18 +18,9 @@ from dualenc.errors import InputError
 from dualenc.training import load_config, train
 from dualenc.training.resume_check import MAY_CHANGE, check_same_processes, write_manifest
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test builds its own Accelerator
+
 TINY = REPO / "recipes" / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    yield
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
 
 
 @pytest.fixture(scope="module")

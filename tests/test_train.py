@@ -15,16 +15,7 @@ from helpers import REPO, last_logged_step, read_log, tiny_overrides, train_subp
 from dualenc.model.encoder import DualEncoder
 from dualenc.training.config import load_config
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
-    yield
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test builds its own Accelerator
 
 
 def test_tiny_recipe_runs_and_the_loss_falls(tmp_path):
