@@ -63,6 +63,7 @@ def test_dev_evaluation_keeps_the_best_model(tmp_path):
     assert (tmp_path / "run" / "best_model" / "dualenc_config.json").exists()
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 30 and summary["best_step"] == best["step"]
+    assert {"commit", "machine", "versions"} <= summary["made_by"].keys()
     assert summary["best_metric"] == pytest.approx(best["dev/RR@10"]) and summary["eval_measure"] == "RR@10"
     timed = [row for row in read_log(tmp_path / "run") if "loss" in row]
     elapsed = [row["elapsed_s"] for row in timed]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dualenc.io import atomic
+from dualenc.io.provenance import environment_info
 from dualenc.training.config import RunConfig
 from dualenc.training.plan import StepPlan
 
@@ -125,7 +126,8 @@ def write_summary(
     started: float,
     clock_origin: float,
 ) -> None:
-    """``train_summary.json``: steps, epochs, best dev score, wall times, peak memory, where it resumed."""
+    """``train_summary.json``: steps, epochs, best dev score, wall times, peak memory, where it resumed, and
+    what made the run (commit, machine, versions; the settings are ``config.yaml`` beside it)."""
     now = time.perf_counter()
     summary = {
         "steps": state.step,
@@ -140,4 +142,5 @@ def write_summary(
     }
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    summary["made_by"] = environment_info(Path(__file__).parent)  # dualenc commit, machine, library versions
     atomic.write_json(out / "train_summary.json", summary)
