@@ -56,12 +56,9 @@ def test_the_lock_is_released_after_the_block_and_on_error(tmp_path):
     assert not os.path.exists(str(lock_path(out)) + ".pid")
 
 
-def test_an_output_that_is_a_file_or_unwritable_is_one_clear_error(tmp_path):
+def test_an_output_whose_parent_cannot_be_written_is_one_clear_error(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    with pytest.raises(InputError, match="afile: is a file, not a directory"):
-        with output_lock(afile):
-            pass
     with pytest.raises(InputError, match="cannot write there"):
         with output_lock(afile / "sub" / "out"):  # its parent would have to be made inside a file
             pass

@@ -198,3 +198,11 @@ def test_kill_9_in_the_cache_fill_or_a_checkpoint_write_then_resume_is_exact(tmp
     assert ref.keys() == got.keys()
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    overrides = tiny_overrides(tmp_path, max_steps=2, dev_corpus_file=None)
+    with pytest.raises(InputError, match="afile: is a file, not a directory"):
+        train(load_config(TINY, [*overrides, f"output_dir={tmp_path / 'afile'}"]))
+    assert (tmp_path / "afile").read_text() == "x"

@@ -1,4 +1,5 @@
-"""One writer per output directory: an advisory file lock next to it, held while an artefact is written.
+"""One writer per output (a directory, or one file of it such as an encode shard): an advisory file lock
+next to it, held while an artefact is written.
 
 A second writer (another process, or another run of a command) gets one clear error naming the directory and
 the pid that holds it, before it touches any file. The lock is a sibling file ``.<name>.lock`` (the directory
@@ -31,8 +32,6 @@ def output_lock(directory: str | os.PathLike) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     path = lock_path(directory)
-    if Path(directory).exists() and not Path(directory).is_dir():
-        raise InputError("is a file, not a directory: cannot write an output directory there", path=directory)
     try:  # the parent must be a folder this process can write: say so now, not as a lock timeout
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8"):

@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from dualenc.errors import InputError
 from dualenc.evaluation.dev_set import DevSet, load_dev_set
 from dualenc.io.lock import output_lock
 from dualenc.model.encoder import DualEncoder
@@ -70,6 +71,8 @@ def train(
     """
     accelerator = accelerator or make_accelerator(cfg)
     check_processes(cfg, accelerator.num_processes)
+    if Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
+        raise InputError("is a file, not a directory: cannot write a run there", path=cfg.train.output_dir)
     # one run per output_dir: the main process holds its lock (a second run is refused with the pid)
     lock = output_lock(cfg.train.output_dir) if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
