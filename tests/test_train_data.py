@@ -181,6 +181,30 @@ def test_id_triples_against_corpus_and_queries(tmp_path, hf, files, caplog):
     assert [dict(g)["negatives"] for g in data.groups] == [[1, 4], [1]]
 
 
+def test_corpus_columns_name_a_tsv_layout_for_every_format(tmp_path, hf, files):
+    """A corpus ``id<TAB>text<TAB>extra`` is read as (id, title, text) by the 3-column rule;
+    ``corpus_columns`` says otherwise, for the corpus groups are read against and for the qrels format."""
+    extra = write(tmp_path / "extra.tsv", "".join(f"d{i}\ttext {i}\tx{i}\n" for i in range(1, 6)))
+    groups = write(
+        tmp_path / "g.jsonl", jsonl({"query_id": "q1", "positive_ids": ["d2"], "negative_ids": ["d3"]})
+    )
+    qrels = write(tmp_path / "qrels.txt", "q1 0 d2 1\n")
+    files = {**files, "corpus_file": extra}
+    guessed = load_train_data(groups, **files, cache_dir=hf)
+    assert corpus_rows(guessed)[1] == ("d2", "text 2", "x2")  # the stated 3-column rule: title, text
+    for train_file, fmt in ((groups, "auto"), (None, "qrels")):
+        data = load_train_data(
+            train_file,
+            format=fmt,
+            **files,
+            qrels_file=qrels if fmt == "qrels" else None,
+            cache_dir=hf,
+            corpus_columns="id,text,-",
+        )
+        assert corpus_rows(data)[1] == ("d2", "", "text 2")
+        assert as_ids(data)[0][2] == ["d2"]
+
+
 # --- qrels ------------------------------------------------------------------------------------------------
 
 

@@ -49,9 +49,11 @@ def load_dev_set(
     qrels_file: str | os.PathLike,
     *,
     cache_dir: str | os.PathLike | None = None,
+    columns: str | None = None,
 ) -> DevSet:
-    """The judged topics of a dev collection, with every document's text (title and body joined)."""
-    corpus = read_collection(corpus_file, cache_dir=cache_dir)
+    """The judged topics of a dev collection, with every document's text (title and body joined);
+    ``columns`` as :func:`dualenc.io.readers.read_collection` takes it."""
+    corpus = read_collection(corpus_file, cache_dir=cache_dir, columns=columns)
     topics = read_queries(topics_file, cache_dir=cache_dir)
     qrels = read_qrels(qrels_file)
     judged = [qid for qid in topics["id"] if qid in qrels]

@@ -74,6 +74,11 @@ class DataConfig:
     queries_file: str | None = help_field(None, "training queries (.tsv / .jsonl)")
     qrels_file: str | None = help_field(None, "training qrels (format qrels: positives)")
     min_relevance: int = help_field(1, "qrels grade that counts as a positive")
+    corpus_columns: str | None = help_field(
+        None,
+        "TSV columns of corpus_file and dev_corpus_file, e.g. 'id,text,-' (- ignores a column); null: "
+        "2 (id, text) or 3 (id, title, text) columns, or a header line",
+    )
     train_group_size: int = help_field(
         1, "documents per query: 1 positive + (train_group_size - 1) hard negatives"
     )

@@ -97,6 +97,7 @@ def load_train_data(
     qrels_file: str | os.PathLike | None = None,
     min_relevance: int = 1,
     cache_dir: str | None = None,
+    corpus_columns: str | None = None,
 ) -> TrainData:
     """Read training data in any of the formats of the module docstring.
 
@@ -108,6 +109,8 @@ def load_train_data(
         qrels_file: qrels (TREC or BEIR TSV); qrels format only.
         min_relevance: the smallest grade that counts as a positive (qrels format).
         cache_dir: datasets cache directory; ``None`` uses the datasets default.
+        corpus_columns: the TSV columns of ``corpus_file`` (e.g. ``"id,text,-"``); ``None``: 2 or 3 columns,
+            or a header line (:func:`dualenc.io.readers.read_collection`).
 
     Returns:
         A :class:`TrainData`.
@@ -128,11 +131,12 @@ def load_train_data(
     sources += [readers.__file__, qrels.__file__, input_files.__file__]
     module_hash = hashlib.sha256(b"".join(Path(source).read_bytes() for source in sources)).hexdigest()
     if files["corpus_file"] is not None:
-        corpus = read_collection(files["corpus_file"], cache_dir=cache_dir)
+        corpus = read_collection(files["corpus_file"], cache_dir=cache_dir, columns=corpus_columns)
     else:
         corpus_kwargs = {"path": files["train_file"], "fmt": fmt, "stamps": stamps, "code": module_hash}
         corpus = _from_generator(_generate_corpus, corpus_kwargs, cache_dir=cache_dir)
     group_kwargs = {**files, "fmt": fmt, "min_relevance": min_relevance, "cache_dir": cache_dir}
+    group_kwargs["corpus_columns"] = corpus_columns
     group_kwargs.update(stamps=stamps, code=module_hash)
     groups = _from_generator(_generate_groups, group_kwargs, cache_dir=cache_dir, features=group_features())
     logger.info("training data: %d query groups over %d corpus documents", len(groups), len(corpus))
@@ -207,6 +211,7 @@ def _generate_groups(
     qrels_file: str | None,
     min_relevance: int,
     cache_dir: str | None,
+    corpus_columns: str | None,
     stamps: tuple,
     code: str,
 ) -> Iterator[dict[str, Any]]:
@@ -215,13 +220,15 @@ def _generate_groups(
     if fmt == "qrels":
         qrels = read_qrels(qrels_file)
         query_texts = _query_texts(queries_file, cache_dir)
-        doc_rows = CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file).rows
+        corpus = read_collection(corpus_file, cache_dir=cache_dir, columns=corpus_columns)
+        doc_rows = CorpusRows(corpus, corpus_file).rows
         files = {"qrels_file": qrels_file, "queries_file": queries_file, "corpus_file": corpus_file}
         yield from qrels_groups(qrels, query_texts, doc_rows, min_relevance, **files)
         return
     rows: CorpusRows | NewDocs = NewDocs()
     if corpus_file is not None:
-        rows = CorpusRows(read_collection(corpus_file, cache_dir=cache_dir), corpus_file)
+        corpus = read_collection(corpus_file, cache_dir=cache_dir, columns=corpus_columns)
+        rows = CorpusRows(corpus, corpus_file)
     query_texts = None if queries_file is None else _query_texts(queries_file, cache_dir)
     groups = Groups(query_texts, queries_file)
     for record in records(train_file, fmt):

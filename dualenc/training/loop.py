@@ -89,7 +89,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
     if cfg.data.dev_corpus_file:
         d = cfg.data
         dev = load_dev_set(
-            d.dev_corpus_file, d.dev_topics_file, d.dev_qrels_file, cache_dir=d.datasets_cache_dir
+            d.dev_corpus_file,
+            d.dev_topics_file,
+            d.dev_qrels_file,
+            cache_dir=d.datasets_cache_dir,
+            columns=d.corpus_columns,
         )
     dataset, sampler, loader, plan = _batches(cfg, data, model, accelerator.num_processes)
     module = TrainingModule(model, build_loss(cfg), cfg.loss)
@@ -219,6 +223,7 @@ def _data_and_model(
         qrels_file=cfg.data.qrels_file,
         min_relevance=cfg.data.min_relevance,
         cache_dir=cfg.data.datasets_cache_dir,
+        corpus_columns=cfg.data.corpus_columns,
     )
     if model is None:
         init_dir = Path(cfg.train.output_dir) / "initial_model"
