@@ -178,3 +178,28 @@ def test_both_trainers_read_values_the_same_way():
     for load in (lambda o: load_config(overrides=o), lambda o: load_sasrec_config(overrides=o)):
         with pytest.raises(InputError, match="is not key=value"):
             load(["no_equals_sign"])
+
+
+@pytest.mark.parametrize(
+    "tracker", ["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
+)
+def test_every_accelerate_tracker_is_a_choice_and_a_missing_package_is_one_clear_error(tracker, monkeypatch):
+    import importlib.util
+
+    from dualenc.training import build
+
+    cfg = load_config(overrides=["random_init=true", f"report_to={tracker}"])  # a valid choice
+    module, package = build.TRACKER_PACKAGES[tracker]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a)
+    )
+    with pytest.raises(InputError, match=rf"report_to={tracker} needs the {package} package: pip install"):
+        build.make_accelerator(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # installed
+    build.check_tracker(cfg.train.report_to)
+
+
+def test_an_unknown_tracker_lists_the_choices():
+    with pytest.raises(InputError, match="report_to='neptune' is not one of none, tensorboard, wandb"):
+        load_config(overrides=["random_init=true", "report_to=neptune"])

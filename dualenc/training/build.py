@@ -4,6 +4,7 @@ optimizer's parameter groups."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import logging
 import os
@@ -18,9 +19,18 @@ from dualenc.losses.inbatch import InBatchCE
 from dualenc.losses.table_sce import TableSCE
 from dualenc.model import DualEncoder, DualEncoderConfig, HFEncoder
 from dualenc.training.config import RunConfig
-from dualenc.training.config_sections import ModelConfig
+from dualenc.training.config_sections import TRACKER_PACKAGES, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is not installed (Accelerate would only warn and log nowhere)."""
+    if report_to == "none":
+        return
+    module, package = TRACKER_PACKAGES[report_to]
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"report_to={report_to} needs the {package} package: pip install {package}")
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -28,6 +38,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
 
     Gradient accumulation is done by the loop (``StepPlan``), not by Accelerate's step counter.
     """
+    check_tracker(cfg.train.report_to)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         cpu=cfg.train.cpu,

@@ -16,7 +16,17 @@ from dualenc.training.formats import TRAIN_FORMATS
 DTYPES = tuple(TORCH_DTYPES)
 LOSSES = ("inbatch", "cache", "cache_ce", "sce")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-TRACKERS = ("none", "tensorboard")
+# report_to name -> (module Accelerate imports, pip package)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "aim": ("aim", "aim"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+}
+TRACKERS = ("none", *TRACKER_PACKAGES)
 
 
 @dataclass
@@ -123,7 +133,10 @@ class TrainConfig:
     eval_measure: str = help_field("nDCG@10", "ir-measures string used to pick the best model")
     eval_batch_size: int = help_field(128, "texts per forward pass in evaluation")
     resume_from: str | None = help_field(None, '"latest" or a checkpoint dir')
-    report_to: str = help_field("none", "none | tensorboard (Accelerate trackers)")
+    report_to: str = help_field(
+        "none",
+        "none | tensorboard | wandb | mlflow | comet_ml | aim | clearml | dvclive (Accelerate trackers)",
+    )
     cpu: bool = help_field(False, "force CPU even when a GPU is present")
 
     def __post_init__(self) -> None:
