@@ -373,3 +373,13 @@ def test_eval_script_end_to_end(tiny_model_dir, corpus, capsys):
     assert any(line.startswith("tiny ") for line in lines) and any(line.startswith("base ") for line in lines)
     again = eval_main("test_eval", defaults, "test", argv)  # second run reuses the corpus embeddings
     assert again["measures"] == report["measures"]
+    # a FAISS index (HNSW8 over 120 points is exact here) is built once and reused while the embeddings stay
+    hnsw = eval_main("test_eval", defaults, "test", [*argv, "--factory", "HNSW8"])
+    index_meta = corpus / "work" / "index-HNSW8" / "index_meta.json"
+    built = index_meta.stat().st_mtime_ns
+    assert hnsw["measures"] == report["measures"]
+    assert (
+        eval_main("test_eval", defaults, "test", [*argv, "--factory", "HNSW8"])["measures"]
+        == hnsw["measures"]
+    )
+    assert index_meta.stat().st_mtime_ns == built  # not rebuilt

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dualenc.errors import InputError
 from dualenc.evaluation.measures import check_run_queries, evaluate
-from dualenc.io.atomic import write_text
 from dualenc.io.embeddings import META_FILE, read_meta, write_collection_meta
 from dualenc.io.provenance import environment_info
 from dualenc.io.qrels import read_qrels
@@ -25,7 +25,7 @@ from dualenc.io.runs import write_run
 from dualenc.model.encoder import DualEncoder
 from dualenc.retrieval.encode import encode_texts, model_fingerprint
 from dualenc.retrieval.encode_to_disk import encode_collection
-from dualenc.retrieval.index_dir import index_from_embeddings
+from dualenc.retrieval.index_dir import INDEX_META_FILE, index_from_embeddings, read_index_meta
 from dualenc.retrieval.search import search_vectors
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,19 @@ def _index(emb_dir: Path, cfg: PipelineConfig) -> Path:
         return emb_dir  # exact search straight from the embeddings
     safe = cfg.factory.replace(",", "_").replace("/", "_")
     index_dir = Path(cfg.work_dir) / f"index-{safe}"
-    stamp = read_meta(emb_dir)["model_fingerprint"]
-    if not (index_dir / "built_from.txt").exists() or (index_dir / "built_from.txt").read_text() != stamp:
+    if not _built_from(index_dir, read_meta(emb_dir)):
         index_from_embeddings(emb_dir, index_dir, cfg.factory, progress=True)
-        write_text(index_dir / "built_from.txt", stamp)
     return index_dir
+
+
+def _built_from(index_dir: Path, emb_meta: dict) -> bool:
+    """Whether ``index_dir`` indexes exactly these embeddings (its ``index_meta.json`` records their meta)."""
+    if not (index_dir / INDEX_META_FILE).exists():
+        return False
+    try:
+        return read_index_meta(index_dir).get("embeddings_meta") == emb_meta
+    except InputError:  # unreadable or from an older dualenc: build it again
+        return False
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
