@@ -176,6 +176,35 @@ def test_two_processes_follow_the_one_process_run(setup, loss, gas, tmp_path):
         assert all(d > 0 for d in draws) if loss == "cache" else True
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["inbatch", "cache"])
+def test_grad_cache_on_two_processes_follows_the_plain_one_process_run(setup, loss, tmp_path):
+    """GradCache (chunks of 3 queries and 3 documents: 4 queries x G=2 per process split 3+1 and 3+3+2), 2
+    processes with cross-device negatives, accumulation 3 over an uneven epoch, a learned temperature: the
+    logged losses, learning rates and final weights equal the plain 1-process run's (no dropout)."""
+    extra = {"learn_temperature": "true", "gradient_accumulation_steps": 3}
+    plain, cached = tmp_path / "plain", tmp_path / "grad_cache"
+    _train(1, _overrides(setup, plain, 1, loss, 3, **extra))
+    gc = {"grad_cache": "true", "grad_cache_query_chunk": 3, "grad_cache_passage_chunk": 3}
+    _train(2, _overrides(setup, cached, 2, loss, 3, **extra, **gc))
+    one, two = _log(plain), _log(cached)
+    assert [row["step"] for row in two] == list(range(1, MAX_STEPS + 1))
+    assert [row["lr"] for row in two] == [row["lr"] for row in one]
+    np.testing.assert_allclose([row["loss"] for row in two], [row["loss"] for row in one], atol=1e-5, rtol=0)
+    assert json.loads((cached / "config.yaml").read_text().split("grad_cache: ")[1].split()[0]) is True
+    from safetensors.torch import load_file
+
+    ref, got = (
+        load_file(plain / "final_model" / "model.safetensors"),
+        load_file(cached / "final_model" / "model.safetensors"),
+    )
+    assert ref.keys() == got.keys()
+    moved = load_file(setup["model"] / "model.safetensors")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5, msg=name)
+    assert any(not torch.equal(ref[n], moved[n]) for n in ref if n in moved)  # training moved the weights
+
+
 def test_sce_on_two_processes_is_refused_before_any_work(setup, tmp_path):
     out = tmp_path / "sce"
     proc = subprocess.run(
@@ -223,10 +252,12 @@ def _wait_until_unlocked(run_dir: Path, timeout_s: float = 120) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", LOSSES)
-def test_kill_9_two_processes_then_resume_is_exact(setup, loss, tmp_path):
+@pytest.mark.parametrize(("loss", "grad_cache"), [*((loss, False) for loss in LOSSES), ("cache", True)])
+def test_kill_9_two_processes_then_resume_is_exact(setup, loss, grad_cache, tmp_path):
     gas, save = 3, 3  # the checkpoint at step 3 sits mid-epoch 1: the resume skips 3 micro-batches
     extra = {"model_name_or_path": setup["model_dropout"], "save_steps": save, "save_total_limit": 0}
+    if grad_cache:  # dropout on: the replayed chunks' masks must come back the same after the resume
+        extra.update(grad_cache="true", grad_cache_query_chunk=3, grad_cache_passage_chunk=3)
     reference = tmp_path / "reference"
     _train(2, _overrides(setup, reference, 2, loss, gas, **extra))
 

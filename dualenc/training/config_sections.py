@@ -118,6 +118,13 @@ class TrainConfig:
     gradient_accumulation_steps: int = help_field(
         1, "micro-batches per optimizer step (negatives stay per micro-batch)"
     )
+    grad_cache: bool = help_field(
+        False,
+        "GradCache (Gao et al. 2021): the whole micro-batch's loss, encoded and back-propagated in chunks "
+        "(memory of one chunk, gradients of the large batch)",
+    )
+    grad_cache_query_chunk: int = help_field(32, "grad_cache: queries per forward/backward chunk")
+    grad_cache_passage_chunk: int = help_field(32, "grad_cache: documents per forward/backward chunk")
     learning_rate: float = help_field(2e-5, "peak learning rate (AdamW)")
     weight_decay: float = help_field(0.01, "AdamW weight decay (not on biases/LayerNorm)")
     num_train_epochs: float = help_field(1.0, "epochs over the query groups")
@@ -145,6 +152,8 @@ class TrainConfig:
         for name in (
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
+            "grad_cache_query_chunk",
+            "grad_cache_passage_chunk",
             "learning_rate",
             "logging_steps",
         ):

@@ -44,7 +44,7 @@ from dualenc.training.config import RunConfig, config_to_dict
 from dualenc.training.data import TrainData, load_train_data
 from dualenc.training.plan import EpochSampler, StepPlan, micro_seed
 from dualenc.training.run_log import JsonlLog, log_startup, step_logs, write_summary
-from dualenc.training.step import StepOutput, TrainingModule
+from dualenc.training.step import TrainingModule, backward_micro_batch
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
                 last = micro == num_micro - 1
                 # DDP reduces the gradients once, at the step's last micro-batch; the step's gradient is the
                 # mean over its micro-batches (a short last step of an epoch counts as much as a full one)
-                with contextlib.nullcontext() if last else accelerator.no_sync(module):
-                    output: StepOutput = module(batch, cache=cache, draw_id=draw_id)
-                    accelerator.backward(output.loss / num_micro)
+                output = backward_micro_batch(
+                    accelerator, module, batch, cache, draw_id, cfg.train, scale=1 / num_micro, sync=last
+                )
                 if cache is not None:  # fresh embeddings of the batch's documents and drawn negatives
                     cache.write_back(
                         output.fresh_idx, output.fresh_emb, insert=torch.arange(output.num_batch_docs)
