@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 mine() {  # one round of hard negatives from the zero-shot model: top 30, skip the first 3, keep 1
   [ -f "$OUT/mined/train_groups.jsonl" ] && return
   mkdir -p "$OUT/mined"
-  python -m dualenc retrieve --topics $SF/queries.train.tsv --encoder "$(realpath "$OUT/zeroshot/model")" \
+  python -m dualenc retrieve --topics $SF/queries.train.tsv --encoder "$MODEL" \
     --index "$OUT/zeroshot/corpus" --hits 30 --output "$OUT/mined/train_run.trec"
   python -m dualenc mine --run "$OUT/mined/train_run.trec" --qrels $SF/qrels.train.txt \
     --topics $SF/queries.train.tsv --depth 30 --skip-top 3 --num-negatives 1 \
@@ -56,7 +56,7 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
       grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
     mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
-      queries_file= qrels_file= train_group_size=2) ;;
+      queries_file=null qrels_file=null train_group_size=2) ;;
     cache_b32) config=recipes/configs/scifact_cache.yaml ;;
     cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
       save_steps=46) ;;
