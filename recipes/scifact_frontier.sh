@@ -37,13 +37,8 @@ mkdir -p "$OUT"
   --work-dir "$OUT/zeroshot" --output-json "$OUT/zeroshot.json"
 
 mine() {  # one round of hard negatives from the zero-shot model: top 30, skip the first 3, keep 1
-  [ -f "$OUT/mined/train_groups.jsonl" ] && return
-  mkdir -p "$OUT/mined"
-  python -m dualenc retrieve --topics $SF/queries.train.tsv --encoder "$MODEL" \
-    --index "$OUT/zeroshot/corpus" --hits 30 --output "$OUT/mined/train_run.trec"
-  python -m dualenc mine --run "$OUT/mined/train_run.trec" --qrels $SF/qrels.train.txt \
-    --topics $SF/queries.train.tsv --depth 30 --skip-top 3 --num-negatives 1 \
-    --output "$OUT/mined/train_groups.jsonl"
+  MODEL="$MODEL" EMBEDDINGS="$OUT/zeroshot/corpus" TOPICS=$SF/queries.train.tsv QRELS=$SF/qrels.train.txt \
+    OUT="$OUT/mined" DEPTH=30 SKIP_TOP=3 NUM_NEGATIVES=1 CONFIG= bash recipes/hard_negative_round.sh
 }
 
 train() {  # train METHOD SEED: the dualenc trainer with the method's config and overrides

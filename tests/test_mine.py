@@ -153,3 +153,71 @@ def test_round_trip_through_load_train_data(tmp_path, run_qrels, caplog):
         GroupDataset(data, 3)
     dataset = GroupDataset(data, 1)
     assert [dataset[i]["positives"] for i in range(2)] == [[1, 3, 8], [1, 0]]  # d2 d4 d9; d2 d1
+
+
+def test_hard_negative_round_recipe_end_to_end(tmp_path, tiny_model_dir):
+    """recipes/hard_negative_round.sh: encode -> retrieve -> mine -> train. Oracle: the tiny model's own exact
+    ranking (brute-force inner products), top DEPTH, the first SKIP_TOP dropped, positives dropped, first NUM
+    kept; the run trains on groups of 1 + NUM; a rerun does nothing."""
+    import os
+    import subprocess
+
+    import numpy as np
+    from helpers import REPO, make_text
+
+    from dualenc.model.encoder import DualEncoder
+    from dualenc.retrieval.encode import encode_texts
+
+    rng = np.random.default_rng(3)
+    docs = {f"d{i}": make_text(rng, 4, 12) for i in range(40)}
+    queries = {f"q{i}": make_text(rng, 2, 5) for i in range(12)}
+    qrels = {q: {f"d{3 * i}": 1, f"d{3 * i + 1}": 1 if i % 2 else 0} for i, q in enumerate(queries)}
+    (tmp_path / "corpus.tsv").write_text("".join(f"{d}\t{t}\n" for d, t in docs.items()))
+    (tmp_path / "topics.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in queries.items()))
+    (tmp_path / "qrels.txt").write_text(
+        "".join(f"{q} 0 {d} {g}\n" for q, judged in qrels.items() for d, g in judged.items())
+    )
+    out = tmp_path / "round"
+    env = {
+        **os.environ,
+        "MODEL": str(tiny_model_dir),
+        "CORPUS": str(tmp_path / "corpus.tsv"),
+        "TOPICS": str(tmp_path / "topics.tsv"),
+        "QRELS": str(tmp_path / "qrels.txt"),
+        "OUT": str(out),
+        "DEPTH": "10",
+        "SKIP_TOP": "2",
+        "NUM_NEGATIVES": "2",
+        "CONFIG": str(REPO / "recipes" / "configs" / "tiny.yaml"),
+    }
+    over = [
+        f"model_name_or_path={tiny_model_dir}",
+        "random_init=false",
+        "corpus_file=" + str(tmp_path / "corpus.tsv"),
+        "max_steps=2",
+        "per_device_train_batch_size=4",
+        f"datasets_cache_dir={tmp_path / 'hf'}",
+    ]
+    script = str(REPO / "recipes" / "hard_negative_round.sh")
+    proc = subprocess.run(["bash", script, *over], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    model = DualEncoder.from_pretrained(tiny_model_dir)
+    doc_ids = list(docs)
+    d_emb = encode_texts(model, list(docs.values()), kind="doc", batch_size=8)  # (40, D)
+    q_emb = encode_texts(model, list(queries.values()), kind="query", batch_size=8)  # (12, D)
+    scores = q_emb.astype(np.float64) @ d_emb.astype(np.float64).T  # (12, 40)
+    groups = [json.loads(line) for line in (out / "train_groups.jsonl").read_text().splitlines()]
+    assert [g["query_id"] for g in groups] == list(queries)
+    for g, (qid, row) in zip(groups, zip(queries, scores, strict=True), strict=True):
+        ranked = [doc_ids[i] for i in np.argsort(-row, kind="stable")][:10][2:]
+        positives = [d for d, grade in qrels[qid].items() if grade >= 1]
+        assert g["positive_ids"] == positives
+        assert g["negative_ids"] == [d for d in ranked if d not in positives][:2]
+    config = (out / "run" / "config.yaml").read_text()
+    assert "train_group_size: 3" in config and "train_format: groups" in config
+    assert json.loads((out / "run" / "train_summary.json").read_text())["steps"] == 2
+
+    stamp = (out / "train_groups.jsonl").stat().st_mtime_ns
+    again = subprocess.run(["bash", script, *over], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and (out / "train_groups.jsonl").stat().st_mtime_ns == stamp
