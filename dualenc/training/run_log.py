@@ -70,6 +70,14 @@ def log_startup(cfg: RunConfig, processes: int, num_groups: int, num_docs: int, 
         plan.total_steps,
         plan.num_epochs(),
     )
+    if cfg.train.grad_cache:
+        logger.info(
+            "GradCache: each micro-batch of %d queries is encoded and back-propagated in chunks of %d queries "
+            "and %d documents",
+            b,
+            cfg.train.grad_cache_query_chunk,
+            cfg.train.grad_cache_passage_chunk,
+        )
 
 
 def step_logs(
