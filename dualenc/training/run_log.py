@@ -72,8 +72,8 @@ def log_startup(cfg: RunConfig, processes: int, num_groups: int, num_docs: int, 
     )
     if cfg.train.grad_cache:
         logger.info(
-            "GradCache: each micro-batch of %d queries is encoded and back-propagated in chunks of %d queries "
-            "and %d documents",
+            "GradCache: each micro-batch of %d queries is encoded and back-propagated in chunks of %d "
+            "queries and %d documents",
             b,
             cfg.train.grad_cache_query_chunk,
             cfg.train.grad_cache_passage_chunk,
