@@ -155,6 +155,98 @@ def test_round_trip_through_load_train_data(tmp_path, run_qrels, caplog):
     assert [dataset[i]["positives"] for i in range(2)] == [[1, 3, 8], [1, 0]]  # d2 d4 d9; d2 d1
 
 
+def _mine_cli(tmp_path, *extra: str) -> int:
+    from dualenc.cli.main import main
+
+    (tmp_path / "run.trec").write_text(RUN, encoding="utf-8")
+    (tmp_path / "qrels.txt").write_text(QRELS, encoding="utf-8")
+    (tmp_path / "corpus.tsv").write_text(CORPUS, encoding="utf-8")
+    (tmp_path / "queries.tsv").write_text(QUERIES, encoding="utf-8")
+    base = [
+        "mine",
+        "--run",
+        str(tmp_path / "run.trec"),
+        "--qrels",
+        str(tmp_path / "qrels.txt"),
+        "--depth",
+        "6",
+    ]
+    return main([*base, *extra])
+
+
+def test_mine_writes_tevatron_text_jsonl_that_trains_like_the_groups(tmp_path, caplog):
+    """--format tevatron: the texts of the same groups; load_train_data reads both files into the same
+    training examples (query text, positive and negative passage texts)."""
+    from dualenc.io.readers import doc_texts
+
+    common = ["--topics", str(tmp_path / "queries.tsv")]
+    assert _mine_cli(tmp_path, *common, "--output", str(tmp_path / "groups.jsonl")) == 0
+    tevatron = ["--collection", str(tmp_path / "corpus.tsv"), "--format", "tevatron"]
+    assert _mine_cli(tmp_path, *common, *tevatron, "--output", str(tmp_path / "tev.jsonl")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "tev.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[0] == {
+        "query_id": "q1",
+        "query": "first query",
+        "positive_passages": [
+            {"docid": d, "title": "", "text": f"passage {d[1:]}"} for d in ("d2", "d4", "d9")
+        ],
+        "negative_passages": [
+            {"docid": d, "title": "", "text": f"passage {d[1:]}"} for d in ("d1", "d3", "d5", "d6")
+        ],
+    }
+
+    def examples(data) -> list[tuple]:
+        texts = doc_texts(data.corpus)
+        return [
+            (g["query"], sorted(texts[r] for r in g["positives"]), sorted(texts[r] for r in g["negatives"]))
+            for g in data.groups
+        ]
+
+    groups = load_train_data(
+        tmp_path / "groups.jsonl",
+        corpus_file=tmp_path / "corpus.tsv",
+        queries_file=tmp_path / "queries.tsv",
+        cache_dir=str(tmp_path / "hf"),
+    )
+    tev = load_train_data(tmp_path / "tev.jsonl", cache_dir=str(tmp_path / "hf2"))
+    assert examples(tev) == examples(groups) and len(examples(tev)) == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--format", "tevatron", "--collection", "COLL"], "give --topics and --collection"),
+        (["--format", "tevatron", "--topics", "TOPICS"], "give --topics and --collection"),
+    ],
+)
+def test_mine_tevatron_needs_texts_and_writes_nothing_without_them(tmp_path, capsys, extra, message):
+    extra = [
+        x.replace("COLL", str(tmp_path / "corpus.tsv")).replace("TOPICS", str(tmp_path / "queries.tsv"))
+        for x in extra
+    ]
+    assert _mine_cli(tmp_path, *extra, "--output", str(tmp_path / "out.jsonl")) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_mine_tevatron_refuses_a_document_missing_from_the_collection(tmp_path, capsys):
+    (tmp_path / "small.tsv").write_text("".join(f"d{i}\tpassage {i}\n" for i in range(1, 5)))
+    code = _mine_cli(
+        tmp_path,
+        "--topics",
+        str(tmp_path / "queries.tsv"),
+        "--collection",
+        str(tmp_path / "small.tsv"),
+        "--format",
+        "tevatron",
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "document id 'd9' of the run or qrels is not in the collection" in err  # q1's first
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_hard_negative_round_recipe_end_to_end(tmp_path, tiny_model_dir):
     """recipes/hard_negative_round.sh: encode -> retrieve -> mine -> train. Oracle: the tiny model's own exact
     ranking (brute-force inner products), top DEPTH, the first SKIP_TOP dropped, positives dropped, first NUM

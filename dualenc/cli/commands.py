@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from dualenc.errors import InputError
+
 logger = logging.getLogger("dualenc")
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -182,9 +184,12 @@ def cmd_evaluate(args) -> int:
 
 def cmd_mine(args) -> int:
     from dualenc.io import read_qrels, read_queries
+    from dualenc.io.readers import read_collection
     from dualenc.io.runs import read_run
-    from dualenc.retrieval.mine import mine_hard_negatives, write_groups
+    from dualenc.retrieval.mine import as_tevatron, mine_hard_negatives, write_groups
 
+    if args.format == "tevatron" and not (args.topics and args.collection):
+        raise InputError("--format tevatron writes query and passage texts: give --topics and --collection")
     queries = None
     if args.topics:
         topics = read_queries(args.topics)
@@ -198,6 +203,10 @@ def cmd_mine(args) -> int:
         min_relevance=args.min_relevance,
         queries=queries,
     )
+    if args.format == "tevatron":
+        rows = read_collection(args.collection, columns=args.columns)
+        passages = dict(zip(rows["id"], zip(rows["title"], rows["text"], strict=True), strict=True))
+        groups = as_tevatron(groups, passages)
     count = write_groups(groups, args.output)
-    logger.info("wrote %d query groups to %s", count, args.output)
+    logger.info("wrote %d query groups to %s (%s format)", count, args.output, args.format)
     return 0

@@ -163,7 +163,16 @@ def _mine_parser(sub) -> None:
     p.add_argument("--skip-top", type=int, default=0, help="ignore the first N (likely unjudged positives)")
     p.add_argument("--num-negatives", type=int, default=None, help="keep at most N negatives per query")
     p.add_argument("--min-relevance", type=int, default=1)
-    p.add_argument("--output", required=True, help="JSONL groups (train_format: groups)")
+    p.add_argument(
+        "--format",
+        choices=("groups", "tevatron"),
+        default="groups",
+        help="groups: ids (train_format: groups); tevatron: query and passage texts (needs --topics and "
+        "--collection)",
+    )
+    p.add_argument("--collection", help="the collection the run searched (for --format tevatron)")
+    p.add_argument("--columns", help="TSV columns of --collection, as for `dualenc encode --columns`")
+    p.add_argument("--output", required=True, help="the JSONL file to write")
     p.set_defaults(func=cmd_mine)
 
 

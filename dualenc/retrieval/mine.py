@@ -111,6 +111,38 @@ def _mine(
     )
 
 
+def as_tevatron(groups: Iterable[dict], passages: Mapping[str, tuple[str, str]]) -> Iterator[dict]:
+    """Mined id groups as Tevatron's text training JSONL (``train_format: tevatron``).
+
+    Args:
+        groups: dicts such as :func:`mine_hard_negatives` yields, each with its ``"query"`` text.
+        passages: ``{doc_id: (title, text)}`` of the collection the run searched.
+
+    Yields:
+        ``{"query_id", "query", "positive_passages": [{"docid", "title", "text"}, ...],
+        "negative_passages": [...]}``.
+
+    Raises:
+        InputError: a group without query text, or a document id missing from ``passages``.
+    """
+
+    def passage(doc_id: str) -> dict:
+        if doc_id not in passages:
+            raise InputError(f"document id {doc_id!r} of the run or qrels is not in the collection")
+        title, text = passages[doc_id]
+        return {"docid": doc_id, "title": title, "text": text}
+
+    for group in groups:
+        if "query" not in group:
+            raise InputError(f"query {group['query_id']!r} has no text: Tevatron's format needs the topics")
+        yield {
+            "query_id": group["query_id"],
+            "query": group["query"],
+            "positive_passages": [passage(d) for d in group["positive_ids"]],
+            "negative_passages": [passage(d) for d in group["negative_ids"]],
+        }
+
+
 def write_groups(groups: Iterable[dict], path: str | os.PathLike) -> int:
     """Write ``groups`` as JSON lines, atomically (a crash leaves the old file or none).
 
