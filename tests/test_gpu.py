@@ -145,3 +145,75 @@ def test_bf16_autocast_encoding_is_close_to_fp32(tiny_model_dir):
     )
     cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=1)  # (4,)
     assert bool((cos > 0.99).all()), cos
+
+
+def test_grad_cache_replays_cuda_dropout(tmp_path, tiny_bert_dir):
+    """GradCache on CUDA with dropout: the re-forward restores the CUDA generator, so the gradients equal
+    autograd through the same chunks encoded in the same order (and, with one chunk per side, the plain
+    step)."""
+    grad_cache_dropout_check(tmp_path, tiny_bert_dir, "cuda")
+
+
+def grad_cache_dropout_check(tmp_path, tiny_bert_dir, device: str) -> None:
+    """The check of :func:`test_grad_cache_replays_cuda_dropout` on ``device`` (CPU runs it by hand)."""
+    from accelerate import Accelerator
+    from helpers import write_tokenizer_dir
+    from transformers import BertModel
+
+    from dualenc.losses.inbatch import InBatchCE
+    from dualenc.model.encoder import DualEncoder, tokenize_texts
+    from dualenc.training.config import load_config
+    from dualenc.training.grad_cache import grad_cache_step, split_features
+    from dualenc.training.step import TrainingModule
+
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    bert = BertModel.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    bert.save_pretrained(hf)
+    write_tokenizer_dir(hf)
+    model = DualEncoder.from_hf(hf, pooling="mean", normalize=True, query_max_len=12, passage_max_len=20)
+    cfg = load_config(None, ["random_init=true", "train_group_size=2", "learn_temperature=true"])
+    accelerator = Accelerator(cpu=device == "cpu")
+    module = accelerator.prepare(
+        TrainingModule(model.train(), InBatchCE(0.1, learn_temperature=True), cfg.loss)
+    )
+    words = "dense passage retrieval negative cache table scalable softmax bucket query document".split()
+    queries = [" ".join(words[i : i + 2 + i % 3]) for i in range(7)]
+    docs = [" ".join(words[(i * 3) % 7 :][: 3 + i % 5]) for i in range(14)]
+    batch = {
+        "query": tokenize_texts(model.tokenizer, queries, "", 12).to(device),
+        "doc": tokenize_texts(model.tokenizer, docs, "", 20).to(device),
+        "doc_idx": torch.arange(14, device=device),
+        "positives": torch.arange(0, 14, 2, device=device)[:, None],
+    }
+
+    def grads() -> dict:
+        out = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        module.zero_grad()
+        return out
+
+    def gc(q: int, d: int) -> dict:
+        torch.manual_seed(5)
+        grad_cache_step(
+            accelerator, module, batch, None, 0, query_chunk=q, doc_chunk=d, loss_scale=1.0, sync=True
+        )
+        return grads()
+
+    got = gc(3, 4)
+    torch.manual_seed(5)
+    q = torch.cat([model.encode_queries(c) for c in split_features(batch["query"], 3)])  # (7, D)
+    d = torch.cat([model.encode_docs(c) for c in split_features(batch["doc"], 4)])  # (14, D)
+    module.loss_from_embeddings(q, d, batch, None, 0, model.encode_docs).loss.backward()
+    want = grads()
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    one = gc(7, 14)
+    torch.manual_seed(5)
+    module(batch).loss.backward()
+    plain = grads()
+    for name in plain:
+        torch.testing.assert_close(one[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+    other = gc(2, 5)  # other chunks, other masks: dropout is on
+    assert max((other[n] - got[n]).abs().max() for n in got) > 1e-4
