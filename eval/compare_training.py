@@ -67,7 +67,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
         "best_dev": summary["best_metric"],
         "best_step": summary["best_step"],
         "steps": summary["steps"],
-        "wall_s": _run_wall_s(summary, run_dir),
+        "wall_s": run_wall_s(summary, run_dir),
         "peak_rss_gib": summary.get("peak_rss_gib"),
         "peak_mem_gib": summary.get("peak_mem_gib"),
         "median_step_s": statistics.median(step_times) if step_times else None,
@@ -76,7 +76,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
     }
 
 
-def _run_wall_s(summary: dict, run_dir: Path) -> float | None:
+def run_wall_s(summary: dict, run_dir: Path) -> float | None:
     """The run's training wall time, or None when unknown: a resumed run whose summary predates
     ``session_wall_s`` holds the last session's time only."""
     if summary.get("resumed_from") and "session_wall_s" not in summary:

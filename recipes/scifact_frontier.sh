@@ -77,4 +77,4 @@ for seed in $SEEDS; do
   done
 done
 [ ! -f eval/frontier.py ] || python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline inbatch_b32 \
-  --out "$OUT/frontier.json" --plot "$OUT/frontier.png" "$OUT"
+  --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"

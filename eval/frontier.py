@@ -1,0 +1,299 @@
+"""Quality against cost of SciFact training runs: one table, one picture with the Pareto fronts, paired tests.
+
+    python eval/frontier.py --zero-shot OUT/zeroshot.json --baseline inbatch_b32 --out OUT/frontier.json \\
+        --plot OUT/frontier.png --markdown OUT/frontier.md OUT    # OUT=outputs/frontier
+
+SPEC: ``NAME=RUN_DIR`` (as in eval/compare_training.py), or a ROOT whose ``<name>_s<seed>`` subdirectories
+holding ``train_summary.json`` and ``test.json`` are runs of method ``<name>`` (others so named: unfinished).
+Per method over seeds: test measure (mean ± sample std), R@100, training wall time (dev evaluation included,
+on the CPU that trained), max peak RSS, gain over zero-shot per wall-clock hour and per GiB, and whether it is
+on the Pareto front against time, and against memory: no other method has a mean as high or higher at a cost
+as low or lower, one strictly. Zero-shot (cost 0) is a reference line, not a method of the fronts (a method
+below it can be on one); a method without a wall time is on no time front. Paired tests of each method
+against ``--baseline`` on the test queries (per-query scores averaged over seeds; randomization, paired t).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from compare_training import aggregate, paired_comparison, run_wall_s, summarise_run
+
+from dualenc.errors import InputError
+from dualenc.io import atomic
+from dualenc.io.input_files import read_json
+from dualenc.io.provenance import environment_info
+from dualenc.io.text_table import format_table
+
+TEST = "test.json"
+RUN_FILES = ("train_summary.json", TEST)
+RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
+RECALL = "R@100"
+COSTS = {"time": "wall_s", "memory": "peak_rss_gib"}  # front -> cost key of a method row
+CELLS = [("wall min", "wall_min", 1), ("peak GiB", "peak_rss_gib", 2), ("gain/CPU-h", "gain_per_cpu_hour", 4)]
+CELLS = [(RECALL, RECALL, 4), *CELLS, ("gain/GiB", "gain_per_gib", 4)]  # (header, row key, decimals)
+NEAR = [(7, 4), (7, -4), (-7, 4), (-7, -4), (0, 12), (0, -12)]  # label offsets (points); then with a leader:
+FAR = [(20, 18), (35, 6), (0, 30), (30, 32), (0, 48), (45, 45)]
+LABEL_OFFSETS = NEAR + [(sx * x, sy * y) for x, y in FAR for sy in (1, -1) for sx in (1, -1)]
+LEADER = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "grey"}}
+LABEL = {"textcoords": "offset points", "fontsize": 8, "zorder": 4}
+POINT = {"fmt": "o", "capsize": 3, "zorder": 3}
+ON_FRONT, DOMINATED = {"ms": 9, "mec": "black", "mew": 1.2}, {"ms": 7, "mfc": "white", "mew": 1.8}
+
+
+def pareto_front(points: dict[str, tuple[float, float | None]]) -> list[str]:
+    """The names of ``{name: (quality, cost)}`` no other point dominates (quality as high or higher, cost as
+    low or lower, one strictly), in input order; equal points are all on it, a point without cost on none."""
+    costed = {name: qc for name, qc in points.items() if qc[1] is not None}
+
+    def dominated(q: float, c: float) -> bool:
+        return any(q2 >= q and c2 <= c and (q2 > q or c2 < c) for q2, c2 in costed.values())
+
+    return [name for name, (q, c) in costed.items() if not dominated(q, c)]
+
+
+def discover(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The runs ``(method, dir)`` under ``root`` by method and seed; the unfinished dirs (told on stderr)."""
+    if not root.is_dir():
+        raise InputError("expected NAME=RUN_DIR or a directory of <name>_s<seed> runs", path=root)
+    found, unfinished = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        match, finished = RUN_NAME.fullmatch(sub.name), all((sub / f).is_file() for f in RUN_FILES)
+        if match and finished:
+            found.append((match["name"], int(match["seed"]), sub))
+        elif match:
+            unfinished.append(str(sub))
+            print(f"{sub}: not finished, left out (no {' or '.join(RUN_FILES)})", file=sys.stderr)
+        elif finished:
+            print(f"{sub}: holds a run but is not named <name>_s<seed>: left out", file=sys.stderr)
+    return [(name, sub) for name, _, sub in sorted(found, key=lambda f: f[:2])], unfinished
+
+
+def summarise(name: str, run_dir: Path, measure: str) -> dict:
+    """compare_training's record of one run, with its seed (the ``_s<seed>`` of the dir's name, else None); a
+    run without a training log (no curves) is read from its two JSON files alone."""
+    try:
+        if (run_dir / "train_log.jsonl").is_file():
+            record = summarise_run(name, run_dir, TEST)
+        else:
+            summary, test = read_json(run_dir / "train_summary.json"), read_json(run_dir / TEST)
+            record = dict(name=name, run_dir=str(run_dir), test_report=str(run_dir / TEST), doc_mean_cos=None)
+            record |= {"test": test["measures"], "wall_s": run_wall_s(summary, run_dir)}
+            record |= {"peak_rss_gib": summary.get("peak_rss_gib"), "best_dev": summary.get("best_metric")}
+    except KeyError as err:
+        raise InputError(f"train_summary.json or {TEST} lacks the key {err}", path=run_dir) from None
+    if measure not in record["test"]:
+        raise InputError(f"no {measure} among the measures {sorted(record['test'])}", path=run_dir / TEST)
+    return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
+
+
+def read_specs(specs: Sequence[str], measure: str) -> list[dict]:
+    """The runs of each ``NAME=RUN_DIR`` and of each ROOT."""
+    runs = []
+    for spec in specs:
+        name, sep, run_dir = spec.partition("=")
+        if sep and not Path(spec).is_dir():
+            if not name or not run_dir:
+                raise InputError(f"expected NAME=RUN_DIR or a directory, got {spec!r}")
+            found = [(name, Path(run_dir))]
+        else:
+            found = discover(Path(spec))[0]
+        runs += [summarise(name, sub, measure) for name, sub in found]
+    for run in runs:
+        if run["wall_s"] is None:
+            print(f"{run['run_dir']}: no wall time: kept for quality, not for time", file=sys.stderr)
+    return runs
+
+
+def method_rows(runs: list[dict], measure: str, zero: float | None) -> list[dict]:
+    """Per method: quality (mean, sample std), costs, gains over zero-shot per hour and GiB, fronts."""
+    measures = [measure] + ([RECALL] if measure != RECALL and all(RECALL in r["test"] for r in runs) else [])
+    rows = []
+    for agg in aggregate(runs, measures):
+        wall_s, gib, gain = agg["wall_s"], agg["peak_rss_gib"], None if zero is None else agg[measure] - zero
+        row = {k: agg.get(k) for k in ("name", "seeds", measure, f"{measure} std", RECALL, "wall_s")}
+        row |= {"wall_min": None if wall_s is None else wall_s / 60, "peak_rss_gib": gib}
+        row["gain_per_cpu_hour"] = None if gain is None or not wall_s else gain / (wall_s / 3600)
+        row["gain_per_gib"] = None if gain is None or not gib else gain / gib
+        rows.append(row | {"doc_mean_cos": agg["doc_mean_cos"]})
+    fronts = {f: pareto_front({r["name"]: (r[measure], r[c]) for r in rows}) for f, c in COSTS.items()}
+    return [r | {f"front_{f}": r["name"] in names for f, names in fronts.items()} for r in rows]
+
+
+def _cells(row: dict, measure: str) -> dict:
+    """A method row as the tables show it."""
+    std = row[f"{measure} std"]
+    cells = {"method": row["name"], "seeds": str(row["seeds"])}
+    cells[f"{measure} (mean ± std)"] = f"{row[measure]:.4f}" + ("" if std is None else f" ± {std:.4f}")
+    cells |= {head: "-" if row[key] is None else f"{row[key]:.{digits}f}" for head, key, digits in CELLS}
+    return cells | {f"front {front}": "yes" if row[f"front_{front}"] else "" for front in COSTS}
+
+
+def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | None) -> str:
+    """GitHub markdown: the methods table, the zero-shot figure, and the paired tests."""
+    cells = [_cells(r, measure) for r in rows]
+    parts = [_md_table(list(cells[0]), [list(c.values()) for c in cells])]
+    if zero is not None:
+        parts.append(f"Zero-shot: {measure} {zero:.4f}; gains are over it, per hour of training wall time.")
+    if paired:
+        keys = [k for k in paired[0] if k != "measure"]
+        values = [[f"{p[k]:.4f}" if isinstance(p[k], float) else str(p[k]) for k in keys] for p in paired]
+        parts.append(f"Paired tests on test {measure}:\n\n" + _md_table(["method", *keys[1:]], values))
+    return "\n\n".join(parts) + "\n"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *rows])
+
+
+def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
+    """Label each point ``(x, y, y error, name)`` at the first offset where neither the text nor its leader
+    line covers a marker, error bar, line or text, nor leaves the frame (else where they cover fewest)."""
+    import numpy as np
+    from matplotlib.transforms import Bbox
+
+    renderer, frame, px = ax.figure.canvas.get_renderer(), ax.get_window_extent(), ax.transData.transform
+    taken = [Bbox.from_extents(*(px((x, y - e)) - 6), *(px((x, y + e)) + 6)) for x, y, e, _ in points]
+    for line in ax.lines:  # the front's steps, the zero-shot line
+        xy = line.get_transform().transform(line.get_path().vertices)  # (n, 2) pixels
+        taken += [Bbox(np.sort(xy[i : i + 2], axis=0)).padded(3) for i in range(len(xy) - 1)]
+    taken += [t.get_window_extent(renderer) for t in ax.texts]  # the zero-shot label
+    for k, (x, y, _, name) in sorted(enumerate(points), key=lambda kp: (-kp[1][1], kp[1][0])):  # top down
+        scored = []
+        for offset in LABEL_OFFSETS:
+            box = _annotate(ax, name, (x, y), offset, lead=False).get_window_extent(renderer).padded(2)
+            ax.texts[-1].remove()
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            clash = sum(box.overlaps(t) for t in taken) + (0 if inside else 100)
+            if offset not in NEAR:  # samples of the leader line from the point towards the text
+                start = px((x, y))
+                leader = start + np.linspace(0.15, 0.85, 8)[:, None] * (box.get_points().mean(0) - start)
+                clash += sum(any(t.contains(*p) for p in leader) for j, t in enumerate(taken) if j != k)
+            scored.append((clash, len(scored), box))
+            if clash == 0:
+                break
+        _, index, box = min(scored)
+        _annotate(ax, name, (x, y), LABEL_OFFSETS[index])
+        taken.append(box)
+
+
+def _annotate(ax, name: str, xy: tuple[float, float], offset: tuple[int, int], lead: bool = True):
+    """``name`` at ``offset`` points from ``xy``, aligned away from it; a leader line if far and ``lead``."""
+    dx, dy = offset
+    align = {"ha": "left" if dx > 0 else "right" if dx < 0 else "center", "va": "bottom" if dy > 0 else "top"}
+    leader = LEADER if lead and offset not in NEAR else {}
+    return ax.annotate(name, xy, xytext=offset, **LABEL, **align, **leader)
+
+
+def plot_frontier(rows: list[dict], measure: str, zero: float | None, path: Path) -> bool:
+    """PNG at ``path``: quality (± std over seeds) against wall time and against peak memory, the Pareto
+    fronts as steps, zero-shot as a dashed line, a label per method; False without matplotlib."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return False
+    plt.switch_backend("Agg")
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors  # a method's colour in both panels
+    panels = [("wall_min", "time", "training wall time (minutes, CPU, dev evaluation included)")]
+    panels.append(("peak_rss_gib", "memory", "peak memory of training (RSS, GiB)"))
+    placed = []
+    for ax, (cost, front, xlabel) in zip(axes, panels, strict=True):
+        shown = [(i, r) for i, r in enumerate(rows) if r[cost] is not None]
+        points = [(r[cost], r[measure], r[f"{measure} std"] or 0.0, r["name"]) for _, r in shown]
+        for (i, r), (x, y, err, _) in zip(shown, points, strict=True):
+            style = ON_FRONT if r[f"front_{front}"] else DOMINATED
+            ax.errorbar(x, y, yerr=err or None, color=colours[i % len(colours)], **POINT, **style)
+        steps = sorted((p[:2] for (_, r), p in zip(shown, points, strict=True) if r[f"front_{front}"]))
+        if steps:  # the best quality at each cost, drawn to the costliest point
+            xs = [p[0] for p in steps] + [max(p[0] for p in points)]
+            xs = [xs[0]] + [x for x in xs[1:-1] for _ in (0, 1)] + [xs[-1]]  # the corners of the steps
+            ys = [p[1] for p in steps for _ in (0, 1)]
+            ax.plot(xs, ys, color="black", lw=1.2, alpha=0.6, label="Pareto front")
+        if zero is not None:
+            ax.axhline(zero, ls="--", color="grey", lw=1.2, label="zero-shot (no training)")
+            where = {"xycoords": ("axes fraction", "data"), "ha": "right", "va": "bottom"}
+            ax.annotate("zero-shot", (0.99, zero), xytext=(0, 3), **where, **LABEL | {"fontsize": 9})
+        ax.margins(0.12, 0.12)  # room for the labels, and limits fixed before they are placed:
+        ax.autoscale_view()
+        missing = [r["name"] for r in rows if r[cost] is None]
+        ax.set_title(f"against {front}" + (f" (no cost, not shown: {', '.join(missing)})" if missing else ""))
+        ax.set(xlabel=xlabel, ylabel=f"test {measure} (mean ± std over seeds)")
+        ax.grid(True, alpha=0.3)
+        placed.append(points)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles += [plt.Line2D([], [], ls="", marker="o", color="grey", **kind) for kind in (ON_FRONT, DOMINATED)]
+    fig.legend(handles, [*labels, "on the front", "dominated"], loc="lower center", ncol=4, fontsize=9)
+    fig.suptitle(f"SciFact test {measure} against training cost: one point per method, Pareto fronts")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    for ax, points in zip(axes, placed, strict=True):  # once the layout is final
+        _label_points(ax, points)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="NAME=RUN_DIR, or a ROOT of <name>_s<seed> runs")
+    p.add_argument("--zero-shot", default=None, type=Path, help="eval report of the model before training")
+    p.add_argument("--baseline", required=True, help="method the others are tested against")
+    p.add_argument("--measure", default="nDCG@10", help="quality measure of the test reports")
+    p.add_argument("--out", required=True, type=Path, help="JSON output")
+    p.add_argument("--plot", default=None, type=Path, help="PNG: quality against wall time and memory")
+    p.add_argument("--markdown", default=None, type=Path, help="GitHub markdown tables")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    measure = args.measure
+    try:
+        runs = read_specs(args.specs, measure)
+        zero_report = None if args.zero_shot is None else read_json(args.zero_shot)
+        if zero_report is not None and measure not in zero_report.get("measures", {}):
+            raise InputError(f"no {measure} among the report's measures", path=args.zero_shot)
+        if args.baseline not in (names := list(dict.fromkeys(r["name"] for r in runs))):
+            raise InputError(f"baseline {args.baseline!r} is not one of the finished methods {names}")
+        zero = None if zero_report is None else zero_report["measures"][measure]
+        rows = method_rows(runs, measure, zero)
+        paired = paired_comparison(runs, args.baseline, measure)
+    except InputError as err:  # one line, as compare_training
+        print(f"frontier: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except ImportError:
+        print("scipy is not installed: no significance tests (pip install scipy)", file=sys.stderr)
+        paired = []
+    table, paired_table = format_table([_cells(r, measure) for r in rows]), format_table(paired)
+    print(table, "", paired_table, sep="\n")
+    keys = ("name", "seed", "run_dir", "wall_s", "peak_rss_gib", "best_dev")
+    per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
+    result = {
+        "measure": measure,
+        "baseline": args.baseline,
+        "methods": rows,
+        "runs": per_run,
+        "paired": paired,
+        "zero_shot": zero_report and {"report": str(args.zero_shot), "measures": zero_report["measures"]},
+        "fronts": {front: [r["name"] for r in rows if r[f"front_{front}"]] for front in COSTS},
+        "table": table,
+        "paired_table": paired_table,
+        **environment_info(Path(__file__).parent),
+    }
+    atomic.write_json(args.out, result)
+    if args.markdown is not None:
+        atomic.write_text(args.markdown, markdown(rows, paired, measure, zero))
+    if args.plot is not None:
+        plot_frontier(rows, measure, zero, args.plot)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

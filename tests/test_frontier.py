@@ -1,0 +1,227 @@
+"""eval/frontier.py: run discovery, the methods table, Pareto fronts, paired tests, JSON, markdown and PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+
+QUERIES = [f"q{i}" for i in range(6)]
+# ten methods as on SciFact (docs/results.md): name -> (nDCG@10 per seed, wall minutes, peak RSS GiB)
+SCIFACT_LIKE = {
+    "inbatch_b32": ([0.6782, 0.6773, 0.6751], 16.4, 5.73),
+    "inbatch_b64": ([0.6841, 0.6802], 17.9, 7.41),
+    "gradcache_b128": ([0.6893, 0.6871], 24.8, 5.95),
+    "inbatch_b32_5ep": ([0.6811, 0.6790], 27.3, 5.71),
+    "mined_b32": ([0.6952, 0.6901], 22.1, 6.64),
+    "cache_b32": ([0.6933, 0.7023, 0.7001], 29.9, 9.88),
+    "cache_b16": ([0.6962], 34.6, 8.12),
+    "cache_sce_b32": ([0.6870, 0.6911], 28.4, 9.60),
+    "st_mnrl_b32": ([0.6768, 0.6790], 15.2, 5.20),
+    "st_cmnrl_b128": ([0.6885, 0.6860], 21.7, 5.52),
+}
+
+
+@pytest.fixture(scope="module")
+def frontier() -> dict:
+    """The script's namespace (its functions, and those it imports from compare_training)."""
+    return vars(load_script("eval/frontier.py"))
+
+
+def _make_run(
+    root: Path, dirname: str, ndcg: float, wall_s: float | None, rss: float, ranks: tuple = (2,) * 6
+) -> Path:
+    """A finished run dir: train_summary.json, train_log.jsonl, test.json whose run file puts the relevant
+    document of query i at ``ranks[i]`` (so its nDCG@10 is 1 / log2(rank + 1))."""
+    root.mkdir(parents=True, exist_ok=True)
+    qrels = root / "qrels.txt"
+    if not qrels.exists():
+        qrels.write_text("".join(f"{q} 0 rel{q} 1\n" for q in QUERIES))
+    run = root / dirname
+    run.mkdir(parents=True)
+    lines = []
+    for q, rank in zip(QUERIES, ranks, strict=True):
+        docs = [f"x{i}" for i in range(1, 6)]
+        docs.insert(rank - 1, f"rel{q}")
+        lines += [f"{q} Q0 {d} {r} {10 - r} t" for r, d in enumerate(docs, start=1)]
+    (run / "run.trec").write_text("\n".join(lines) + "\n")
+    summary = {"steps": 66, "best_step": 66, "best_metric": ndcg + 0.05, "eval_measure": "nDCG@10"}
+    summary |= {"wall_s": wall_s, "peak_rss_gib": rss}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    log = [{"step": 5, "loss": 0.3, "step_time_s": 6.0}, {"step": 66, "dev/nDCG@10": ndcg + 0.05}]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    report = {"measures": {"nDCG@10": ndcg, "R@100": 0.9 + ndcg / 100}, "run_file": str(run / "run.trec")}
+    (run / "test.json").write_text(json.dumps(report | {"config": {"qrels": str(qrels)}}))
+    return run
+
+
+def _zero_shot(root: Path, ndcg: float = 0.6451) -> Path:
+    path = root / "zeroshot.json"
+    path.write_text(json.dumps({"measures": {"nDCG@10": ndcg, "R@100": 0.925}}))
+    return path
+
+
+def scifact_like(root: Path) -> Path:
+    """ROOT with the ten methods of SCIFACT_LIKE, one dir per seed."""
+    for index, (name, (scores, wall_min, rss)) in enumerate(SCIFACT_LIKE.items()):
+        for seed, ndcg in zip((42, 7, 1234)[: len(scores)], scores, strict=True):
+            ranks = tuple(1 + (index * 7 + seed + i * i) % 4 for i in range(len(QUERIES)))
+            _make_run(root, f"{name}_s{seed}", ndcg, wall_min * 60 + seed / 1000, rss, ranks)
+    return root
+
+
+def test_pareto_front_against_hand_computed_answer(frontier):
+    points = {
+        "a": (0.70, 30.0),  # the best quality
+        "b": (0.68, 20.0),
+        "b_tie": (0.68, 20.0),  # equal to b: neither dominates the other
+        "c": (0.68, 25.0),  # dominated by b (same quality, costlier)
+        "d": (0.65, 10.0),  # the cheapest, but e is better at that cost
+        "e": (0.66, 10.0),  # dominates d (better at the same cost)
+        "f": (0.70, 35.0),  # dominated by a (same quality, costlier)
+        "g": (0.60, 40.0),  # dominated by everything
+        "h": (0.99, None),  # no cost: on no front
+    }
+    assert frontier["pareto_front"](points) == ["a", "b", "b_tie", "e"]
+    assert frontier["pareto_front"]({"only": (0.5, 1.0)}) == ["only"]
+
+
+def test_discovery_leaves_unfinished_runs_out_and_names_a_broken_file(frontier, tmp_path, capsys):
+    _make_run(tmp_path, "base_s42", 0.67, 600.0, 5.0)
+    _make_run(tmp_path, "base_s7", 0.66, 660.0, 5.5)
+    _make_run(tmp_path, "cache_b32_s1", 0.70, 1200.0, 9.0)
+    (tmp_path / "late_s3").mkdir()  # started, no summary or test report yet
+    (tmp_path / "late_s3" / "train_summary.json").write_text("{}")
+    (tmp_path / "zeroshot").mkdir()  # not a run
+    found, unfinished = frontier["discover"](tmp_path)
+    expected = [("base", "base_s7"), ("base", "base_s42"), ("cache_b32", "cache_b32_s1")]  # by seed, not name
+    assert [(name, sub.name) for name, sub in found] == expected
+    assert unfinished == [str(tmp_path / "late_s3")]
+    result = frontier["main"]([str(tmp_path), "--baseline", "base", "--out", str(tmp_path / "f.json")])
+    assert "late_s3: not finished, left out" in capsys.readouterr().err
+    assert [(m["name"], m["seeds"]) for m in result["methods"]] == [("base", 2), ("cache_b32", 1)]
+    assert [(r["name"], r["seed"]) for r in result["runs"]] == [("base", 7), ("base", 42), ("cache_b32", 1)]
+    (tmp_path / "base_s7" / "test.json").write_text("{broken")
+    with pytest.raises(SystemExit) as exc:
+        frontier["main"]([str(tmp_path), "--baseline", "base", "--out", str(tmp_path / "f.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "base_s7" / "test.json") in err and "invalid JSON" in err
+
+
+def test_methods_table_against_hand_computation(frontier, tmp_path, capsys):
+    _make_run(tmp_path, "base_s1", 0.67, 1200.0, 5.0)
+    _make_run(tmp_path, "base_s2", 0.69, 1800.0, 6.0)
+    _make_run(tmp_path, "big_s1", 0.71, 3600.0, 10.0)
+    _make_run(tmp_path, "slow_s1", 0.68, None, 4.0)  # no wall time: quality yes, time no
+    _make_run(tmp_path, "slow_s2", 0.66, 7200.0, 4.5)
+    result = frontier["main"](
+        [str(tmp_path), "--baseline", "base", "--zero-shot", str(_zero_shot(tmp_path, 0.64))]
+        + ["--out", str(tmp_path / "f.json")]
+    )
+    by_name = {m["name"]: m for m in result["methods"]}
+    base, big, slow = by_name["base"], by_name["big"], by_name["slow"]
+    assert base["nDCG@10"] == pytest.approx(0.68)
+    assert base["nDCG@10 std"] == pytest.approx(math.sqrt(((0.67 - 0.68) ** 2 + (0.69 - 0.68) ** 2) / 1))
+    assert big["nDCG@10 std"] is None
+    assert base["wall_min"] == pytest.approx(25.0)  # (20 + 30) / 2 minutes
+    assert base["peak_rss_gib"] == pytest.approx(6.0)  # the max over seeds
+    assert base["gain_per_cpu_hour"] == pytest.approx((0.68 - 0.64) / (1500 / 3600))
+    assert base["gain_per_gib"] == pytest.approx((0.68 - 0.64) / 6.0)
+    assert big["gain_per_cpu_hour"] == pytest.approx(0.07)  # 0.07 in exactly one hour
+    assert slow["wall_min"] == pytest.approx(120.0)  # only the seed with a wall time
+    assert slow["nDCG@10"] == pytest.approx(0.67)  # both seeds
+    assert slow["gain_per_gib"] == pytest.approx((0.67 - 0.64) / 4.5)
+    # time: base (0.68, 25 min) and big (0.71, 60) on it, slow (0.67, 120) dominated; memory: slow 4.5 GiB
+    assert result["fronts"] == {"time": ["base", "big"], "memory": ["base", "big", "slow"]}
+    assert [by_name[n]["front_time"] for n in ("base", "big", "slow")] == [True, True, False]
+    assert "no wall time" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert saved["fronts"] == result["fronts"] and saved["commit"] and "versions" in saved
+
+
+def test_paired_rows_for_every_method_and_a_missing_baseline(frontier, tmp_path, capsys):
+    dcg = [0.0] + [1 / math.log2(rank + 1) for rank in range(1, 11)]  # dcg[r]: the relevant doc at rank r
+    _make_run(tmp_path, "base_s1", 0.6, 600.0, 5.0, ranks=(2, 2, 2, 2, 3, 1))
+    _make_run(tmp_path, "top_s1", 0.7, 900.0, 6.0, ranks=(1, 1, 1, 1, 1, 1))
+    _make_run(tmp_path, "top_s2", 0.7, 900.0, 6.0, ranks=(1, 1, 1, 1, 3, 1))
+    _make_run(tmp_path, "low_s1", 0.5, 300.0, 4.0, ranks=(3, 3, 3, 4, 3, 3))
+    result = frontier["main"]([str(tmp_path), "--baseline", "base", "--out", str(tmp_path / "f.json")])
+    rows = {r["name"]: r for r in result["paired"]}
+    assert sorted(rows) == ["low", "top"] and all(r["vs"] == "base" for r in rows.values())
+    top = [1 - dcg[2]] * 4 + [(1 + dcg[3]) / 2 - dcg[3], 0.0]  # per query, the two seeds averaged
+    low = [dcg[3] - dcg[2]] * 3 + [dcg[4] - dcg[2], 0.0, dcg[3] - 1]
+    assert rows["top"]["mean diff"] == pytest.approx(statistics.fmean(top))
+    assert rows["low"]["mean diff"] == pytest.approx(statistics.fmean(low))
+    assert (rows["top"]["better"], rows["top"]["worse"], rows["top"]["queries"]) == (5, 0, 6)
+    assert (rows["low"]["better"], rows["low"]["worse"]) == (0, 5)
+    assert "p randomization" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        frontier["main"]([str(tmp_path), "--baseline", "nope", "--out", str(tmp_path / "g.json")])
+    assert exc.value.code == 2
+    assert "baseline 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists()
+
+
+def _markdown_methods(path: Path) -> list[list[str]]:
+    """The cells of the rows of the first markdown table of ``path`` (the methods)."""
+    lines = path.read_text().split("\n\n")[0].splitlines()
+    assert lines[0].startswith("| method | seeds | nDCG@10 (mean ± std) |") and set(lines[1]) <= set("|- ")
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_name_equals_dir_specs_a_run_without_log_and_markdown(frontier, tmp_path):
+    one = _make_run(tmp_path, "r1", 0.66, 600.0, 5.0)
+    two = _make_run(tmp_path, "r2", 0.70, 900.0, 6.0, (1, 2, 1, 3, 1, 2))
+    (two / "train_log.jsonl").unlink()  # as a run written by another trainer: the two JSON files only
+    md = tmp_path / "f.md"
+    argv = [f"one={one}", f"two={two}", "--baseline", "one", "--out", str(tmp_path / "f.json")]
+    result = frontier["main"]([*argv, "--markdown", str(md)])
+    assert [(r["name"], r["seed"], r["wall_s"]) for r in result["runs"]] == [
+        ("one", None, 600.0),
+        ("two", None, 900.0),
+    ]
+    rows = _markdown_methods(md)
+    assert [row[:6] for row in rows] == [
+        ["one", "1", "0.6600", "0.9066", "10.0", "5.00"],
+        ["two", "1", "0.7000", "0.9070", "15.0", "6.00"],
+    ]
+    assert "| two | one | 6 |" in md.read_text()  # the paired table: method, baseline, queries, ...
+
+
+def test_png_and_json_of_ten_methods(frontier, tmp_path):
+    pytest.importorskip("matplotlib")
+    root = scifact_like(tmp_path / "runs")
+    png, out = tmp_path / "f.png", tmp_path / "f.json"
+    zero = str(_zero_shot(tmp_path))
+    md = tmp_path / "f.md"
+    argv = [
+        str(root),
+        "--baseline",
+        "inbatch_b32",
+        "--zero-shot",
+        zero,
+        "--out",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    frontier["main"]([*argv, "--markdown", str(md)])
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    saved = json.loads(out.read_text())
+    assert len(saved["methods"]) == len(SCIFACT_LIKE) and len(saved["paired"]) == len(SCIFACT_LIKE) - 1
+    # by hand from SCIFACT_LIKE: the cheapest, then each method better than every cheaper one (by name)
+    assert saved["fronts"] == {
+        "time": ["cache_b32", "inbatch_b64", "mined_b32", "st_cmnrl_b128", "st_mnrl_b32"],
+        "memory": ["cache_b16", "cache_b32", "gradcache_b128", "mined_b32", "st_cmnrl_b128", "st_mnrl_b32"],
+    }
+    rows = {row[0]: row for row in _markdown_methods(md)}
+    assert sorted(rows) == sorted(SCIFACT_LIKE)  # one row per method
+    scores = SCIFACT_LIKE["cache_b32"][0]
+    assert rows["cache_b32"][2] == f"{statistics.fmean(scores):.4f} ± {statistics.stdev(scores):.4f}"
+    assert rows["cache_b32"][8:] == ["yes", "yes"] and rows["inbatch_b32"][8:] == ["", ""]
