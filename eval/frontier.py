@@ -5,11 +5,13 @@
 
 SPEC: ``NAME=RUN_DIR`` (as in eval/compare_training.py), or a ROOT whose ``<name>_s<seed>`` subdirectories
 holding ``train_summary.json`` and ``test.json`` are runs of method ``<name>`` (others so named: unfinished).
-Per method over seeds: test measure (mean ± sample std), R@100, training wall time (dev evaluation included,
-on the CPU that trained), max peak RSS, gain over zero-shot per wall-clock hour and per GiB, and whether it is
-on the Pareto front against time, and against memory: no other method has a mean as high or higher at a cost
-as low or lower, one strictly. Zero-shot (cost 0) is a reference line, not a method of the fronts (a method
-below it can be on one); a method without a wall time is on no time front. Paired tests of each method
+Per method over seeds: test measure (mean ± sample std), R@100, training time, max peak RSS, gain over
+zero-shot per hour of training time and per GiB, and whether it is on the Pareto front against time, and
+against memory: no other method has a mean as high or higher at a cost as low or lower, one strictly. Training
+time is CPU time (``cpu_s`` of train_summary.json: user + system of every thread of the training process, dev
+evaluation included), which other jobs on the machine do not inflate, where every run recorded it; else wall
+time. Zero-shot (cost 0) is a reference line, not a method of the fronts (a method below it can be on one); a
+method without a time is on no time front. Paired tests of each method
 against ``--baseline`` on the test queries (per-query scores averaged over seeds; randomization, paired t).
 """
 
@@ -33,8 +35,9 @@ TEST = "test.json"
 RUN_FILES = ("train_summary.json", TEST)
 RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
 RECALL = "R@100"
-COSTS = {"time": "wall_s", "memory": "peak_rss_gib"}  # front -> cost key of a method row
-CELLS = [("wall min", "wall_min", 1), ("peak GiB", "peak_rss_gib", 2), ("gain/CPU-h", "gain_per_cpu_hour", 4)]
+COSTS = {"time": "time_h", "memory": "peak_rss_gib"}  # front -> cost key of a method row
+CELLS = [("wall min", "wall_min", 1), ("CPU h", "cpu_h", 3), ("peak GiB", "peak_rss_gib", 2)]
+CELLS += [("gain/CPU-h", "gain_per_cpu_hour", 4)]
 CELLS = [(RECALL, RECALL, 4), *CELLS, ("gain/GiB", "gain_per_gib", 4)]  # (header, row key, decimals)
 NEAR = [(7, 4), (7, -4), (-7, 4), (-7, -4), (0, 12), (0, -12)]  # label offsets (points); then with a leader:
 FAR = [(20, 18), (35, 6), (0, 30), (30, 32), (0, 48), (45, 45)]
@@ -88,6 +91,7 @@ def summarise(name: str, run_dir: Path, measure: str) -> dict:
         raise InputError(f"train_summary.json or {TEST} lacks the key {err}", path=run_dir) from None
     if measure not in record["test"]:
         raise InputError(f"no {measure} among the measures {sorted(record['test'])}", path=run_dir / TEST)
+    record["cpu_s"] = read_json(run_dir / "train_summary.json").get("cpu_s")  # None: made before it was kept
     return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
 
 
@@ -110,14 +114,22 @@ def read_specs(specs: Sequence[str], measure: str) -> list[dict]:
 
 
 def method_rows(runs: list[dict], measure: str, zero: float | None) -> list[dict]:
-    """Per method: quality (mean, sample std), costs, gains over zero-shot per hour and GiB, fronts."""
+    """Per method: quality (mean, sample std), costs, gains over zero-shot per CPU-hour and GiB, fronts.
+
+    Time is the training process's CPU time (``cpu_s``: user + system of all its threads, which other jobs on
+    the machine do not inflate) where every run of every method recorded it, else the wall time."""
     measures = [measure] + ([RECALL] if measure != RECALL and all(RECALL in r["test"] for r in runs) else [])
+    use_cpu = all(r.get("cpu_s") is not None for r in runs)
     rows = []
     for agg in aggregate(runs, measures):
+        mine = [r for r in runs if r["name"] == agg["name"]]
+        cpu_h = sum(r["cpu_s"] for r in mine) / len(mine) / 3600 if use_cpu else None
         wall_s, gib, gain = agg["wall_s"], agg["peak_rss_gib"], None if zero is None else agg[measure] - zero
+        hours = cpu_h if use_cpu else (None if wall_s is None else wall_s / 3600)
         row = {k: agg.get(k) for k in ("name", "seeds", measure, f"{measure} std", RECALL, "wall_s")}
-        row |= {"wall_min": None if wall_s is None else wall_s / 60, "peak_rss_gib": gib}
-        row["gain_per_cpu_hour"] = None if gain is None or not wall_s else gain / (wall_s / 3600)
+        row |= {"wall_min": None if wall_s is None else wall_s / 60, "cpu_h": cpu_h, "peak_rss_gib": gib}
+        row |= {"time_h": hours, "time_is": "cpu" if use_cpu else "wall"}
+        row["gain_per_cpu_hour"] = None if gain is None or not hours else gain / hours
         row["gain_per_gib"] = None if gain is None or not gib else gain / gib
         rows.append(row | {"doc_mean_cos": agg["doc_mean_cos"]})
     fronts = {f: pareto_front({r["name"]: (r[measure], r[c]) for r in rows}) for f, c in COSTS.items()}
@@ -200,7 +212,11 @@ def plot_frontier(rows: list[dict], measure: str, zero: float | None, path: Path
     plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors  # a method's colour in both panels
-    panels = [("wall_min", "time", "training wall time (minutes, CPU, dev evaluation included)")]
+    time_label = {
+        "cpu": "training CPU time (hours: user + system of every thread, dev evaluation included)",
+        "wall": "training wall time (hours, dev evaluation included)",
+    }[rows[0]["time_is"]]
+    panels = [("time_h", "time", time_label)]
     panels.append(("peak_rss_gib", "memory", "peak memory of training (RSS, GiB)"))
     placed = []
     for ax, (cost, front, xlabel) in zip(axes, panels, strict=True):
@@ -272,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         paired = []
     table, paired_table = format_table([_cells(r, measure) for r in rows]), format_table(paired)
     print(table, "", paired_table, sep="\n")
-    keys = ("name", "seed", "run_dir", "wall_s", "peak_rss_gib", "best_dev")
+    keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "peak_rss_gib", "best_dev")
     per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
     result = {
         "measure": measure,

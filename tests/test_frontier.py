@@ -186,9 +186,9 @@ def test_name_equals_dir_specs_a_run_without_log_and_markdown(frontier, tmp_path
         ("two", None, 900.0),
     ]
     rows = _markdown_methods(md)
-    assert [row[:6] for row in rows] == [
-        ["one", "1", "0.6600", "0.9066", "10.0", "5.00"],
-        ["two", "1", "0.7000", "0.9070", "15.0", "6.00"],
+    assert [row[:7] for row in rows] == [  # no cpu_s in these summaries: "CPU h" is "-"
+        ["one", "1", "0.6600", "0.9066", "10.0", "-", "5.00"],
+        ["two", "1", "0.7000", "0.9070", "15.0", "-", "6.00"],
     ]
     assert "| two | one | 6 |" in md.read_text()  # the paired table: method, baseline, queries, ...
 
@@ -224,4 +224,25 @@ def test_png_and_json_of_ten_methods(frontier, tmp_path):
     assert sorted(rows) == sorted(SCIFACT_LIKE)  # one row per method
     scores = SCIFACT_LIKE["cache_b32"][0]
     assert rows["cache_b32"][2] == f"{statistics.fmean(scores):.4f} ± {statistics.stdev(scores):.4f}"
-    assert rows["cache_b32"][8:] == ["yes", "yes"] and rows["inbatch_b32"][8:] == ["", ""]
+    assert rows["cache_b32"][9:] == ["yes", "yes"] and rows["inbatch_b32"][9:] == ["", ""]
+
+
+def test_time_is_cpu_time_when_every_run_recorded_it(frontier, tmp_path):
+    """cpu_s in every summary: the time front and the gain per CPU-hour use CPU hours (the wall time can say
+    otherwise: here the slower-by-wall method is the cheaper by CPU); one run without it: wall time."""
+    slow_wall = _make_run(tmp_path, "a_s1", 0.70, 3600.0, 5.0, (1, 2, 1, 3, 1, 2))
+    fast_wall = _make_run(tmp_path, "b_s1", 0.66, 1800.0, 5.0)
+    for run, cpu in ((slow_wall, 1800.0), (fast_wall, 7200.0)):
+        summary = json.loads((run / "train_summary.json").read_text())
+        (run / "train_summary.json").write_text(json.dumps(summary | {"cpu_s": cpu}))
+    argv = [str(tmp_path), "--baseline", "b", "--out", str(tmp_path / "f.json")]
+    rows = {r["name"]: r for r in frontier["main"](argv)["methods"]}
+    assert rows["a"]["time_is"] == "cpu" and rows["a"]["time_h"] == 0.5 and rows["b"]["cpu_h"] == 2.0
+    assert rows["a"]["front_time"] and not rows["b"]["front_time"]  # better and cheaper by CPU time
+
+    summary = json.loads((fast_wall / "train_summary.json").read_text())
+    del summary["cpu_s"]
+    (fast_wall / "train_summary.json").write_text(json.dumps(summary))
+    rows = {r["name"]: r for r in frontier["main"](argv)["methods"]}
+    assert rows["a"]["time_is"] == "wall" and rows["a"]["time_h"] == 1.0 and rows["b"]["time_h"] == 0.5
+    assert rows["a"]["front_time"] and rows["b"]["front_time"]  # by wall time b is the cheaper one

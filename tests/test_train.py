@@ -70,6 +70,8 @@ def test_dev_evaluation_keeps_the_best_model(tmp_path):
     assert elapsed == sorted(elapsed) and 0 < elapsed[-1] <= summary["wall_s"]
     assert all(0 < row["step_time_s"] <= row["elapsed_s"] for row in timed)
     assert summary["peak_rss_gib"] >= timed[-1]["peak_rss_gib"] > 0.05  # a process holding torch + BERT
+    # CPU time of the main process (every thread): spent, and at most what its threads could spend
+    assert 0 < summary["cpu_s"] <= summary["wall_s"] * torch.get_num_threads() + 1
 
 
 # ------------------------------------------------ 2 processes (gloo) == 1 process, same global batch
@@ -124,6 +126,7 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     assert summary["wall_s"] - summary["session_wall_s"] == pytest.approx(
         checkpoint_state["elapsed_s"], abs=0.05
     )
+    assert summary["cpu_s"] > checkpoint_state["cpu_s"] > 0  # the CPU clock is carried over too
     elapsed = [row["elapsed_s"] for row in read_log(killed_dir) if "loss" in row]
     assert elapsed == sorted(elapsed) and elapsed[-1] <= summary["wall_s"]
     ref_model = DualEncoder.from_pretrained(tmp_path / "ref" / "final_model")

@@ -136,6 +136,7 @@ class TrainerState:
     best_metric: float | None = None
     best_step: int | None = None
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time (user + system, every thread) of the main process, over every session
     num_processes: int | None = None  # None in checkpoints saved before it was recorded
 
     @classmethod

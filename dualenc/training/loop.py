@@ -30,6 +30,7 @@ from dualenc.errors import InputError
 from dualenc.evaluation.dev_set import DevSet, load_dev_set
 from dualenc.io.lock import output_lock
 from dualenc.model.encoder import DualEncoder
+from dualenc.model.model_card import training_facts
 from dualenc.negcache.negative_cache import NegativeCache
 from dualenc.training.batches import GroupDataset, TrainCollator
 from dualenc.training.build import (
@@ -81,7 +82,7 @@ def train(
 
 def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) -> TrainResult:
     """The training loop of :func:`train` (which made the Accelerator and holds the output_dir's lock)."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out, seed, rank = Path(cfg.train.output_dir), cfg.train.seed, accelerator.process_index
     set_seed(seed)
     data, model = _data_and_model(cfg, accelerator, model)
@@ -123,6 +124,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
     if resume is not None:  # drop the lines written after the checkpoint this run restarts from
         log.truncate_after(state.step)
     clock_origin = started - state.elapsed_s  # the training clock continues across resumes
+    cpu_origin = cpu_started - state.cpu_s  # and so does the main process's CPU clock
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -189,6 +191,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
             state.step = step
             if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == plan.total_steps:
                 state.elapsed_s = time.perf_counter() - clock_origin
+                state.cpu_s = time.process_time() - cpu_origin
                 per_process = {"cache": cache.table.state_dict()} if cache is not None else None
                 save_checkpoint(
                     accelerator,
@@ -202,8 +205,11 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
     bar.close()
     final = out / "final_model"
     if accelerator.is_main_process:
-        encoder.save_pretrained(final)
-        write_summary(out, cfg, plan, state, resume, started=started, clock_origin=clock_origin)
+        facts = training_facts(cfg, step, accelerator.num_processes, state.best_metric, state.best_step)
+        encoder.save_pretrained(final, training=facts)
+        write_summary(
+            out, cfg, plan, state, resume, started=started, clock_origin=clock_origin, cpu_origin=cpu_origin
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     best = out / "best_model" if state.best_step is not None else None
@@ -273,7 +279,8 @@ def _evaluate_and_keep_best(
         logger.info("step %d: dev %s", step, json.dumps(scores))
         if state.best_metric is None or value > state.best_metric:
             state.best_metric, state.best_step = value, step
-            encoder.save_pretrained(Path(cfg.train.output_dir) / "best_model")
+            facts = training_facts(cfg, step, accelerator.num_processes, value, step)
+            encoder.save_pretrained(Path(cfg.train.output_dir) / "best_model", training=facts)
     module.train()
     accelerator.wait_for_everyone()
     best = [state.best_metric, state.best_step]

@@ -133,9 +133,14 @@ def write_summary(
     *,
     started: float,
     clock_origin: float,
+    cpu_origin: float,
 ) -> None:
-    """``train_summary.json``: steps, epochs, best dev score, wall times, peak memory, where it resumed, and
-    what made the run (commit, machine, versions; the settings are ``config.yaml`` beside it)."""
+    """``train_summary.json``: steps, epochs, best dev score, wall and CPU times, peak memory, where it
+    resumed, and what made the run (commit, machine, versions; the settings are ``config.yaml`` beside it).
+
+    ``cpu_s`` is the main process's CPU time (user + system, all its threads) since the run began, carried
+    over resumes like ``wall_s``: the cost that does not grow when other jobs share the machine. With several
+    processes, each spends about as much."""
     now = time.perf_counter()
     summary = {
         "steps": state.step,
@@ -145,6 +150,7 @@ def write_summary(
         "eval_measure": cfg.train.eval_measure,
         "wall_s": now - clock_origin,
         "session_wall_s": now - started,
+        "cpu_s": time.process_time() - cpu_origin,
         "peak_rss_gib": peak_rss_gib(),
         "resumed_from": None if resume is None else str(resume),
     }
