@@ -210,3 +210,11 @@ def cmd_mine(args) -> int:
     count = write_groups(groups, args.output)
     logger.info("wrote %d query groups to %s (%s format)", count, args.output, args.format)
     return 0
+
+
+def cmd_report(args) -> int:
+    from dualenc.reporting import write_report
+
+    out = write_report(args.run_dirs, args.out, test_report=args.test_report)
+    print(f"report: {out / 'report.md'}")
+    return 0

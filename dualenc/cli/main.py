@@ -16,9 +16,17 @@ import traceback
 from collections.abc import Sequence
 
 from dualenc.cli.checks import check_args, failure_line
-from dualenc.cli.commands import cmd_encode, cmd_evaluate, cmd_index, cmd_mine, cmd_retrieve, cmd_search
+from dualenc.cli.commands import (
+    cmd_encode,
+    cmd_evaluate,
+    cmd_index,
+    cmd_mine,
+    cmd_report,
+    cmd_retrieve,
+    cmd_search,
+)
 
-DESCRIPTION = "dualenc command line: encode, index, search, retrieve, evaluate, mine."
+DESCRIPTION = "dualenc command line: encode, index, search, retrieve, evaluate, mine, report."
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _retrieve_parser(sub)
     _evaluate_parser(sub)
     _mine_parser(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -174,6 +183,18 @@ def _mine_parser(sub) -> None:
     p.add_argument("--columns", help="TSV columns of --collection, as for `dualenc encode --columns`")
     p.add_argument("--output", required=True, help="the JSONL file to write")
     p.set_defaults(func=cmd_mine)
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="report.md, report.json and figures of training runs (train_log.jsonl, config.yaml)"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output directories")
+    p.add_argument(
+        "--out", default=None, help="report directory (default: the run's own dir for one run, ./report)"
+    )
+    p.add_argument("--test-report", default="test.json", help="eval report inside each run dir, if any")
+    p.set_defaults(func=cmd_report)
 
 
 def _quiet_libraries() -> None:
