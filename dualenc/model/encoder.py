@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dualenc.errors import InputError
 from dualenc.model.config import DualEncoderConfig, make_config
 from dualenc.model.custom_tower import tower_spec
+from dualenc.model.model_card import card_folder, model_card
 from dualenc.model.model_dir import load_tower, read_model_dir, write_model_dir
 from dualenc.model.towers import HFEncoder
 
@@ -127,15 +128,18 @@ class DualEncoder(nn.Module):
             if not isinstance(tower, HFEncoder):
                 tower_spec(tower)
 
-    def save_pretrained(self, path: str | PathLike) -> None:
-        """Write the model directory atomically (layout in ``dualenc.model.model_dir``).
+    def save_pretrained(self, path: str | PathLike, *, training: Mapping[str, Any] | None = None) -> None:
+        """Write the model directory atomically (layout in ``dualenc.model.model_dir``), with its model card.
 
         Each tower becomes a sentence-transformers folder (``HFEncoder``) or a custom tower folder
-        (``dualenc.model.custom_tower``; its class needs ``get_config`` and an importable module).
+        (``dualenc.model.custom_tower``; its class needs ``get_config`` and an importable module). The card,
+        ``README.md`` (``dualenc.model.model_card``), appears with the rest of the folder; ``training`` (from
+        ``dualenc.model.model_card.training_facts``) adds how the model was trained.
         """
         self.check_saveable()
         towers, tokenizers = (self.query_encoder, self.doc_encoder), (self.tokenizer, self.doc_tokenizer)
-        write_model_dir(path, self.config, towers, tokenizers)
+        with card_folder(path, model_card(self, path, training)) as folder:
+            write_model_dir(folder, self.config, towers, tokenizers)
 
     @classmethod
     def from_pretrained(
