@@ -15,6 +15,7 @@
 #   4. recipes/train.py  CONFIG with the mined groups, plus any key=value given -> OUT/run (no CONFIG: stop at 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, whatever is installed
 : "${MODEL:?set MODEL}" "${TOPICS:?set TOPICS}" "${QRELS:?set QRELS}" "${OUT:?set OUT}"
 DEPTH=${DEPTH:-30}
 SKIP_TOP=${SKIP_TOP:-3}

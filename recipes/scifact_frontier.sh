@@ -22,6 +22,7 @@
 # eval/frontier.py turns every finished run into OUT/frontier.json, .md and .png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, whatever is installed
 OUT=${OUT:-outputs/frontier}
 SEEDS=${SEEDS:-42}
 METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 cache_b16 inbatch_b32_5ep inbatch_b64 \
