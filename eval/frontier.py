@@ -150,7 +150,8 @@ def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | N
     cells = [_cells(r, measure) for r in rows]
     parts = [_md_table(list(cells[0]), [list(c.values()) for c in cells])]
     if zero is not None:
-        parts.append(f"Zero-shot: {measure} {zero:.4f}; gains are over it, per hour of training wall time.")
+        clock = "CPU time (cpu_s)" if rows[0]["time_is"] == "cpu" else "wall time"
+        parts.append(f"Zero-shot: {measure} {zero:.4f}; gains are over it, per hour of training {clock}.")
     if paired:
         keys = [k for k in paired[0] if k != "measure"]
         values = [[f"{p[k]:.4f}" if isinstance(p[k], float) else str(p[k]) for k in keys] for p in paired]
