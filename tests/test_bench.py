@@ -89,5 +89,10 @@ def test_gpu_checks_script_smoke_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "0 failed step(s)" in proc.stdout
-    for name in ("loss_memory_cpu.json", "cache_step_cpu.json", "train_step_cpu.json"):
+    for name in (
+        "loss_memory_cpu.json",
+        "cache_step_cpu.json",
+        "train_step_cpu.json",
+        "grad_cache_step_cpu.json",
+    ):
         assert json.loads((out / name).read_text())["rows"], name

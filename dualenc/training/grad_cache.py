@@ -13,9 +13,10 @@ One micro-batch in four stages:
 3. *Chunk-wise re-forward and backward*: each chunk is encoded again with its RNG state restored (same
    dropout masks, so the same embeddings) and back-propagated with its cached gradient through the surrogate
    ``Σ <emb, dL/d emb>``, whose parameter gradient is the chunk's share of dL/dθ.
-4. The re-forwards run through the Accelerate-prepared (DDP) module, all but the last under ``no_sync``; the
-   last carries the final query chunk, the final document chunk and the loss parameters' term, so every
-   parameter that takes a gradient is used in the forward DDP synchronises on.
+4. The re-forwards run through the Accelerate-prepared (DDP) module, one chunk each, all but the last under
+   ``no_sync``; the last also carries the loss parameters' term (and, with separate towers, the final query
+   chunk beside the final document chunk), so every parameter that takes a gradient is used in the forward
+   DDP synchronises on.
 
 Peak activation memory is one chunk's graph plus the (B, D) embeddings and the loss over them, instead of the
 whole batch's graph. Without dropout the loss and every gradient equal the plain step's; with dropout the
@@ -145,14 +146,17 @@ def _assign_grads(chunks: list[Chunk], grad: Tensor) -> None:
         start += rows
 
 
-def _replays(queries: list[Chunk], docs: list[Chunk], params: list[tuple[Tensor, Tensor]]) -> list[Replay]:
-    """Pair the chunks from the end, so the last replay holds both sides' last chunk and the loss's θ."""
-    count = max(len(queries), len(docs))
-    q_off, d_off = count - len(queries), count - len(docs)
-    replays = [
-        Replay(queries[k - q_off] if k >= q_off else None, docs[k - d_off] if k >= d_off else None)
-        for k in range(count)
-    ]
+def _replays(
+    queries: list[Chunk], docs: list[Chunk], params: list[tuple[Tensor, Tensor]], shared: bool
+) -> list[Replay]:
+    """One chunk per re-forward, so a backward holds one chunk's graph. The last replay (the one DDP
+    synchronises on) must use every parameter that takes a gradient: the loss's θ, and with separate towers
+    both towers, so it holds the last query chunk too."""
+    if shared:
+        replays = [Replay(query=q) for q in queries] + [Replay(doc=d) for d in docs]
+    else:
+        replays = [Replay(query=q) for q in queries[:-1]] + [Replay(doc=d) for d in docs[:-1]]
+        replays.append(Replay(queries[-1], docs[-1]))
     replays[-1].params = params
     return replays
 
@@ -202,7 +206,7 @@ def grad_cache_step(
     if negatives.leaves:
         _assign_grads(neg_chunks, torch.cat(grads[2 : len(leaves)]))  # (n, D)
     params = list(zip(theta, grads[len(leaves) :], strict=True))
-    replays = _replays(q_chunks, d_chunks + neg_chunks, params)
+    replays = _replays(q_chunks, d_chunks + neg_chunks, params, encoder.shared)
     for k, replay in enumerate(replays):
         synced = sync and k == len(replays) - 1
         with contextlib.nullcontext() if synced else accelerator.no_sync(module):
