@@ -118,3 +118,13 @@ def test_output_check(got, ok):
     else:
         with pytest.raises(AssertionError):
             _check_output(got, want, "x")
+
+
+def test_cli_reference_is_generated_from_the_parsers():
+    """docs/cli.md equals what scripts/cli_reference.py writes from dualenc's argparse parsers."""
+    script = DOCS.parent / "scripts" / "cli_reference.py"
+    cmd = [sys.executable, str(script), "--check"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    page = (DOCS / "cli.md").read_text()
+    assert "## dualenc mine" in page and "`--format`" in page
