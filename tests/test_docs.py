@@ -128,3 +128,33 @@ def test_cli_reference_is_generated_from_the_parsers():
     assert done.returncode == 0, done.stderr
     page = (DOCS / "cli.md").read_text()
     assert "## dualenc mine" in page and "`--format`" in page
+
+
+def _mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "-f",
+        str(root / "mkdocs.yml"),
+        "-d",
+        str(site),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_docs_site_builds_in_strict_mode(tmp_path):
+    """mkdocs.yml: every page in the navigation, every link and anchor found; a broken link fails it."""
+    done = _mkdocs_build(DOCS.parent, tmp_path / "site")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "cli" / "index.html").is_file()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(DOCS, copy / "docs")
+    shutil.copy(DOCS.parent / "mkdocs.yml", copy / "mkdocs.yml")
+    page = copy / "docs" / "quickstart.md"
+    page.write_text(page.read_text() + "\nSee [the missing page](missing.md).\n")
+    broken = _mkdocs_build(copy, tmp_path / "site2")
+    assert broken.returncode != 0 and "missing.md" in broken.stderr
