@@ -51,7 +51,7 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
-def _setup(model_dirs, tmp_path, model: str, overrides: list[str]):
+def _setup(model_dirs, tmp_path, model: str, overrides: list[str], mixed_precision: str = "no"):
     """Accelerator, prepared TrainingModule, a batch of B queries x G, a filled cache (loss != inbatch)."""
     from accelerate import Accelerator
 
@@ -65,11 +65,12 @@ def _setup(model_dirs, tmp_path, model: str, overrides: list[str]):
     from dualenc.training.data import load_train_data
     from dualenc.training.step import TrainingModule
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
     untie = "two-towers" in overrides
     overrides = [o for o in overrides if o != "two-towers"]
     cfg = load_config(None, ["random_init=true", f"train_group_size={G}", "temperature=0.1", *overrides])
-    encoder = DualEncoder.from_pretrained(model_dirs[model]).double()
+    encoder = DualEncoder.from_pretrained(model_dirs[model])
+    encoder = encoder.double() if mixed_precision == "no" else encoder
     if untie:  # separate towers (started from different weights, so both matter)
         doc_tower = copy.deepcopy(encoder.query_encoder)
         with torch.no_grad():
@@ -86,7 +87,8 @@ def _setup(model_dirs, tmp_path, model: str, overrides: list[str]):
         with torch.no_grad():
             emb = torch.from_numpy(encode_texts(encoder.eval(), doc_texts(data.corpus), kind="doc"))
         cache.table.fill_corpus(emb.to(cache.table.emb.dtype), torch.arange(len(data.corpus)))
-    module = accelerator.prepare(TrainingModule(encoder.train(), build_loss(cfg).double(), cfg.loss))
+    loss = build_loss(cfg).double() if mixed_precision == "no" else build_loss(cfg)
+    module = accelerator.prepare(TrainingModule(encoder.train(), loss, cfg.loss))
     return accelerator, module, batch, cache
 
 
@@ -207,3 +209,27 @@ def test_grad_cache_chunk_sizes_must_be_positive():
 
     with pytest.raises(ValueError, match="grad_cache_query_chunk"):
         load_config(None, ["random_init=true", "grad_cache=true", "grad_cache_query_chunk=0"])
+
+
+def test_grad_cache_under_bf16_autocast_follows_the_plain_step(model_dirs, tmp_path):
+    """mixed_precision=bf16: stage 1 runs under the Accelerator's autocast as the wrapped forward does, so the
+    gradients follow the plain bf16 step up to bf16 rounding (not bit for bit: other matrix shapes)."""
+    accelerator, module, batch, cache = _setup(
+        model_dirs, tmp_path, "plain", ["learn_temperature=true"], mixed_precision="bf16"
+    )
+    loss, grads = _plain(module, batch, cache)
+    seen = []  # autocast state at every forward of a Linear layer: stage 1, the loss, the replays
+    hooks = [
+        layer.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        for layer in module.modules()
+        if isinstance(layer, torch.nn.Linear)
+    ]
+    gc_loss, gc_grads, _ = _gc(accelerator, module, batch, cache, 3, 4)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) > 20 and all(seen)  # every encoder forward of the GradCache step ran under autocast
+    assert gc_loss == pytest.approx(loss, rel=2e-2)
+    assert grads.keys() == gc_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        scale = grad.abs().max().clamp(min=1e-6)
+        assert (gc_grads[name] - grad).abs().max() <= 0.1 * scale, name
