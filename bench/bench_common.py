@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,16 @@ def peak_of_step(step: Callable[[], object], device: torch.device) -> int:
     baseline = memory_baseline(device)
     step()
     return memory_peak(device, baseline)
+
+
+def step_times(step: Callable[[], object], repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls of ``step()`` (time their median, after a warm-up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def print_table(rows: Sequence[Mapping[str, object]], title: str | None = None) -> str:

@@ -34,7 +34,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,11 +226,7 @@ def run_single(cfg: dict) -> dict:
             torch.cuda.synchronize()
 
     peak = bench_common.peak_of_step(step, device)
-    times = []
-    for _ in range(cfg["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = bench_common.step_times(step, cfg["repeats"])
     row = {"status": "ok", "batch": b, **first, "step_s": statistics.median(times), "times_s": times}
     return {**cfg, **row, "peak_mib": peak / 2**20, **st_version(cfg["variant"])}
 

@@ -33,7 +33,6 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,11 +175,7 @@ def run_single(cfg: dict) -> dict:
 
     call()  # warm-up: one-time lazy initialisation (kernels, thread pools) is not loss memory
     value, peak, method = peak_of_call(call, device)
-    times = []
-    for _ in range(cfg["repeats"]):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+    times = bench_common.step_times(call, cfg["repeats"])
     row = {"peak_mib": peak / 2**20, "time_ms": 1e3 * statistics.median(times), "loss_value": value}
     row["memory_method"] = method
     if cfg["loss"] == "sce":

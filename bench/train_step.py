@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import bench_common
@@ -86,11 +85,7 @@ def run_single(cfg: dict) -> dict:
             torch.cuda.synchronize()
 
     peak = bench_common.peak_of_step(step, device)
-    times = []
-    for _ in range(cfg["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = bench_common.step_times(step, cfg["repeats"])
     return {
         **cfg,
         "step_s": statistics.median(times),
