@@ -13,6 +13,9 @@ evaluation included), which other jobs on the machine do not inflate, where ever
 time. Zero-shot (cost 0) is a reference line, not a method of the fronts (a method below it can be on one); a
 method without a time is on no time front. Paired tests of each method
 against ``--baseline`` on the test queries (per-query scores averaged over seeds; randomization, paired t).
+
+``--extra-cost METHOD=FILE`` adds work done before training to each run of METHOD's CPU time: FILE has lines
+``STEP<TAB>CPU_SECONDS`` (recipes/hard_negative_round.sh writes such a ``mining_cpu.tsv``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from compare_training import aggregate, paired_comparison, run_wall_s, summarise
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
-from dualenc.io.input_files import read_json
+from dualenc.io.input_files import existing_file, iter_lines, read_json
 from dualenc.io.provenance import environment_info
 from dualenc.io.text_table import format_table
 
@@ -93,6 +96,35 @@ def summarise(name: str, run_dir: Path, measure: str) -> dict:
         raise InputError(f"no {measure} among the measures {sorted(record['test'])}", path=run_dir / TEST)
     record["cpu_s"] = read_json(run_dir / "train_summary.json").get("cpu_s")  # None: made before it was kept
     return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
+
+
+def read_extra_costs(specs: Sequence[str], methods: Sequence[str]) -> dict[str, float]:
+    """``METHOD=FILE`` -> METHOD: the CPU seconds of FILE's ``STEP<TAB>CPU_SECONDS`` lines, summed."""
+    extra = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--extra-cost: expected METHOD=FILE, got {spec!r}")
+        if name not in methods:
+            raise InputError(f"--extra-cost: {name!r} is not one of the finished methods {list(methods)}")
+        total = 0.0
+        for number, line in iter_lines(existing_file(path)):
+            step, _, seconds = line.partition("\t")
+            try:
+                total += float(seconds)
+            except ValueError:
+                problem = f"expected STEP<TAB>CPU_SECONDS, got {line!r}"
+                raise InputError(problem, path=path, line=number) from None
+        extra[name] = extra.get(name, 0.0) + total
+    return extra
+
+
+def add_extra_costs(runs: list[dict], extra: dict[str, float]) -> None:
+    """Each run of a method in ``extra`` costs that much more CPU time (``extra_cpu_s`` says how much)."""
+    for run in runs:
+        run["extra_cpu_s"] = extra.get(run["name"], 0.0)
+        if run.get("cpu_s") is not None:
+            run["cpu_s"] += run["extra_cpu_s"]
 
 
 def read_specs(specs: Sequence[str], measure: str) -> list[dict]:
@@ -265,6 +297,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="JSON output")
     p.add_argument("--plot", default=None, type=Path, help="PNG: quality against wall time and memory")
     p.add_argument("--markdown", default=None, type=Path, help="GitHub markdown tables")
+    p.add_argument(
+        "--extra-cost",
+        action="append",
+        default=[],
+        metavar="METHOD=FILE",
+        help="CPU seconds spent before training (STEP<TAB>CPU_SECONDS lines) added to each run of METHOD",
+    )
     return p.parse_args(argv)
 
 
@@ -279,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.baseline not in (names := list(dict.fromkeys(r["name"] for r in runs))):
             raise InputError(f"baseline {args.baseline!r} is not one of the finished methods {names}")
         zero = None if zero_report is None else zero_report["measures"][measure]
+        add_extra_costs(runs, read_extra_costs(args.extra_cost, names))
         rows = method_rows(runs, measure, zero)
         paired = paired_comparison(runs, args.baseline, measure)
     except InputError as err:  # one line, as compare_training
@@ -289,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         paired = []
     table, paired_table = format_table([_cells(r, measure) for r in rows]), format_table(paired)
     print(table, "", paired_table, sep="\n")
-    keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "peak_rss_gib", "best_dev")
+    keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "extra_cpu_s", "peak_rss_gib", "best_dev")
     per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
     result = {
         "measure": measure,

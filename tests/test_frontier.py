@@ -246,3 +246,33 @@ def test_time_is_cpu_time_when_every_run_recorded_it(frontier, tmp_path):
     rows = {r["name"]: r for r in frontier["main"](argv)["methods"]}
     assert rows["a"]["time_is"] == "wall" and rows["a"]["time_h"] == 1.0 and rows["b"]["time_h"] == 0.5
     assert rows["a"]["front_time"] and rows["b"]["front_time"]  # by wall time b is the cheaper one
+
+
+def test_extra_cost_adds_the_mining_round_to_each_run_of_its_method(frontier, tmp_path, capsys):
+    """--extra-cost mined=FILE: FILE's CPU seconds (mining_cpu.tsv lines) join every mined run's CPU time, and
+    the fronts follow: mined is cheaper than the baseline by training alone, dearer once its mining counts."""
+    runs = {"base_s1": (0.66, 3600.0), "mined_s1": (0.70, 1800.0), "mined_s2": (0.70, 2700.0)}
+    for dirname, (ndcg, cpu) in runs.items():
+        ranks = (1, 2, 1, 3, 1, 2) if ndcg > 0.67 else (2,) * 6
+        run = _make_run(tmp_path / "r", dirname, ndcg, cpu, 5.0, ranks)
+        summary = json.loads((run / "train_summary.json").read_text())
+        (run / "train_summary.json").write_text(json.dumps(summary | {"cpu_s": cpu}))
+    argv = [str(tmp_path / "r"), "--baseline", "base", "--out", str(tmp_path / "f.json")]
+    rows = {r["name"]: r for r in frontier["main"](argv)["methods"]}
+    assert rows["mined"]["cpu_h"] == 0.625 and rows["mined"]["front_time"] and not rows["base"]["front_time"]
+
+    cost = tmp_path / "mining_cpu.tsv"
+    cost.write_text("encode\t5000.5\nretrieve\t120.25\nmine\t279.25\n")  # 5,400 s = 1.5 h
+    result = frontier["main"]([*argv, "--extra-cost", f"mined={cost}"])
+    rows = {r["name"]: r for r in result["methods"]}
+    assert rows["mined"]["cpu_h"] == 0.625 + 1.5 and rows["base"]["cpu_h"] == 1.0
+    assert rows["base"]["front_time"] and rows["mined"]["front_time"]  # now a trade-off: both on the front
+    assert {r["name"]: r["extra_cpu_s"] for r in result["runs"]} == {"base": 0.0, "mined": 5400.0}
+
+    cost.write_text("encode\t5000.5\nretrieve 120\n")
+    with pytest.raises(SystemExit):
+        frontier["main"]([*argv, "--extra-cost", f"mined={cost}"])
+    assert f"{cost}:2: expected STEP<TAB>CPU_SECONDS, got 'retrieve 120'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        frontier["main"]([*argv, "--extra-cost", f"minde={cost}"])
+    assert "'minde' is not one of the finished methods" in capsys.readouterr().err

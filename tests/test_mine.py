@@ -310,6 +310,12 @@ def test_hard_negative_round_recipe_end_to_end(tmp_path, tiny_model_dir):
     assert "train_group_size: 3" in config and "train_format: groups" in config
     assert json.loads((out / "run" / "train_summary.json").read_text())["steps"] == 2
 
+    cost = [line.split("\t") for line in (out / "mining_cpu.tsv").read_text().splitlines()]
+    assert [step for step, _ in cost] == ["encode", "retrieve", "mine"]
+    # each step is a python process that imports torch: well over 0.1 CPU seconds, and not a whole minute
+    assert all(0.1 < float(cpu_s) < 60 for _, cpu_s in cost), cost
+
     stamp = (out / "train_groups.jsonl").stat().st_mtime_ns
     again = subprocess.run(["bash", script, *over], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and (out / "train_groups.jsonl").stat().st_mtime_ns == stamp
+    assert len((out / "mining_cpu.tsv").read_text().splitlines()) == 3, "a skipped step adds no cost"
