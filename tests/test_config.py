@@ -203,3 +203,10 @@ def test_every_accelerate_tracker_is_a_choice_and_a_missing_package_is_one_clear
 def test_an_unknown_tracker_lists_the_choices():
     with pytest.raises(InputError, match="report_to='neptune' is not one of none, tensorboard, wandb"):
         load_config(overrides=["random_init=true", "report_to=neptune"])
+
+
+def test_a_learned_temperature_below_the_scale_cap_is_refused_before_training():
+    """learn_temperature with τ < 1/MAX_SCALE would start at the clamp, where the scale gets no gradient."""
+    with pytest.raises(InputError, match="learn_temperature=true needs temperature >= 0.01, got 0.005"):
+        load_config(None, ["random_init=true", "learn_temperature=true", "temperature=0.005"])
+    assert load_config(None, ["random_init=true", "temperature=0.005"]).loss.temperature == 0.005

@@ -61,6 +61,19 @@ def test_learned_temperature_gradient_matches_autograd_of_the_formula():
     assert float(loss_fn.temperature.log_scale.grad) == pytest.approx(float(grad), rel=1e-10)
 
 
+def test_a_fixed_temperature_is_used_as_given_and_a_learned_one_is_capped():
+    """τ = 0.005 fixed scales by 200 (no silent cap); a learned scale is clamped at 100 and starts below."""
+    from dualenc.losses.base import MAX_SCALE, Temperature
+
+    assert float(Temperature(0.005)()) == pytest.approx(200.0)
+    learned = Temperature(0.02, learn=True)
+    with torch.no_grad():
+        learned.log_scale.fill_(math.log(500.0))  # as if training had pushed it past the cap
+    assert float(learned()) == MAX_SCALE
+    with pytest.raises(ValueError, match="a learned temperature must start at >= 0.01, got 0.005"):
+        Temperature(0.005, learn=True)
+
+
 def test_false_negative_mask_matches_a_loop():
     doc_idx = torch.tensor([5, 9, 5, 2, 7, 9])
     positives = torch.tensor([[5, -1], [2, 9], [7, -1]])

@@ -67,6 +67,9 @@ class Temperature(nn.Module):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if learn and temperature < 1.0 / MAX_SCALE:  # it would start clamped, with no gradient to learn from
+            raise ValueError(f"a learned temperature must start at >= {1.0 / MAX_SCALE}, got {temperature}")
+        self.learn = learn
         # float64, so that float64 tests are exact too
         log_scale = torch.tensor(math.log(1.0 / temperature), dtype=torch.float64)  # ()
         if learn:
@@ -75,8 +78,9 @@ class Temperature(nn.Module):
             self.register_buffer("log_scale", log_scale)
 
     def forward(self) -> Tensor:
-        """The current scale 1/τ, a 0-d tensor (clamped to ``MAX_SCALE`` when learned)."""
-        return self.log_scale.exp().clamp(max=MAX_SCALE)
+        """The current scale 1/τ, a 0-d tensor: clamped to ``MAX_SCALE`` if learned, a fixed one as given."""
+        scale = self.log_scale.exp()  # ()
+        return scale.clamp(max=MAX_SCALE) if self.learn else scale
 
 
 def false_negative_mask(doc_idx: Tensor, positives: Tensor, targets: Tensor) -> Tensor:

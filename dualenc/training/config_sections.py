@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dualenc.io.config_file import choice, help_field, positive
+from dualenc.losses.base import MAX_SCALE
 from dualenc.model.options import POOLINGS, TORCH_DTYPES
 from dualenc.training.formats import TRAIN_FORMATS
 
@@ -193,6 +194,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         choice("loss", self.loss, LOSSES)
         positive("temperature", self.temperature)
+        low = 1.0 / MAX_SCALE  # a learned 1/τ is capped at MAX_SCALE: starting above it, it would not learn
+        if self.learn_temperature and self.temperature < low:
+            raise ValueError(f"learn_temperature=true needs temperature >= {low}, got {self.temperature}")
 
     def validate(self, cfg: Any) -> None:
         """Checks that need other sections."""
