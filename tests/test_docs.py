@@ -25,6 +25,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", flags=re.S)
 FILE_MARK = re.compile(r"# ([\w.-]+\.py)\n")
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
+NOT_RUN = re.compile(r"<!-- not run: [^\n]*-->\n\Z")  # the mark, on the line right before a fence
 DECIMAL_TOLERANCE = 0.02
 
 
@@ -39,8 +40,12 @@ def _check_output(got: str, want: str, where: str) -> None:
 
 
 def run_page(page: str, folder: Path) -> str:
-    """Run ``page`` as the module docstring says; returns what its in-process python blocks printed."""
-    blocks = [(m.group(1), m.group(2)) for m in BLOCK.finditer((DOCS / page).read_text())]
+    """Run ``page`` as the module docstring says; returns what its in-process python blocks printed. A block
+    marked ``<!-- not run: REASON -->`` on the line before its fence is left out (tests/test_doc_blocks.py
+    checks its commands against the parsers instead)."""
+    text = (DOCS / page).read_text()
+    found = BLOCK.finditer(text)
+    blocks = [(m.group(1), m.group(2)) for m in found if not NOT_RUN.search(text, 0, m.start())]
     namespace: dict = {"__name__": "docs_example"}
     printed = io.StringIO()
     for lang, code in blocks:
@@ -95,6 +100,19 @@ def test_api_page_runs_as_written(minilm_dir, tmp_path):
     )
     assert cli.ids == python.ids and len(cli.ids) == 300
     np.testing.assert_array_equal(cli.emb, python.emb)
+
+
+def test_recipes_page_runs_as_written(tmp_path, shared_data):
+    """Its launch commands: tiny.yaml on one process and on 2 CPU processes (torchrun), from a folder laid out
+    as the repository root (recipes/ linked, ../shared/data the test data); the plan lines it shows."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "recipes").symlink_to(DOCS.parent / "recipes")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(shared_data)
+    run_page("recipes.md", root)
+    for run in ("tiny_1p", "tiny_2p"):
+        assert json.loads((root / "outputs" / run / "train_summary.json").read_text())["steps"] == 60
 
 
 def test_architecture_page_runs_as_written():
