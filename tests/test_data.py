@@ -237,7 +237,7 @@ def test_bad_collection_or_queries(tmp_path, hf, kind, name, content, line, word
     with pytest.raises(InputError) as err:
         reader(path, cache_dir=hf)
     message = str(err.value)
-    assert message.startswith(f"{path.resolve()}:{line}: "), message
+    assert message.startswith(f"{path}:{line}: "), message
     assert "\n" not in message
     for word in words:
         assert word in message, message
@@ -261,7 +261,7 @@ def test_bad_qrels(tmp_path, content, line, words):
     with pytest.raises(InputError) as err:
         read_qrels(path)
     message = str(err.value)
-    assert message.startswith(f"{path.resolve()}:{line}: "), message
+    assert message.startswith(f"{path}:{line}: "), message
     for word in words:
         assert word in message, message
 
@@ -277,7 +277,20 @@ def test_empty_file(tmp_path, hf, reader, content):
     }[reader]
     with pytest.raises(InputError, match="empty file") as err:
         call()
-    assert str(err.value).startswith(f"{path.resolve()}: ")
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("reader", ["collection", "qrels"])
+def test_an_error_names_the_file_as_the_caller_wrote_it(tmp_path, hf, monkeypatch, reader):
+    """A relative path stays relative in the message (the user's own words), as the run reader does."""
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "bad.tsv", "a\tb\tc\td\n" if reader == "collection" else "1 Q0 D1\n")
+    monkeypatch.chdir(tmp_path / "sub")
+    call = {"collection": lambda p: read_collection(p, cache_dir=hf), "qrels": read_qrels}[reader]
+    for given in ("bad.tsv", "../sub/bad.tsv"):
+        with pytest.raises(InputError) as err:
+            call(given)
+        assert str(err.value).startswith(f"{given}:1: "), err.value
 
 
 def test_empty_beir_qrels_after_header(tmp_path):

@@ -31,7 +31,8 @@ def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
     Raises:
         InputError: missing or empty file, wrong column count, non-integer grade, conflicting duplicate.
     """
-    path = existing_file(path)
+    existing_file(path)
+    path = str(path)  # errors name the file as the caller wrote it
     with gzip_errors_first(path):  # a garbled .gz is reported as such, not as the bad line it made
         return _read_qrels(path)
 

@@ -129,7 +129,19 @@ def read_queries(
 def _read_table(
     path: str | os.PathLike, kind: str, cache_dir: str | None, columns: str | Sequence[str] | None
 ) -> datasets.Dataset:
-    """Stream ``path`` into a cached Arrow dataset, then check that the ids are unique."""
+    """Stream ``path`` into a cached Arrow dataset, then check that the ids are unique; errors name ``path``
+    as the caller wrote it (the cache is keyed by the resolved path)."""
+    try:
+        return _read_resolved_table(path, kind, cache_dir, columns)
+    except InputError as err:
+        if err.path != str(Path(path).expanduser().resolve()):
+            raise
+        raise InputError(err.problem, path=path, line=err.line) from None
+
+
+def _read_resolved_table(
+    path: str | os.PathLike, kind: str, cache_dir: str | None, columns: str | Sequence[str] | None
+) -> datasets.Dataset:
     import datasets
 
     names = parse_columns(columns)
