@@ -200,6 +200,30 @@ def test_kill_9_in_the_cache_fill_or_a_checkpoint_write_then_resume_is_exact(tmp
         assert torch.equal(ref[name], got[name]), name
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_a_clean_log(tmp_path):
+    """kill -9 after logged steps but before any checkpoint; resume_from=latest starts from step 0 and the log
+    holds each step once, the same losses as an uninterrupted run (not the killed run's lines, then again)."""
+    from helpers import read_log
+
+    base = tiny_overrides(tmp_path, max_steps=6, dev_corpus_file=None)
+    reference = tmp_path / "reference"
+    train(load_config(TINY, [*base, f"output_dir={reference}"]))
+    killed = tmp_path / "killed"
+    victim = train_subprocess(tmp_path, True, [*base, f"output_dir={killed}"])
+    deadline = time.time() + 300
+    while last_logged_step(killed) < 2:
+        assert victim.poll() is None and time.time() < deadline, "the run ended before logging 2 steps"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    assert not (killed / "checkpoints").exists() or not any((killed / "checkpoints").iterdir())
+    assert not (killed / "final_model").exists()
+    train(load_config(TINY, [*base, f"output_dir={killed}", "resume_from=latest"]))
+    want, got = read_log(reference), read_log(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+
+
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("x")
     overrides = tiny_overrides(tmp_path, max_steps=2, dev_corpus_file=None)

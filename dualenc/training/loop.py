@@ -121,8 +121,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
     resume, state = restore_checkpoint(
         accelerator, out, cfg.train.resume_from, cache, config=config_to_dict(cfg)
     )
-    if resume is not None:  # drop the lines written after the checkpoint this run restarts from
-        log.truncate_after(state.step)
+    # drop the lines written after the checkpoint this run restarts from: all of them when a run killed before
+    # its first checkpoint starts over, or its steps would be logged twice
+    log.truncate_after(state.step)
     clock_origin = started - state.elapsed_s  # the training clock continues across resumes
     cpu_origin = cpu_started - state.cpu_s  # and so does the main process's CPU clock
     if accelerator.is_main_process:
