@@ -266,6 +266,9 @@ def test_extra_cost_adds_the_mining_round_to_each_run_of_its_method(frontier, tm
     result = frontier["main"]([*argv, "--extra-cost", f"mined={cost}"])
     rows = {r["name"]: r for r in result["methods"]}
     assert rows["mined"]["cpu_h"] == 0.625 + 1.5 and rows["base"]["cpu_h"] == 1.0
+    assert rows["mined"]["extra_cpu_h"] == 1.5 and rows["base"]["extra_cpu_h"] == 0.0
+    page = frontier["markdown"](list(rows.values()), [], "nDCG@10", 0.6451)
+    assert "mined: its CPU h include 1.500 h spent before training." in page and "base: its" not in page
     assert rows["base"]["front_time"] and rows["mined"]["front_time"]  # now a trade-off: both on the front
     assert {r["name"]: r["extra_cpu_s"] for r in result["runs"]} == {"base": 0.0, "mined": 5400.0}
 
