@@ -4,9 +4,10 @@
     python eval/trec_dl19.py --model MODEL_DIR --collection /data/msmarco/collection.tsv \\
         --factory IVF65536,PQ64
 
-By default the collection is the 31,490-passage subset in ../shared/data (every judged DL19 passage plus the
-BM25 top-100): a pooled, re-ranking-style benchmark whose numbers are NOT comparable to full-collection
-figures. Pass the official 8.8M ``collection.tsv`` to get those. The shipped BM25 run is scored alongside.
+By default the collection is the 31,490-passage subset in ../shared/data (every DL19 passage judged relevant
+plus the BM25 top-100): a pooled, re-ranking-style benchmark whose numbers are NOT comparable to
+full-collection figures. Pass the official 8.8M ``collection.tsv`` to get those. The shipped BM25 run is
+scored alongside.
 """
 
 from __future__ import annotations

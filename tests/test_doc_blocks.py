@@ -62,6 +62,7 @@ RUN_BY: dict[str, tuple[str, frozenset[str]]] = {
     ),
     "docs/quickstart.md": (QUICKSTART_TEST, frozenset({"bash", "prompt"})),
     "docs/recipes.md": ("tests/test_docs.py::test_recipes_page_runs_as_written", frozenset({"bash"})),
+    "docs/data.md": ("tests/test_docs.py::test_data_page_runs_as_written", frozenset({"bash"})),
 }
 SUBSET_ROWS = 2000
 

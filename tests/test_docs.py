@@ -115,6 +115,12 @@ def test_recipes_page_runs_as_written(tmp_path, shared_data):
         assert json.loads((root / "outputs" / run / "train_summary.json").read_text())["steps"] == 60
 
 
+def test_data_page_runs_as_written(tmp_path):
+    """Its worked example: hand-written qrels and run, scored by dualenc evaluate as the page shows."""
+    run_page("data.md", tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"qrels.txt", "run.trec"}
+
+
 def test_architecture_page_runs_as_written():
     """Its command (the layers check) runs from the repository root and prints what the page shows."""
     run_page("architecture.md", DOCS.parent)
