@@ -20,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from doc_commands import FILE_MARK, read_blocks
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BLOCK = re.compile(r"```(\w+)\n(.*?)```", flags=re.S)
-FILE_MARK = re.compile(r"# ([\w.-]+\.py)\n")
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
-NOT_RUN = re.compile(r"<!-- not run: [^\n]*-->\n\Z")  # the mark, on the line right before a fence
 DECIMAL_TOLERANCE = 0.02
 
 
@@ -43,9 +41,8 @@ def run_page(page: str, folder: Path) -> str:
     """Run ``page`` as the module docstring says; returns what its in-process python blocks printed. A block
     marked ``<!-- not run: REASON -->`` on the line before its fence is left out (tests/test_doc_blocks.py
     checks its commands against the parsers instead)."""
-    text = (DOCS / page).read_text()
-    found = BLOCK.finditer(text)
-    blocks = [(m.group(1), m.group(2)) for m in found if not NOT_RUN.search(text, 0, m.start())]
+    found = read_blocks((DOCS / page).read_text(), page)[0]
+    blocks = [(block.lang, block.text) for block in found if block.mark is None]
     namespace: dict = {"__name__": "docs_example"}
     printed = io.StringIO()
     for lang, code in blocks:
