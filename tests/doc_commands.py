@@ -123,7 +123,8 @@ def commands_of(block: Block) -> list[Command]:
 
 
 def _joined(lines: list[str], first: int) -> list[Command]:
-    """One command per logical line: a line ending in a backslash continues on the next."""
+    """One command per logical line: a line ending in a backslash continues on the next, and so does a line
+    that leaves a quote open (``python -c '...'`` over several lines keeps its newlines and indentation)."""
     commands, i = [], 0
     while i < len(lines):
         start, parts = i, [lines[i]]
@@ -132,10 +133,21 @@ def _joined(lines: list[str], first: int) -> list[Command]:
             i += 1
             parts.append(lines[i])
         text = " ".join(p.strip() for p in parts)
+        while _quote_open(text) and i + 1 < len(lines):
+            i += 1
+            text += "\n" + lines[i]
         if text:  # a comment line too: it may hold a command (see shell_words)
             commands.append(Command(first + start, text))
         i += 1
     return commands
+
+
+def _quote_open(text: str) -> bool:
+    try:
+        shlex.split(text, comments=True)
+    except ValueError:
+        return True
+    return False
 
 
 def _prompted(lines: list[str], first: int) -> list[Command]:

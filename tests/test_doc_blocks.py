@@ -63,6 +63,10 @@ RUN_BY: dict[str, tuple[str, frozenset[str]]] = {
     "docs/quickstart.md": (QUICKSTART_TEST, frozenset({"bash", "prompt"})),
     "docs/recipes.md": ("tests/test_docs.py::test_recipes_page_runs_as_written", frozenset({"bash"})),
     "docs/data.md": ("tests/test_docs.py::test_data_page_runs_as_written", frozenset({"bash"})),
+    "docs/negative_cache.md": (
+        "tests/test_docs.py::test_negative_cache_page_runs_as_written",
+        frozenset({"bash"}),
+    ),
 }
 SUBSET_ROWS = 2000
 
@@ -207,6 +211,16 @@ WRONG_COMMANDS = [  # (id, a block marked not run, a problem the checker must re
     ),
     ("bash-script", "```bash\nX=1 bash recipes/nope.sh\n```", "recipes/nope.sh: no such script"),
     ("program", "```bash\nfrobnicate --all\n```", "unknown program 'frobnicate'"),
+    (
+        "python-c-lines",
+        "```bash\npython -c 'import json\nfor x in [1]:\n    print(x'\ndualenc encode --modle m\n```",
+        "python -c",
+    ),
+    (
+        "after-python-c-lines",
+        "```bash\npython -c 'import json\nfor x in [1]:\n    print(x)'\ndualenc encode --modle m\n```",
+        "doc.md:6: dualenc encode",
+    ),
     (
         "in-comment",
         "```bash\nls  # several GPUs: dualenc index --gpu\n```",

@@ -112,6 +112,23 @@ def test_recipes_page_runs_as_written(tmp_path, shared_data):
         assert json.loads((root / "outputs" / run / "train_summary.json").read_text())["steps"] == 60
 
 
+def test_negative_cache_page_runs_as_written(tmp_path, shared_data):
+    """Its command: tiny_cache.yaml trains with the cache and does what the config's header promises (the loss
+    falls below 1.5 within 60 steps, the positive's rank among the cached documents falls)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "recipes").symlink_to(DOCS.parent / "recipes")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(shared_data)
+    run_page("negative_cache.md", root)
+    run = root / "outputs" / "tiny_cache"
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 60
+    steps = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "loss" in s]
+    assert steps[0]["loss"] > 2.5 and steps[-1]["loss"] < 1.5, [s["loss"] for s in steps]
+    assert steps[-1]["cache/pos_rank"] < steps[0]["cache/pos_rank"]
+
+
 def test_data_page_runs_as_written(tmp_path):
     """Its worked example: hand-written qrels and run, scored by dualenc evaluate as the page shows."""
     run_page("data.md", tmp_path)
@@ -166,11 +183,27 @@ def _mkdocs_build(root: Path, site: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+def _raw_dollars(html: str) -> list[str]:
+    """The `$` a reader of the site would see: outside code, scripts and arithmatex's math."""
+    for element in (r"<pre.*?</pre>", r"<code.*?</code>", r"<script.*?</script>"):
+        html = re.sub(element, "", html, flags=re.S)
+    html = re.sub(r'<(span|div) class="arithmatex">.*?</\1>', "", html, flags=re.S)
+    return [html[max(0, m.start() - 30) : m.start() + 30] for m in re.finditer(r"\$", html)]
+
+
+def test_raw_dollars_sees_unrendered_tex():
+    assert _raw_dollars('<p>cost $x$</p><span class="arithmatex">\\(y\\)</span><code>$OUT</code>') != []
+    assert _raw_dollars('<span class="arithmatex">\\(y\\)</span><pre>echo $OUT</pre>') == []
+
+
 def test_docs_site_builds_in_strict_mode(tmp_path):
     """mkdocs.yml: every page in the navigation, every link and anchor found; a broken link fails it."""
     done = _mkdocs_build(DOCS.parent, tmp_path / "site")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "site" / "cli" / "index.html").is_file()
+    assert 'class="arithmatex"' in (tmp_path / "site" / "concepts" / "index.html").read_text()
+    for page in sorted((tmp_path / "site").rglob("index.html")):
+        assert _raw_dollars(page.read_text()) == [], f"{page}: TeX left for the reader, not for MathJax"
 
     copy = tmp_path / "copy"
     shutil.copytree(DOCS, copy / "docs")
