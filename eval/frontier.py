@@ -12,7 +12,9 @@ time is CPU time (``cpu_s`` of train_summary.json: user + system of every thread
 evaluation included), which other jobs on the machine do not inflate, where every run recorded it; else wall
 time. Zero-shot (cost 0) is a reference line, not a method of the fronts (a method below it can be on one); a
 method without a time is on no time front. Paired tests of each method
-against ``--baseline`` on the test queries (per-query scores averaged over seeds; randomization, paired t).
+against ``--baseline`` on the test queries (per-query scores averaged over seeds; randomization, paired t),
+and ``--pair METHOD=CONTROL`` adds the test of METHOD against a control of the same cost shape (the cache at
+batch 16 against in-batch at batch 16: the same step count, without the cache).
 
 ``--extra-cost METHOD=FILE`` adds work done before training to each run of METHOD's CPU time: FILE has lines
 ``STEP<TAB>CPU_SECONDS`` (recipes/hard_negative_round.sh writes such a ``mining_cpu.tsv``).
@@ -312,7 +314,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="METHOD=FILE",
         help="CPU seconds spent before training (STEP<TAB>CPU_SECONDS lines) added to each run of METHOD",
     )
+    p.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="METHOD=CONTROL",
+        help="also test METHOD against CONTROL (paired, on the test queries); repeatable",
+    )
     return p.parse_args(argv)
+
+
+def read_pairs(specs: Sequence[str], methods: Sequence[str], baseline: str) -> list[tuple[str, str]]:
+    """``METHOD=CONTROL`` specs as (method, control) of finished methods; a pair against the baseline is
+    already in the table and is refused, as is a method paired with itself."""
+    pairs = []
+    for spec in specs:
+        method, sep, control = spec.partition("=")
+        if not sep or not method or not control or method == control:
+            raise InputError(f"--pair {spec!r}: expected METHOD=CONTROL, two different method names")
+        for name in (method, control):
+            if name not in methods:
+                finished = list(methods)
+                raise InputError(f"--pair {spec!r}: {name!r} is not one of the finished methods {finished}")
+        if control == baseline:
+            raise InputError(f"--pair {spec!r}: every method is already tested against baseline {baseline!r}")
+        if (method, control) in pairs:
+            raise InputError(f"--pair {spec!r} is given twice")
+        pairs.append((method, control))
+    return pairs
+
+
+def paired_tests(runs: list[dict], baseline: str, pairs: list[tuple[str, str]], measure: str) -> list[dict]:
+    """Every method against ``baseline``, then each (method, control) of ``pairs``."""
+    rows = paired_comparison(runs, baseline, measure)
+    for method, control in pairs:
+        rows += paired_comparison([r for r in runs if r["name"] in (method, control)], control, measure)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -328,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         zero = None if zero_report is None else zero_report["measures"][measure]
         add_extra_costs(runs, read_extra_costs(args.extra_cost, names))
         rows = method_rows(runs, measure, zero)
-        paired = paired_comparison(runs, args.baseline, measure)
+        pairs = read_pairs(args.pair, names, args.baseline)
+        paired = paired_tests(runs, args.baseline, pairs, measure)
     except InputError as err:  # one line, as compare_training
         print(f"frontier: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

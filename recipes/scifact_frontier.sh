@@ -24,7 +24,8 @@
 #
 # Writes OUT/<method>_s<seed>/ (train_summary.json, train_log.jsonl, best_model, test.json). A finished run is
 # skipped and an interrupted one resumes (resume_from=latest): rerun the script after a kill. At the end,
-# eval/frontier.py turns every finished run into OUT/frontier.json, .md and .png.
+# eval/frontier.py turns every finished run into OUT/frontier.json, .md and .png, with paired tests against
+# in-batch B = 32 and between each method and its control (the cache at batch 16 against in-batch at 16, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, whatever is installed
@@ -97,6 +98,12 @@ extra=()  # the mining round's CPU time counts in the mined runs' cost
 for method in mined_b32 mined_gc_b32; do
   [ ! -f "$OUT/mined/mining_cpu.tsv" ] || ! compgen -G "$OUT/${method}_s*/test.json" > /dev/null ||
     extra+=(--extra-cost "$method=$OUT/mined/mining_cpu.tsv")
+done
+# controlled comparisons, besides every method against in-batch B = 32: METHOD=CONTROL, where both are run
+for pair in cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_sce_b32=cache_b32 cache_r005_b32=cache_b32 \
+  cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 gradcache_b128_lr8e-5=gradcache_b128; do
+  ! compgen -G "$OUT/${pair%%=*}_s*/test.json" > /dev/null || ! compgen -G "$OUT/${pair##*=}_s*/test.json" \
+    > /dev/null || extra+=(--pair "$pair")
 done
 python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline inbatch_b32 "${extra[@]}" \
   --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"

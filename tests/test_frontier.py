@@ -167,6 +167,39 @@ def test_paired_rows_for_every_method_and_a_missing_baseline(frontier, tmp_path,
     assert not (tmp_path / "g.json").exists()
 
 
+def test_pair_tests_a_method_against_its_control_and_refuses_bad_pairs(frontier, tmp_path, capsys):
+    dcg = [0.0] + [1 / math.log2(rank + 1) for rank in range(1, 11)]  # dcg[r]: the relevant doc at rank r
+    _make_run(tmp_path, "base_s1", 0.6, 600.0, 5.0, ranks=(2, 2, 2, 2, 2, 2))
+    _make_run(tmp_path, "ctrl_s1", 0.6, 600.0, 5.0, ranks=(3, 3, 2, 2, 1, 4))
+    _make_run(tmp_path, "cache_s1", 0.7, 900.0, 6.0, ranks=(1, 2, 1, 2, 1, 3))
+    out, md = tmp_path / "f.json", tmp_path / "f.md"
+    argv = [str(tmp_path), "--baseline", "base", "--out", str(out), "--markdown", str(md)]
+    result = frontier["main"]([*argv, "--pair", "cache=ctrl"])
+    pairs = [(r["name"], r["vs"]) for r in result["paired"]]
+    assert pairs == [("cache", "base"), ("ctrl", "base"), ("cache", "ctrl")]
+    row = result["paired"][-1]
+    diffs = [1 - dcg[3], dcg[2] - dcg[3], 1 - dcg[2], 0.0, 0.0, dcg[3] - dcg[4]]  # by hand, query by query
+    assert row["mean diff"] == pytest.approx(statistics.fmean(diffs))
+    assert (row["better"], row["worse"], row["queries"]) == (4, 0, 6)
+    assert "| cache | ctrl | 6 |" in md.read_text()
+    assert json.loads(out.read_text())["paired"][-1]["vs"] == "ctrl"
+    bad = {
+        "cache": "expected METHOD=CONTROL",
+        "cache=cache": "expected METHOD=CONTROL",
+        "cache=nope": "'nope' is not one of the finished methods",
+        "cache=base": "already tested against baseline",
+    }
+    for spec, message in bad.items():
+        out.unlink(missing_ok=True)
+        with pytest.raises(SystemExit) as exc:
+            frontier["main"]([*argv, "--pair", spec])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+        assert not out.exists()  # refused before anything is written
+    with pytest.raises(SystemExit):
+        frontier["main"]([*argv, "--pair", "cache=ctrl", "--pair", "cache=ctrl"])
+    assert "given twice" in capsys.readouterr().err
+
+
 def _markdown_methods(path: Path) -> list[list[str]]:
     """The cells of the rows of the first markdown table of ``path`` (the methods)."""
     lines = path.read_text().split("\n\n")[0].splitlines()
