@@ -312,3 +312,15 @@ def test_extra_cost_adds_the_mining_round_to_each_run_of_its_method(frontier, tm
     with pytest.raises(SystemExit):
         frontier["main"]([*argv, "--extra-cost", f"minde={cost}"])
     assert "'minde' is not one of the finished methods" in capsys.readouterr().err
+
+
+def test_published_frontier_is_the_one_the_docs_show():
+    """docs/results.md shows bench/results/frontier_scifact_cpu.json's tables verbatim and the README each
+    method's test mean: a rerun of the frontier that is not copied into both fails here."""
+    root = Path(__file__).resolve().parents[1]
+    published = json.loads((root / "bench/results/frontier_scifact_cpu.json").read_text())
+    results_md, readme = (root / "docs/results.md").read_text(), (root / "README.md").read_text()
+    assert published["table"] in results_md and published["paired_table"] in results_md
+    for row in published["methods"]:
+        assert f"{row['nDCG@10']:.4f}" in readme, row["name"]
+    assert (root / "docs/figures/frontier_scifact_cpu.png").stat().st_size > 10_000
