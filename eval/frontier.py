@@ -100,15 +100,21 @@ def summarise(name: str, run_dir: Path, measure: str) -> dict:
     return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
 
 
+def method_spec(flag: str, spec: str, value: str, methods: Sequence[str]) -> tuple[str, str]:
+    """``METHOD=VALUE`` of ``flag`` as (METHOD, VALUE), METHOD one of the finished ``methods``."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise InputError(f"{flag}: expected METHOD={value}, got {spec!r}")
+    if name not in methods:
+        raise InputError(f"{flag}: {name!r} is not one of the finished methods {list(methods)}")
+    return name, rest
+
+
 def read_extra_costs(specs: Sequence[str], methods: Sequence[str]) -> dict[str, float]:
     """``METHOD=FILE`` -> METHOD: the CPU seconds of FILE's ``STEP<TAB>CPU_SECONDS`` lines, summed."""
     extra = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"--extra-cost: expected METHOD=FILE, got {spec!r}")
-        if name not in methods:
-            raise InputError(f"--extra-cost: {name!r} is not one of the finished methods {list(methods)}")
+        name, path = method_spec("--extra-cost", spec, "FILE", methods)
         total = 0.0
         for number, line in iter_lines(existing_file(path)):
             step, _, seconds = line.partition("\t")
@@ -329,13 +335,11 @@ def read_pairs(specs: Sequence[str], methods: Sequence[str], baseline: str) -> l
     already in the table and is refused, as is a method paired with itself."""
     pairs = []
     for spec in specs:
-        method, sep, control = spec.partition("=")
-        if not sep or not method or not control or method == control:
-            raise InputError(f"--pair {spec!r}: expected METHOD=CONTROL, two different method names")
-        for name in (method, control):
-            if name not in methods:
-                finished = list(methods)
-                raise InputError(f"--pair {spec!r}: {name!r} is not one of the finished methods {finished}")
+        method, control = method_spec("--pair", spec, "CONTROL", methods)
+        if control == method:
+            raise InputError(f"--pair: expected METHOD=CONTROL, two different method names, got {spec!r}")
+        if control not in methods:
+            raise InputError(f"--pair: {control!r} is not one of the finished methods {list(methods)}")
         if control == baseline:
             raise InputError(f"--pair {spec!r}: every method is already tested against baseline {baseline!r}")
         if (method, control) in pairs:

@@ -99,17 +99,17 @@ for seed in $SEEDS; do
       --label "$method (seed $seed)" --work-dir "$run/eval" --output-json "$run/test.json"
   done
 done
+finished() { compgen -G "$OUT/$1_s*/test.json" > /dev/null; }  # finished METHOD: a run of it is scored
 extra=()  # the mining round's CPU time counts in the mined runs' cost
 for method in mined_b32 mined_gc_b32; do
-  [ ! -f "$OUT/mined/mining_cpu.tsv" ] || ! compgen -G "$OUT/${method}_s*/test.json" > /dev/null ||
+  [ ! -f "$OUT/mined/mining_cpu.tsv" ] || ! finished $method ||
     extra+=(--extra-cost "$method=$OUT/mined/mining_cpu.tsv")
 done
 # controlled comparisons, besides every method against in-batch B = 32: METHOD=CONTROL, where both are run
 for pair in cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_sce_b32=cache_b32 cache_r005_b32=cache_b32 \
   cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 gradcache_b128_lr8e-5=gradcache_b128 \
   gradcache_b128_lr8e-5=inbatch_b32_lr8e-5 cache_b32_lr8e-5=inbatch_b32_lr8e-5; do
-  ! compgen -G "$OUT/${pair%%=*}_s*/test.json" > /dev/null || ! compgen -G "$OUT/${pair##*=}_s*/test.json" \
-    > /dev/null || extra+=(--pair "$pair")
+  ! finished "${pair%%=*}" || ! finished "${pair##*=}" || extra+=(--pair "$pair")
 done
 python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline inbatch_b32 "${extra[@]}" \
   --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"
