@@ -296,3 +296,101 @@ def test_kill_9_two_processes_then_resume_is_exact(setup, loss, grad_cache, tmp_
     assert final_ref.keys() == final_got.keys()
     for name in final_ref:
         assert torch.equal(final_ref[name], final_got[name]), name
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _kill_9_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (the launcher's workers may sit in other groups)."""
+    for victim in [*_descendants(pid), pid]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+BUSY_FILL_S = 3.0
+BUSY_FILL_SCRIPT = textwrap.dedent(
+    f"""
+    import sys, time
+    import dualenc.retrieval.encode_to_disk as encode_to_disk
+    import dualenc.training.step as train_step
+
+    encode_texts, forward = encode_to_disk.encode_texts, train_step.TrainingModule.forward
+
+    def busy_encode_texts(*args, **kwargs):  # the cache fill: {BUSY_FILL_S} s of CPU per process first
+        until = time.process_time() + {BUSY_FILL_S}
+        while time.process_time() < until:
+            pass
+        return encode_texts(*args, **kwargs)
+
+    def slow_forward(self, *args, **kwargs):  # then time to kill it between the fill and a checkpoint
+        time.sleep(0.4)
+        return forward(self, *args, **kwargs)
+
+    encode_to_disk.encode_texts, train_step.TrainingModule.forward = busy_encode_texts, slow_forward
+    sys.path.insert(0, sys.argv.pop(1))
+    from train import main
+    main(sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_cache_fill_before_a_checkpoint_keeps_the_fill_on_the_clocks(setup, tmp_path):
+    """2 processes killed after the fill and before any checkpoint: the restart starts over but reuses the
+    fill's shards, and its wall and CPU clocks still count the fill the killed session did."""
+    from dualenc.negcache.fill_cost import recorded_cost
+
+    killed = tmp_path / "killed"
+    overrides = _overrides(setup, killed, 2, "cache", 1)  # save_steps=0: the only checkpoint is the last
+    script = tmp_path / "busy_fill_train.py"
+    script.write_text(BUSY_FILL_SCRIPT)
+    victim = subprocess.Popen(
+        [*_command(2, script, [str(REPO / "recipes"), *overrides])],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    records = [killed / "cache_fill" / "*" / f"emb.{r:05d}-of-00002.npy.fill_cost.json" for r in range(2)]
+    deadline = time.time() + 600
+    while not (
+        all(list(killed.glob(str(p.relative_to(killed)))) for p in records) and last_logged_step(killed)
+    ):
+        assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    _kill_9_tree(victim.pid)  # the launcher and both training processes, at once
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    _wait_until_unlocked(killed)
+    assert not (killed / "checkpoints").exists() or not any((killed / "checkpoints").iterdir())
+    assert 0 < last_logged_step(killed) < MAX_STEPS and not (killed / "final_model").exists()
+    shard = next(killed.glob("cache_fill/*/emb.00000-of-00002.npy"))
+    fill = recorded_cost(shard)  # rank 0's fill, whose CPU clock is the run's
+    assert fill is not None and fill.cpu_s >= BUSY_FILL_S and fill.wall_s >= BUSY_FILL_S
+    record_text = (shard.parent / (shard.name + ".fill_cost.json")).read_text()
+
+    _train(2, [*overrides, "resume_from=latest"])
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["resumed_from"] is None  # no checkpoint: it started over ...
+    assert (
+        shard.parent / (shard.name + ".fill_cost.json")
+    ).read_text() == record_text  # ... reusing the fill
+    assert summary["wall_s"] == pytest.approx(summary["session_wall_s"] + fill.wall_s, abs=1e-6)
+    assert summary["cpu_s"] >= fill.cpu_s
+    assert [row["step"] for row in _log(killed)] == list(range(1, MAX_STEPS + 1))

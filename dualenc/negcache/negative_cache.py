@@ -36,12 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dualenc.io.embeddings import shard_bounds
+from dualenc.io.embeddings import shard_bounds, shard_paths
 from dualenc.io.readers import doc_texts
 from dualenc.losses.sce_config import SCEConfig
 from dualenc.model.options import resolve_dtype
 from dualenc.negcache.config import CacheConfig
 from dualenc.negcache.draw import CacheDraw, CacheSampler, StepQueries
+from dualenc.negcache.fill_cost import FillCost, measure_fill
 from dualenc.negcache.gumbel import derived_seed
 from dualenc.negcache.refresh import StalenessStats, global_oldest, staleness
 from dualenc.negcache.table import EmbeddingTable
@@ -87,34 +88,42 @@ class NegativeCache:
         self.sampler = CacheSampler(self.table, accelerator, cfg, self.sce, seed)
         self._stats = StalenessStats(self.table.emb.device)
 
-    def fill(self, model, work_dir: Path, *, batch_size: int) -> None:
+    def fill(self, model, work_dir: Path, *, batch_size: int) -> FillCost:
         """Corpus mode: encode this process's shard of the corpus (no grad, resumable) and load it.
 
         The shards go to ``work_dir/<model fingerprint>``: a killed fill resumes with the same model, and a
         run that starts over with other weights encodes into a folder of its own instead of meeting the old
-        rows.
+        rows. Returns the cost of the encode when an earlier session made the shard and this one reused it
+        (:mod:`~dualenc.negcache.fill_cost`: the run's clocks add it), else zero (encoded now, on the clocks).
         """
         from dualenc.retrieval import encode_collection, model_fingerprint
 
         acc = self.accelerator
         model_id = model_fingerprint(model)
-        path = encode_collection(
-            model,
-            self.corpus,
-            Path(work_dir) / model_id[:16],
-            batch_size=batch_size,
-            process_index=acc.process_index,
-            num_processes=acc.num_processes,
-            device=acc.device,
-            progress=acc.is_local_main_process,
-            autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None,
-            model_id=model_id,
-        )
+        shard_dir = Path(work_dir) / model_id[:16]
+
+        def encode() -> Path:
+            return encode_collection(
+                model,
+                self.corpus,
+                shard_dir,
+                batch_size=batch_size,
+                process_index=acc.process_index,
+                num_processes=acc.num_processes,
+                device=acc.device,
+                progress=acc.is_local_main_process,
+                autocast_dtype=torch.bfloat16 if acc.device.type == "cuda" else None,
+                model_id=model_id,
+            )
+
+        expected = shard_paths(shard_dir, acc.process_index, acc.num_processes)[0]
+        path, reused = measure_fill(encode, expected)
         emb = torch.from_numpy(np.load(path))  # (M_local, D)
         offset = self.table.slot_offset
         rows = torch.arange(offset, offset + self.table.num_slots)  # (M_local,)
         self.table.fill_corpus(emb.to(self.table.emb.device), rows.to(self.table.emb.device))
         logger.info("cache shard %d filled: %d documents", acc.process_index, self.table.num_slots)
+        return reused
 
     def sample(
         self,

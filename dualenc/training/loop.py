@@ -134,7 +134,17 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
             "dualenc", config={f"{s}.{k}": v for s, d in config_to_dict(cfg).items() for k, v in d.items()}
         )
     if cache is not None and resume is None and cfg.cache.cache_mode == "corpus":
-        cache.fill(model, out / "cache_fill", batch_size=cfg.cache.cache_fill_batch_size)
+        reused = cache.fill(model, out / "cache_fill", batch_size=cfg.cache.cache_fill_batch_size)
+        # a run killed after its fill and before its first checkpoint starts over but keeps the fill: its
+        # clocks count the encode the earlier session did (zero when the fill was encoded now)
+        clock_origin, cpu_origin = clock_origin - reused.wall_s, cpu_origin - reused.cpu_s
+        if reused.wall_s and accelerator.is_main_process:
+            logger.info(
+                "the cache fill reused the shards of an earlier session: its %.1f s (%.1f s CPU) count in "
+                "this run's clocks",
+                reused.wall_s,
+                reused.cpu_s,
+            )
 
     encoder = accelerator.unwrap_model(module).encoder
     step, logs = state.step, {}

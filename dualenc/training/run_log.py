@@ -139,8 +139,9 @@ def write_summary(
     resumed, and what made the run (commit, machine, versions; the settings are ``config.yaml`` beside it).
 
     ``cpu_s`` is the main process's CPU time (user + system, all its threads) since the run began, carried
-    over resumes like ``wall_s``: the cost that does not grow when other jobs share the machine. With several
-    processes, each spends about as much."""
+    over resumes like ``wall_s`` (a restart that reuses an earlier session's cache fill counts the fill:
+    :mod:`~dualenc.negcache.fill_cost`): the cost that does not grow when other jobs share the machine.
+    With several processes, each spends about as much."""
     now = time.perf_counter()
     summary = {
         "steps": state.step,
