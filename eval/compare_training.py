@@ -114,14 +114,21 @@ def per_query_scores(report_path: str, measure: str) -> dict[str, float]:
     return {qid: values[measure] for qid, values in evaluate_per_query(qrels, run, [measure]).items()}
 
 
+def run_query_scores(run: dict, measure: str) -> dict[str, float]:
+    """A run record's per-query ``measure``: kept in the record (``per_query``), else from its test report."""
+    kept = run.get("per_query", {}).get(measure)
+    return kept if kept is not None else per_query_scores(run["test_report"], measure)
+
+
 def paired_comparison(runs: list[dict], baseline: str, measure: str) -> list[dict]:
     """Each name against ``baseline`` on the test queries: per-query scores averaged over seeds, mean
-    difference, queries better / worse, randomization-test and paired t-test p-values."""
+    difference, queries better / worse, randomization-test and paired t-test p-values. A run's per-query
+    scores are its record's ``per_query[measure]`` when it holds them, else scored from its test report."""
     from scipy import stats
 
     per_name: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(r["name"] for r in runs):
-        seeds = [per_query_scores(r["test_report"], measure) for r in runs if r["name"] == name]
+        seeds = [run_query_scores(r, measure) for r in runs if r["name"] == name]
         if any(s.keys() != seeds[0].keys() for s in seeds):
             raise InputError(f"the runs of {name!r} were scored on different queries")
         per_name[name] = {q: statistics.fmean(s[q] for s in seeds) for q in seeds[0]}

@@ -3,8 +3,10 @@
     python eval/frontier.py --zero-shot OUT/zeroshot.json --baseline inbatch_b32 --out OUT/frontier.json \\
         --plot OUT/frontier.png --markdown OUT/frontier.md OUT    # OUT=outputs/frontier
 
-SPEC: ``NAME=RUN_DIR`` (as in eval/compare_training.py), or a ROOT whose ``<name>_s<seed>`` subdirectories
-holding ``train_summary.json`` and ``test.json`` are runs of method ``<name>`` (others so named: unfinished).
+SPEC: ``NAME=RUN_DIR`` (as in eval/compare_training.py), a ROOT whose ``<name>_s<seed>`` subdirectories
+holding ``train_summary.json`` and ``test.json`` are runs of method ``<name>`` (others so named: unfinished),
+or a frontier JSON this script wrote (``--out``): its runs as they were recorded, with the per-query scores it
+keeps of each, so that a table outlives its run dirs and new runs can join it.
 Per method over seeds: test measure (mean ± sample std), R@100, training time, max peak RSS, gain over
 zero-shot per hour of training time and per GiB, and whether it is on the Pareto front against time, and
 against memory: no other method has a mean as high or higher at a cost as low or lower, one strictly. Training
@@ -28,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from compare_training import aggregate, paired_comparison, run_wall_s, summarise_run
+from compare_training import aggregate, paired_comparison, per_query_scores, run_wall_s, summarise_run
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
@@ -135,19 +137,61 @@ def add_extra_costs(runs: list[dict], extra: dict[str, float]) -> None:
             run["cpu_s"] += run["extra_cpu_s"]
 
 
+def read_published(path: Path, measure: str) -> list[dict]:
+    """The run records of a frontier JSON written earlier, as :func:`summarise` makes them, with their kept
+    per-query ``measure``; ``cpu_s`` without the ``--extra-cost`` added then (given again, added again)."""
+    report = read_json(path)
+    if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
+        raise InputError("not a frontier JSON of eval/frontier.py (no list of runs)", path=path)
+    records = []
+    for index, run in enumerate(report["runs"]):
+        scores = run.get("per_query", {}).get(measure) if isinstance(run, dict) else None
+        if scores is None:
+            problem = f"run {index} keeps no per-query {measure} (written before frontier.json kept them, or"
+            raise InputError(f"{problem} for another measure): rebuild it from its run dir", path=path)
+        try:
+            record = {
+                key: run[key] for key in ("name", "seed", "run_dir", "wall_s", "peak_rss_gib", "best_dev")
+            }
+            test = {m: run[m] for m in (measure, RECALL) if run.get(m) is not None}
+            cpu_s, extra = run["cpu_s"], run["extra_cpu_s"] or 0.0
+        except KeyError as err:
+            raise InputError(f"run {index} lacks the key {err}", path=path) from None
+        record |= {
+            "test": test,
+            "cpu_s": None if cpu_s is None else cpu_s - extra,
+            "per_query": {measure: scores},
+        }
+        records.append(record | {"doc_mean_cos": run.get("doc_mean_cos"), "test_report": None})
+    return records
+
+
 def read_specs(specs: Sequence[str], measure: str) -> list[dict]:
-    """The runs of each ``NAME=RUN_DIR`` and of each ROOT."""
+    """The runs of each ``NAME=RUN_DIR``, each ROOT and each frontier JSON, each with its per-query
+    ``measure`` (``per_query``, scored once here); a run (method and seed) given twice is refused."""
     runs = []
     for spec in specs:
         name, sep, run_dir = spec.partition("=")
+        if spec.endswith(".json") and Path(spec).is_file():
+            runs += read_published(Path(spec), measure)
+            continue
         if sep and not Path(spec).is_dir():
             if not name or not run_dir:
-                raise InputError(f"expected NAME=RUN_DIR or a directory, got {spec!r}")
+                raise InputError(f"expected NAME=RUN_DIR, a directory or a frontier JSON, got {spec!r}")
             found = [(name, Path(run_dir))]
         else:
             found = discover(Path(spec))[0]
-        runs += [summarise(name, sub, measure) for name, sub in found]
+        for name, sub in found:
+            run = summarise(name, sub, measure)
+            runs.append(run | {"per_query": {measure: per_query_scores(run["test_report"], measure)}})
+    seen = set()
     for run in runs:
+        key = (run["name"], run["seed"])
+        if run["seed"] is not None and key in seen:
+            raise InputError(
+                f"run {run['name']!r} seed {run['seed']} is given twice (latest: {run['run_dir']})"
+            )
+        seen.add(key)
         if run["wall_s"] is None:
             print(f"{run['run_dir']}: no wall time: kept for quality, not for time", file=sys.stderr)
     return runs
@@ -380,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     table, paired_table = format_table([_cells(r, measure) for r in rows]), format_table(paired)
     print(table, "", paired_table, sep="\n")
     keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "extra_cpu_s", "peak_rss_gib", "best_dev")
+    keys += ("doc_mean_cos", "per_query")  # what a later rebuild from this JSON needs (read_published)
     per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
     result = {
         "measure": measure,

@@ -314,6 +314,76 @@ def test_extra_cost_adds_the_mining_round_to_each_run_of_its_method(frontier, tm
     assert "'minde' is not one of the finished methods" in capsys.readouterr().err
 
 
+def test_frontier_json_keeps_per_query_scores_against_hand_computed_ndcg(frontier, tmp_path):
+    ranks = (1, 2, 3, 4, 1, 2)
+    _make_run(tmp_path, "base_s1", 0.6, 600.0, 5.0, ranks=ranks)
+    result = frontier["main"]([str(tmp_path), "--baseline", "base", "--out", str(tmp_path / "f.json")])
+    (run,) = result["runs"]
+    want = {q: 1 / math.log2(rank + 1) for q, rank in zip(QUERIES, ranks, strict=True)}
+    assert run["per_query"]["nDCG@10"] == pytest.approx(want)
+
+
+def _rows_without_provenance(result: dict) -> tuple:
+    strip = ("run_dir", "test_report")
+    runs = [{k: v for k, v in r.items() if k not in strip} for r in result["runs"]]
+    return result["methods"], result["paired"], runs, result["table"], result["paired_table"]
+
+
+def test_a_frontier_rebuilt_from_its_json_is_the_same_and_new_runs_join_it(frontier, tmp_path, capsys):
+    """The run dirs gone, frontier.json alone gives the same table, paired tests and per-run records (the
+    mining round's cost added again, not twice); a new method's runs join the kept ones, a run given twice
+    and a JSON without per-query scores are refused."""
+    root = scifact_like(tmp_path / "runs")
+    for sub in root.glob("mined_b32_s*"):  # CPU times, so that --extra-cost shows in the table
+        summary = json.loads((sub / "train_summary.json").read_text())
+        (sub / "train_summary.json").write_text(json.dumps(summary | {"cpu_s": 3000.0}))
+    cost = tmp_path / "mining_cpu.tsv"
+    cost.write_text("encode\t360\n")
+    common = [
+        "--baseline",
+        "inbatch_b32",
+        "--extra-cost",
+        f"mined_b32={cost}",
+        "--pair",
+        "cache_b16=cache_b32",
+    ]
+    first = frontier["main"]([str(root), *common, "--out", str(tmp_path / "first.json")])
+    rebuilt = frontier["main"]([str(tmp_path / "first.json"), *common, "--out", str(tmp_path / "again.json")])
+    assert _rows_without_provenance(rebuilt) == _rows_without_provenance(first)
+    assert [r["run_dir"] for r in rebuilt["runs"]] == [
+        r["run_dir"] for r in first["runs"]
+    ]  # where it came from
+
+    new = tmp_path / "new"
+    _make_run(new, "cache_b32_lr8e-5_s42", 0.73, 2000.0, 9.0, ranks=(1, 1, 1, 2, 1, 1))
+    both = frontier["main"](
+        [str(tmp_path / "first.json"), str(new), *common, "--out", str(tmp_path / "b.json")]
+    )
+    assert len(both["runs"]) == len(first["runs"]) + 1
+    row = {r["name"]: r for r in both["paired"] if r["vs"] == "inbatch_b32"}["cache_b32_lr8e-5"]
+    base = [
+        statistics.fmean(r["per_query"]["nDCG@10"][q] for r in first["runs"] if r["name"] == "inbatch_b32")
+        for q in QUERIES
+    ]
+    mine = [1.0, 1.0, 1.0, 1 / math.log2(3), 1.0, 1.0]
+    assert row["mean diff"] == pytest.approx(statistics.fmean(m - b for m, b in zip(mine, base, strict=True)))
+
+    with pytest.raises(SystemExit):  # the same runs twice: from the JSON and from their dirs
+        frontier["main"](
+            [str(tmp_path / "first.json"), str(root), *common, "--out", str(tmp_path / "x.json")]
+        )
+    assert "seed 42 is given twice" in capsys.readouterr().err
+    old = json.loads((tmp_path / "first.json").read_text())
+    for run in old["runs"]:
+        del run["per_query"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit):
+        frontier["main"]([str(tmp_path / "old.json"), *common, "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert str(tmp_path / "old.json") in err and "run 0 keeps no per-query nDCG@10" in err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_published_frontier_is_the_one_the_docs_show():
     """docs/results.md shows bench/results/frontier_scifact_cpu.json's tables verbatim and the README each
     method's test mean: a rerun of the frontier that is not copied into both fails here."""
