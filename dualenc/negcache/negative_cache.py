@@ -118,6 +118,8 @@ class NegativeCache:
 
         expected = shard_paths(shard_dir, acc.process_index, acc.num_processes)[0]
         path, reused = measure_fill(encode, expected)
+        if reused.wall_s and acc.is_local_main_process:
+            logger.info("the fill reused an earlier session's shard: %.1f s on the clocks", reused.wall_s)
         emb = torch.from_numpy(np.load(path))  # (M_local, D)
         offset = self.table.slot_offset
         rows = torch.arange(offset, offset + self.table.num_slots)  # (M_local,)

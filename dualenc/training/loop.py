@@ -138,13 +138,6 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
         # a run killed after its fill and before its first checkpoint starts over but keeps the fill: its
         # clocks count the encode the earlier session did (zero when the fill was encoded now)
         clock_origin, cpu_origin = clock_origin - reused.wall_s, cpu_origin - reused.cpu_s
-        if reused.wall_s and accelerator.is_main_process:
-            logger.info(
-                "the cache fill reused the shards of an earlier session: its %.1f s (%.1f s CPU) count in "
-                "this run's clocks",
-                reused.wall_s,
-                reused.cpu_s,
-            )
 
     encoder = accelerator.unwrap_model(module).encoder
     step, logs = state.step, {}
