@@ -239,6 +239,19 @@ SLOW_SCRIPT = textwrap.dedent(
 )
 
 
+def _launch_patched(script: Path, text: str, overrides: list[str]) -> subprocess.Popen:
+    """Start the 2-process recipe through ``text`` (a wrapper that patches dualenc, then runs train.py)
+    written to ``script``, in a session of its own (so that it can be killed as a whole)."""
+    script.write_text(text)
+    return subprocess.Popen(
+        [*_command(2, script, [str(REPO / "recipes"), *overrides])],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
 def _wait_until_unlocked(run_dir: Path, timeout_s: float = 120) -> None:
     from dualenc.io.lock import output_lock
 
@@ -263,15 +276,7 @@ def test_kill_9_two_processes_then_resume_is_exact(setup, loss, grad_cache, tmp_
 
     killed = tmp_path / "killed"
     overrides = _overrides(setup, killed, 2, loss, gas, **extra)
-    script = tmp_path / "slow_train.py"
-    script.write_text(SLOW_SCRIPT)
-    victim = subprocess.Popen(
-        [*_command(2, script, [str(REPO / "recipes"), *overrides])],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    victim = _launch_patched(tmp_path / "slow_train.py", SLOW_SCRIPT, overrides)
     deadline = time.time() + 600
     while not ((killed / "checkpoints" / f"step_{save:08d}").exists() and last_logged_step(killed) > save):
         assert victim.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -359,15 +364,7 @@ def test_kill_9_after_the_cache_fill_before_a_checkpoint_keeps_the_fill_on_the_c
 
     killed = tmp_path / "killed"
     overrides = _overrides(setup, killed, 2, "cache", 1)  # save_steps=0: the only checkpoint is the last
-    script = tmp_path / "busy_fill_train.py"
-    script.write_text(BUSY_FILL_SCRIPT)
-    victim = subprocess.Popen(
-        [*_command(2, script, [str(REPO / "recipes"), *overrides])],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    victim = _launch_patched(tmp_path / "busy_fill_train.py", BUSY_FILL_SCRIPT, overrides)
     records = [killed / "cache_fill" / "*" / f"emb.{r:05d}-of-00002.npy.fill_cost.json" for r in range(2)]
     deadline = time.time() + 600
     while not (
