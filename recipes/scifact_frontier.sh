@@ -110,10 +110,10 @@ for seed in $SEEDS; do
       --label "$method (seed $seed)" --work-dir "$run/eval" --output-json "$run/test.json"
   done
 done
-finished() { compgen -G "$OUT/$1_s*/test.json" > /dev/null; }  # finished METHOD: a run of it is scored
 scored=()  # every method with a scored run in OUT, from this call or an earlier one
 for f in "$OUT"/*_s*/test.json; do [ -f "$f" ] && d=${f%/test.json} && scored+=("${d##*/}"); done
-mapfile -t scored < <(printf '%s\n' "${scored[@]%_s*}" | sort -u)
+[ ${#scored[@]} -eq 0 ] || mapfile -t scored < <(printf '%s\n' "${scored[@]%_s*}" | sort -u)
+finished() { [[ " ${scored[*]} " == *" $1 "* ]]; }  # finished METHOD: a run of it is scored
 extra=()  # the mining round's CPU time counts in the mined runs' cost
 for method in "${scored[@]}"; do
   [ ! -f "$OUT/mined/mining_cpu.tsv" ] || [[ $method != mined_* ]] ||

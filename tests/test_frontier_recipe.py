@@ -78,6 +78,10 @@ def _frontier_args(calls: list[str]) -> list[str]:
     return frontier.split()
 
 
+def _pairs(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == "--pair"]
+
+
 def test_a_learning_rate_suffix_reaches_the_trainer_and_sentence_transformers(recipe):
     result, calls = recipe("cache_b32_lr8e-5 inbatch_b16_lr1.6e-4 st_mnrl_b32_lr8e-5 inbatch_b32")
     assert result.returncode == 0, result.stderr
@@ -100,7 +104,7 @@ def test_pairs_hold_at_every_learning_rate_and_none_is_given_twice(recipe):
     result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
     assert result.returncode == 0, result.stderr
     args = _frontier_args(calls)
-    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--pair"]
+    pairs = _pairs(args)
     assert sorted(pairs) == [
         "cache_b16_lr8e-5=inbatch_b16_lr8e-5",
         "cache_b32_lr8e-5=inbatch_b32_5ep_lr8e-5",
@@ -111,7 +115,7 @@ def test_pairs_hold_at_every_learning_rate_and_none_is_given_twice(recipe):
     assert result.returncode == 0, result.stderr
     assert len(_calls(calls, "recipes/train.py")) == 1
     args = _frontier_args(calls)
-    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--pair"]
+    pairs = _pairs(args)
     assert len(pairs) == len(set(pairs))
     assert "cache_b32_lr8e-5=inbatch_b32_lr8e-5" in pairs
     assert "cache_b16_lr8e-5=inbatch_b16_lr8e-5" in pairs
