@@ -100,13 +100,21 @@ def test_a_learning_rate_suffix_reaches_the_trainer_and_sentence_transformers(re
 
 
 def test_pairs_hold_at_every_learning_rate_and_none_is_given_twice(recipe):
-    methods = "inbatch_b32_lr8e-5 cache_b32_lr8e-5 inbatch_b32_5ep_lr8e-5 cache_b16_lr8e-5 inbatch_b16_lr8e-5"
+    methods = (
+        "inbatch_b32_lr8e-5 cache_b32_lr8e-5 inbatch_b32_5ep_lr8e-5 cache_b16_lr8e-5 inbatch_b16_lr8e-5"
+        " cache_b32_5ep_lr8e-5 inbatch_b32_9ep_lr8e-5"
+    )
     result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
     assert result.returncode == 0, result.stderr
+    train = {a: c.split() for c in _calls(calls, "recipes/train.py") for a in c.split() if "output_dir=" in a}
+    cache_5ep = train[f"output_dir={recipe.out}/cache_b32_5ep_lr8e-5_s42"]
+    assert "recipes/configs/scifact_cache.yaml" in cache_5ep and "num_train_epochs=5" in cache_5ep
+    assert "num_train_epochs=9" in train[f"output_dir={recipe.out}/inbatch_b32_9ep_lr8e-5_s42"]
     args = _frontier_args(calls)
     pairs = _pairs(args)
     assert sorted(pairs) == [
         "cache_b16_lr8e-5=inbatch_b16_lr8e-5",
+        "cache_b32_5ep_lr8e-5=inbatch_b32_9ep_lr8e-5",
         "cache_b32_lr8e-5=inbatch_b32_5ep_lr8e-5",
     ]  # every pair against the baseline is in the table already
     assert args[args.index("--baseline") + 1] == "inbatch_b32_lr8e-5"
