@@ -78,6 +78,16 @@ def _frontier_args(calls: list[str]) -> list[str]:
     return frontier.split()
 
 
+def _train_calls_by_run(calls: list[str]) -> dict[str, list[str]]:
+    """The trainer's calls, split into arguments, by the name of their output_dir."""
+    runs = {}
+    for call in _calls(calls, "recipes/train.py"):
+        args = call.split()
+        (out_dir,) = [a.removeprefix("output_dir=") for a in args if a.startswith("output_dir=")]
+        runs[Path(out_dir).name] = args
+    return runs
+
+
 def _pairs(args: list[str]) -> list[str]:
     return [args[i + 1] for i, a in enumerate(args) if a == "--pair"]
 
@@ -106,10 +116,10 @@ def test_pairs_hold_at_every_learning_rate_and_none_is_given_twice(recipe):
     )
     result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
     assert result.returncode == 0, result.stderr
-    train = {a: c.split() for c in _calls(calls, "recipes/train.py") for a in c.split() if "output_dir=" in a}
-    cache_5ep = train[f"output_dir={recipe.out}/cache_b32_5ep_lr8e-5_s42"]
+    train = _train_calls_by_run(calls)
+    cache_5ep = train["cache_b32_5ep_lr8e-5_s42"]
     assert "recipes/configs/scifact_cache.yaml" in cache_5ep and "num_train_epochs=5" in cache_5ep
-    assert "num_train_epochs=9" in train[f"output_dir={recipe.out}/inbatch_b32_9ep_lr8e-5_s42"]
+    assert "num_train_epochs=9" in train["inbatch_b32_9ep_lr8e-5_s42"]
     args = _frontier_args(calls)
     pairs = _pairs(args)
     assert sorted(pairs) == [
