@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, last_logged_step, read_log, tiny_overrides, train_subprocess, write_triples
+from helpers import (
+    REPO,
+    last_logged_step,
+    load_script,
+    read_log,
+    tiny_overrides,
+    train_subprocess,
+    write_triples,
+)
 
 from dualenc.model.encoder import DualEncoder
 from dualenc.training.config import load_config
@@ -72,6 +80,23 @@ def test_dev_evaluation_keeps_the_best_model(tmp_path):
     assert summary["peak_rss_gib"] >= timed[-1]["peak_rss_gib"] > 0.05  # a process holding torch + BERT
     # CPU time of the main process (every thread): spent, and at most what its threads could spend
     assert 0 < summary["cpu_s"] <= summary["wall_s"] * torch.get_num_threads() + 1
+    # where it went: 30 steps x 8 queries x (1 query + 2 documents) encoded with grad; 3 dev evaluations x (20
+    # documents + 20 queries) without; one checkpoint (the last); no cache
+    cost, run_dir = summary["cost_by_phase"], tmp_path / "run"
+    assert list(cost) == ["training", "cache_fill", "cache_refresh", "dev_eval", "checkpoint"]
+    assert (cost["training"]["grad_sequences"], cost["training"]["nograd_sequences"]) == (30 * 8 * 3, 0)
+    assert (cost["dev_eval"]["grad_sequences"], cost["dev_eval"]["nograd_sequences"]) == (0, 3 * (20 + 20))
+    assert 3 * 720 <= cost["training"]["grad_tokens"] <= 30 * 8 * 32 + 30 * 16 * 64  # >= [CLS] w [SEP]
+    for phase in ("cache_fill", "cache_refresh", "checkpoint"):
+        assert cost[phase]["grad_sequences"] == cost[phase]["nograd_sequences"] == 0, phase
+    assert cost["dev_eval"]["cpu_s"] > 0 and cost["checkpoint"]["cpu_s"] > 0 and cost["training"]["cpu_s"] > 0
+    assert cost["cache_fill"]["cpu_s"] == cost["cache_refresh"]["cpu_s"] == 0
+    assert sum(p["cpu_s"] for p in cost.values()) == pytest.approx(summary["cpu_s"], abs=1e-9)
+    assert sum(p["wall_s"] for p in cost.values()) == pytest.approx(summary["wall_s"], abs=1e-9)
+    split = load_script("eval/cost_split.py").main(["--out", str(tmp_path / "split.json"), f"tiny={run_dir}"])
+    row = split["methods"][0]  # eval/cost_split.py reads what the trainer wrote
+    assert row["dev_eval_cpu_h"] * 3600 == pytest.approx(cost["dev_eval"]["cpu_s"])
+    assert (row["grad_ksequences"], row["nograd_ksequences"]) == (0.72, 0.12)
 
 
 # ------------------------------------------------ 2 processes (gloo) == 1 process, same global batch

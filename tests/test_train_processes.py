@@ -145,6 +145,34 @@ def _hand_lr(step: int) -> float:
     return LR * max(0.0, (MAX_STEPS - step) / (MAX_STEPS - warmup))
 
 
+def _hand_micro_batches(gas: int) -> int:
+    """Micro-batches of the 7 steps: 5 per epoch, in steps of min(gas, what is left of the epoch)."""
+    per_epoch = -(-5 // gas)
+    return sum(min(gas, 5 - (step % per_epoch) * gas) for step in range(MAX_STEPS))
+
+
+def _hand_encodes(setup: dict, loss: str, gas: int) -> dict[str, tuple[int, int]]:
+    """Sequences encoded with and without grad, by phase, on any number of processes: each micro-batch
+    encodes 8 queries, their 8 x 2 documents and (loss=cache) their 8 x 2 drawn negatives with grad; the cache
+    fill encodes the corpus (the triples' distinct passages) and each step refreshes round(0.1 x corpus)."""
+    rows = [line.split("\t") for line in setup["triples"].read_text().splitlines()]
+    corpus = len({text for _, pos, neg in rows for text in (pos, neg)})
+    per_query = 1 + 2 + (2 if loss == "cache" else 0)
+    cached = loss != "inbatch"
+    return {
+        "training": (_hand_micro_batches(gas) * GLOBAL_BATCH * per_query, 0),
+        "cache_fill": (0, corpus if cached else 0),
+        "cache_refresh": (0, MAX_STEPS * max(1, round(0.1 * corpus)) if cached else 0),
+        "dev_eval": (0, 0),
+        "checkpoint": (0, 0),
+    }
+
+
+def _encodes(out: Path) -> dict[str, tuple[int, int]]:
+    cost = json.loads((out / "train_summary.json").read_text())["cost_by_phase"]
+    return {name: (phase["grad_sequences"], phase["nograd_sequences"]) for name, phase in cost.items()}
+
+
 def _hand_epochs(gas: int) -> list[int]:
     """Epoch of each of the 7 steps: 5 micro-batches per epoch in steps of min(gas, what is left)."""
     per_epoch = -(-5 // gas)
@@ -155,13 +183,17 @@ def _hand_epochs(gas: int) -> list[int]:
 @pytest.mark.parametrize("gas", [1, 3])
 @pytest.mark.parametrize("loss", LOSSES)
 def test_two_processes_follow_the_one_process_run(setup, loss, gas, tmp_path):
-    runs = {}
+    runs, tokens = {}, {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
         _train(processes, _overrides(setup, out, processes, loss, gas))
         runs[processes] = _log(out)
         summary = json.loads((out / "train_summary.json").read_text())
         assert summary["steps"] == MAX_STEPS and summary["epochs"] == _hand_epochs(gas)[-1] + 1
+        # the encodes of every process are counted: 2 processes with batch 4 encode what 1 with batch 8 does
+        assert _encodes(out) == _hand_encodes(setup, loss, gas), processes
+        tokens[processes] = summary["cost_by_phase"]["training"]["grad_tokens"]
+    assert 0 < tokens[2] <= tokens[1]  # each half batch is padded to its own longest input
     for processes, log in runs.items():
         assert [row["step"] for row in log] == list(range(1, MAX_STEPS + 1)), processes
         assert [row["lr"] for row in log] == pytest.approx(
@@ -294,6 +326,12 @@ def test_kill_9_two_processes_then_resume_is_exact(setup, loss, grad_cache, tmp_
     assert [row["step"] for row in got] == list(range(1, MAX_STEPS + 1))  # no step missing or logged twice
     assert [row["loss"] for row in got[save:]] == [row["loss"] for row in ref[save:]]
     assert [row["lr"] for row in got] == [row["lr"] for row in ref]
+    # the encodes carried over the resume plus those after it: the uninterrupted run's, every phase
+    assert _encodes(killed) == _encodes(reference)
+    if not grad_cache:
+        assert _encodes(killed) == _hand_encodes(setup, loss, gas)
+    else:  # GradCache's first pass: the same queries and documents once more, without grad
+        assert _encodes(killed)["training"][1] > 0
     from safetensors.torch import load_file
 
     final_ref = load_file(reference / "final_model" / "model.safetensors")

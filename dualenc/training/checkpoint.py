@@ -138,6 +138,7 @@ class TrainerState:
     elapsed_s: float = 0.0
     cpu_s: float = 0.0  # CPU time (user + system, every thread) of the main process, over every session
     num_processes: int | None = None  # None in checkpoints saved before it was recorded
+    cost: dict[str, dict] | None = None  # CostMeter.totals(): time and encodes by phase (None: saved before)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainerState:

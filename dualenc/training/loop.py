@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dualenc.errors import InputError
-from dualenc.evaluation.dev_set import DevSet, load_dev_set
+from dualenc.evaluation.dev_set import load_dev_set
 from dualenc.io.lock import output_lock
 from dualenc.model.encoder import DualEncoder
 from dualenc.model.model_card import training_facts
@@ -42,7 +41,9 @@ from dualenc.training.build import (
 )
 from dualenc.training.checkpoint import TrainerState, restore_checkpoint, save_checkpoint
 from dualenc.training.config import RunConfig, config_to_dict
+from dualenc.training.cost_meter import CostMeter
 from dualenc.training.data import TrainData, load_train_data
+from dualenc.training.dev_selection import evaluate_and_keep_best
 from dualenc.training.plan import EpochSampler, StepPlan, micro_seed
 from dualenc.training.run_log import JsonlLog, log_startup, step_logs, write_summary
 from dualenc.training.step import TrainingModule, backward_micro_batch
@@ -126,6 +127,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
     log.truncate_after(state.step)
     clock_origin = started - state.elapsed_s  # the training clock continues across resumes
     cpu_origin = cpu_started - state.cpu_s  # and so does the main process's CPU clock
+    meter = CostMeter(state.cost)  # where the time and the encodes go, by phase, carried over resumes too
+    hooks = meter.watch([model.query_encoder, model.doc_encoder])
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -134,7 +137,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
             "dualenc", config={f"{s}.{k}": v for s, d in config_to_dict(cfg).items() for k, v in d.items()}
         )
     if cache is not None and resume is None and cfg.cache.cache_mode == "corpus":
-        reused = cache.fill(model, out / "cache_fill", batch_size=cfg.cache.cache_fill_batch_size)
+        with meter.phase("cache_fill"):
+            reused = cache.fill(model, out / "cache_fill", batch_size=cfg.cache.cache_fill_batch_size)
+        meter.add("cache_fill", cpu_s=reused.cpu_s, wall_s=reused.wall_s)
         # a run killed after its fill and before its first checkpoint starts over but keeps the fill: its
         # clocks count the encode the earlier session did (zero when the fill was encoded now)
         clock_origin, cpu_origin = clock_origin - reused.wall_s, cpu_origin - reused.cpu_s
@@ -180,7 +185,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
             scheduler.step()
             optimizer.zero_grad()
             if cache is not None:  # re-encode the oldest slots with the updated towers; all slots age
-                micro_logs[-1].update({k: torch.tensor(v) for k, v in cache.refresh(encoder).items()})
+                with meter.phase("cache_refresh"):
+                    micro_logs[-1].update({k: torch.tensor(v) for k, v in cache.refresh(encoder).items()})
             step += 1
             bar.update(1)
             if step % cfg.train.logging_steps == 0 or step == plan.total_steps:
@@ -191,28 +197,41 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
             if dev is not None and (
                 (cfg.train.eval_steps and step % cfg.train.eval_steps == 0) or step == plan.total_steps
             ):
-                _evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
+                with meter.phase("dev_eval"):
+                    evaluate_and_keep_best(accelerator, module, dev, cfg, step, state, log)
             state.step = step
             if (cfg.train.save_steps and step % cfg.train.save_steps == 0) or step == plan.total_steps:
                 state.elapsed_s = time.perf_counter() - clock_origin
-                state.cpu_s = time.process_time() - cpu_origin
+                state.cpu_s, state.cost = time.process_time() - cpu_origin, meter.totals(accelerator)
                 per_process = {"cache": cache.table.state_dict()} if cache is not None else None
-                save_checkpoint(
-                    accelerator,
-                    out,
-                    step,
-                    dataclasses.asdict(state),
-                    config_yaml,
-                    cfg.train.save_total_limit,
-                    per_process,
-                )
+                with meter.phase("checkpoint"):
+                    save_checkpoint(
+                        accelerator,
+                        out,
+                        step,
+                        dataclasses.asdict(state),
+                        config_yaml,
+                        cfg.train.save_total_limit,
+                        per_process,
+                    )
     bar.close()
+    for hook in hooks:
+        hook.remove()
+    cost = meter.totals(accelerator)  # a collective: the encodes of every process
     final = out / "final_model"
     if accelerator.is_main_process:
         facts = training_facts(cfg, step, accelerator.num_processes, state.best_metric, state.best_step)
         encoder.save_pretrained(final, training=facts)
         write_summary(
-            out, cfg, plan, state, resume, started=started, clock_origin=clock_origin, cpu_origin=cpu_origin
+            out,
+            cfg,
+            plan,
+            state,
+            resume,
+            cost,
+            started=started,
+            clock_origin=clock_origin,
+            cpu_origin=cpu_origin,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -266,33 +285,6 @@ def _batches(
         cfg.train.num_train_epochs,
     )
     return dataset, sampler, loader, plan
-
-
-def _evaluate_and_keep_best(
-    accelerator, module, dev: DevSet, cfg: RunConfig, step: int, state: TrainerState, log: JsonlLog
-) -> None:
-    """Score the dev set on the main process; save ``best_model`` when the measure improves."""
-    if accelerator.is_main_process:
-        encoder = accelerator.unwrap_model(module).encoder
-        scores = dev.evaluate(
-            encoder, cfg.train.eval_measure, batch_size=cfg.train.eval_batch_size, device=accelerator.device
-        )
-        value = scores[cfg.train.eval_measure]
-        log.write(step, {f"dev/{k}": v for k, v in scores.items()})
-        accelerator.log({f"dev/{k}": v for k, v in scores.items()}, step=step)
-        logger.info("step %d: dev %s", step, json.dumps(scores))
-        if state.best_metric is None or value > state.best_metric:
-            state.best_metric, state.best_step = value, step
-            facts = training_facts(cfg, step, accelerator.num_processes, value, step)
-            encoder.save_pretrained(Path(cfg.train.output_dir) / "best_model", training=facts)
-    module.train()
-    accelerator.wait_for_everyone()
-    best = [state.best_metric, state.best_step]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(best, from_process=0)
-    state.best_metric, state.best_step = best
 
 
 __all__ = ["TrainResult", "TrainerState", "train"]

@@ -16,6 +16,7 @@ import torch
 from dualenc.io import atomic
 from dualenc.io.provenance import environment_info
 from dualenc.training.config import RunConfig
+from dualenc.training.cost_meter import by_phase
 from dualenc.training.plan import StepPlan
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ def write_summary(
     plan: StepPlan,
     state: TrainerState,
     resume: Path | None,
+    cost: dict[str, dict],
     *,
     started: float,
     clock_origin: float,
@@ -141,8 +143,9 @@ def write_summary(
     ``cpu_s`` is the main process's CPU time (user + system, all its threads) since the run began, carried
     over resumes like ``wall_s`` (a restart that reuses an earlier session's cache fill counts the fill:
     :mod:`~dualenc.negcache.fill_cost`): the cost that does not grow when other jobs share the machine.
-    With several processes, each spends about as much."""
-    now = time.perf_counter()
+    With several processes, each spends about as much. ``cost_by_phase`` splits both clocks and counts the
+    encodes by phase (``cost``: :meth:`~dualenc.training.cost_meter.CostMeter.totals`)."""
+    now, cpu_s = time.perf_counter(), time.process_time() - cpu_origin
     summary = {
         "steps": state.step,
         "epochs": plan.num_epochs(),
@@ -151,9 +154,10 @@ def write_summary(
         "eval_measure": cfg.train.eval_measure,
         "wall_s": now - clock_origin,
         "session_wall_s": now - started,
-        "cpu_s": time.process_time() - cpu_origin,
+        "cpu_s": cpu_s,
         "peak_rss_gib": peak_rss_gib(),
         "resumed_from": None if resume is None else str(resume),
+        "cost_by_phase": by_phase(cost, cpu_s, now - clock_origin),
     }
     if torch.cuda.is_available():
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
