@@ -7,7 +7,9 @@ work is counted by a forward pre-hook on each tower: the inputs (sequences) and 
 (``input_ids`` elements), apart for passes with autograd on (each followed by a backward pass, about twice a
 forward's work) and passes without (no-grad encodes, GradCache's first pass). The encodes are summed over
 processes (2 processes count what 1 process with their global batch counts); the clocks are the main
-process's, as ``cpu_s`` of ``train_summary.json`` is. Both are carried over resumes in the trainer state.
+process's, as ``cpu_s`` of ``train_summary.json`` is. Both are carried over resumes in the trainer state. A
+cache fill that a run killed before its first checkpoint left, and its restart reused, is on the clocks (its
+recorded cost) but not in the counts.
 """
 
 from __future__ import annotations
