@@ -12,11 +12,13 @@ zero-shot per hour of training time and per GiB, and whether it is on the Pareto
 against memory: no other method has a mean as high or higher at a cost as low or lower, one strictly. Training
 time is CPU time (``cpu_s`` of train_summary.json: user + system of every thread of the training process, dev
 evaluation included), which other jobs on the machine do not inflate, where every run recorded it; else wall
-time. Zero-shot (cost 0) is a reference line, not a method of the fronts (a method below it can be on one); a
-method without a time is on no time front. Paired tests of each method
-against ``--baseline`` on the test queries (per-query scores averaged over seeds; randomization, paired t),
-and ``--pair METHOD=CONTROL`` adds the test of METHOD against a control of the same cost shape (the cache at
-batch 16 against in-batch at batch 16: the same step count, without the cache).
+time. Where every run of a method recorded ``cost_by_phase``, the table adds its CPU hours less dev
+evaluation (which the protocol, not the method, sizes: an evaluation every so many steps). Zero-shot (cost 0)
+is a reference line, not a method of the fronts (a method below it can be on one); a method without a time is
+on no time front. Paired tests of each method against ``--baseline`` on the test queries (per-query scores
+averaged over seeds; randomization, paired t), and ``--pair METHOD=CONTROL`` adds the test of METHOD against
+a control of the same cost shape (the cache at batch 16 against in-batch at batch 16: the same step count,
+without the cache).
 
 ``--extra-cost METHOD=FILE`` adds work done before training to each run of METHOD's CPU time: FILE has lines
 ``STEP<TAB>CPU_SECONDS`` (recipes/hard_negative_round.sh writes such a ``mining_cpu.tsv``).
@@ -43,7 +45,9 @@ RUN_FILES = ("train_summary.json", TEST)
 RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
 RECALL = "R@100"
 COSTS = {"time": "time_h", "memory": "peak_rss_gib"}  # front -> cost key of a method row
-CELLS = [("wall min", "wall_min", 1), ("CPU h", "cpu_h", 3), ("peak GiB", "peak_rss_gib", 2)]
+NO_DEV = "CPU h excl. dev"  # a column shown when some method has it (every run recorded cost_by_phase)
+CELLS = [("wall min", "wall_min", 1), ("CPU h", "cpu_h", 3), (NO_DEV, "cpu_h_no_dev", 3)]
+CELLS += [("peak GiB", "peak_rss_gib", 2)]
 CELLS += [("gain/CPU-h", "gain_per_cpu_hour", 4)]
 CELLS = [(RECALL, RECALL, 4), *CELLS, ("gain/GiB", "gain_per_gib", 4)]  # (header, row key, decimals)
 NEAR = [(7, 4), (7, -4), (-7, 4), (-7, -4), (0, 12), (0, -12)]  # label offsets (points); then with a leader:
@@ -98,8 +102,23 @@ def summarise(name: str, run_dir: Path, measure: str) -> dict:
         raise InputError(f"train_summary.json or {TEST} lacks the key {err}", path=run_dir) from None
     if measure not in record["test"]:
         raise InputError(f"no {measure} among the measures {sorted(record['test'])}", path=run_dir / TEST)
-    record["cpu_s"] = read_json(run_dir / "train_summary.json").get("cpu_s")  # None: made before it was kept
+    summary = read_json(run_dir / "train_summary.json")
+    record["cpu_s"] = summary.get("cpu_s")  # None: made before it was kept
+    record["dev_eval_cpu_s"] = dev_eval_cpu_s(summary, run_dir)
     return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
+
+
+def dev_eval_cpu_s(summary: dict, run_dir: Path) -> float | None:
+    """The CPU seconds of a run's dev evaluations (``cost_by_phase``: dualenc.training.cost_meter), None for a
+    run made before train_summary.json recorded them."""
+    phases = summary.get("cost_by_phase")
+    if phases is None:
+        return None
+    try:
+        return float(phases["dev_eval"]["cpu_s"])
+    except (KeyError, TypeError, ValueError):
+        problem = f"cost_by_phase has no dev_eval cpu_s number: {phases!r:.80}"
+        raise InputError(problem, path=run_dir / "train_summary.json") from None
 
 
 def method_spec(flag: str, spec: str, value: str, methods: Sequence[str]) -> tuple[str, str]:
@@ -162,6 +181,7 @@ def read_published(path: Path, measure: str) -> list[dict]:
             "cpu_s": None if cpu_s is None else cpu_s - extra,
             "per_query": {measure: scores},
         }
+        record |= {"dev_eval_cpu_s": run.get("dev_eval_cpu_s")}  # absent: written before it was kept
         records.append(record | {"doc_mean_cos": run.get("doc_mean_cos"), "test_report": None})
     return records
 
@@ -213,6 +233,7 @@ def method_rows(runs: list[dict], measure: str, zero: float | None) -> list[dict
         hours = cpu_h if use_cpu else (None if wall_s is None else wall_s / 3600)
         row = {k: agg.get(k) for k in ("name", "seeds", measure, f"{measure} std", RECALL, "wall_s")}
         row |= {"wall_min": None if wall_s is None else wall_s / 60, "cpu_h": cpu_h, "peak_rss_gib": gib}
+        row["cpu_h_no_dev"] = cpu_hours_without_dev_eval(mine)
         row |= {"time_h": hours, "time_is": "cpu" if use_cpu else "wall", "extra_cpu_h": extra_h}
         row["gain_per_cpu_hour"] = None if gain is None or not hours else gain / hours
         row["gain_per_gib"] = None if gain is None or not gib else gain / gib
@@ -221,18 +242,28 @@ def method_rows(runs: list[dict], measure: str, zero: float | None) -> list[dict
     return [r | {f"front_{f}": r["name"] in names for f, names in fronts.items()} for r in rows]
 
 
-def _cells(row: dict, measure: str) -> dict:
-    """A method row as the tables show it."""
+def cpu_hours_without_dev_eval(runs: list[dict]) -> float | None:
+    """Mean CPU hours of ``runs`` less their dev evaluations, whose share depends on the protocol (how often,
+    on how many documents) rather than on the method; None unless every run recorded both."""
+    if not all(r.get("cpu_s") is not None and r.get("dev_eval_cpu_s") is not None for r in runs):
+        return None
+    return sum(r["cpu_s"] - r["dev_eval_cpu_s"] for r in runs) / len(runs) / 3600
+
+
+def _cells(row: dict, measure: str, no_dev: bool = True) -> dict:
+    """A method row as the tables show it (without the column of CPU hours less dev evaluation unless
+    ``no_dev``)."""
     std = row[f"{measure} std"]
     cells = {"method": row["name"], "seeds": str(row["seeds"])}
     cells[f"{measure} (mean ± std)"] = f"{row[measure]:.4f}" + ("" if std is None else f" ± {std:.4f}")
-    cells |= {head: "-" if row[key] is None else f"{row[key]:.{digits}f}" for head, key, digits in CELLS}
+    shown = [cell for cell in CELLS if no_dev or cell[0] != NO_DEV]
+    cells |= {head: "-" if row.get(key) is None else f"{row[key]:.{digits}f}" for head, key, digits in shown}
     return cells | {f"front {front}": "yes" if row[f"front_{front}"] else "" for front in COSTS}
 
 
 def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | None) -> str:
     """GitHub markdown: the methods table, the zero-shot figure, and the paired tests."""
-    cells = [_cells(r, measure) for r in rows]
+    cells = [_cells(r, measure, any_without_dev_eval(rows)) for r in rows]
     parts = [_md_table(list(cells[0]), [list(c.values()) for c in cells])]
     if zero is not None:
         clock = "CPU time (cpu_s)" if rows[0]["time_is"] == "cpu" else "wall time"
@@ -246,6 +277,11 @@ def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | N
         values = [[f"{p[k]:.4f}" if isinstance(p[k], float) else str(p[k]) for k in keys] for p in paired]
         parts.append(f"Paired tests on test {measure}:\n\n" + _md_table(["method", *keys[1:]], values))
     return "\n\n".join(parts) + "\n"
+
+
+def any_without_dev_eval(rows: list[dict]) -> bool:
+    """Whether some method row has CPU hours less dev evaluation (else the tables leave the column out)."""
+    return any(r.get("cpu_h_no_dev") is not None for r in rows)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -421,9 +457,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except ImportError:
         print("scipy is not installed: no significance tests (pip install scipy)", file=sys.stderr)
         paired = []
-    table, paired_table = format_table([_cells(r, measure) for r in rows]), format_table(paired)
+    no_dev = any_without_dev_eval(rows)
+    table, paired_table = format_table([_cells(r, measure, no_dev) for r in rows]), format_table(paired)
     print(table, "", paired_table, sep="\n")
-    keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "extra_cpu_s", "peak_rss_gib", "best_dev")
+    keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "extra_cpu_s", "dev_eval_cpu_s", "peak_rss_gib")
+    keys += ("best_dev",)
     keys += ("doc_mean_cos", "per_query")  # what a later rebuild from this JSON needs (read_published)
     per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
     result = {

@@ -281,6 +281,62 @@ def test_time_is_cpu_time_when_every_run_recorded_it(frontier, tmp_path):
     assert rows["a"]["front_time"] and rows["b"]["front_time"]  # by wall time b is the cheaper one
 
 
+def _with_costs(run: Path, cpu_s: float, dev_eval_cpu_s: float | None) -> None:
+    """Sets ``cpu_s`` and, unless None, a ``cost_by_phase`` whose dev evaluation took ``dev_eval_cpu_s``."""
+    summary = json.loads((run / "train_summary.json").read_text()) | {"cpu_s": cpu_s}
+    summary.pop("cost_by_phase", None)
+    if dev_eval_cpu_s is not None:
+        phases = {p: {"cpu_s": 0.0, "wall_s": 0.0} for p in ("training", "cache_fill", "checkpoint")}
+        summary["cost_by_phase"] = phases | {"dev_eval": {"cpu_s": dev_eval_cpu_s, "wall_s": 1.0}}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+
+
+def test_cpu_hours_without_dev_evaluation_where_every_run_recorded_them(frontier, tmp_path, capsys):
+    """The column "CPU h excl. dev": a method's mean CPU hours less its runs' dev evaluations, "-" for a
+    method one of whose runs predates cost_by_phase, absent from a table no method of which has it; kept in
+    the JSON and rebuilt from it; a cost_by_phase without a dev_eval number is refused naming its file."""
+    costs = {"base_s1": (7200.0, 3600.0), "base_s2": (5400.0, 1800.0), "cache_s1": (9000.0, 1800.0)}
+    costs |= {"old_s1": (3600.0, 900.0), "old_s2": (3600.0, None)}
+    for dirname, (cpu, dev) in costs.items():
+        _with_costs(_make_run(tmp_path / "r", dirname, 0.7, cpu, 5.0), cpu, dev)
+    argv = [str(tmp_path / "r"), "--baseline", "base", "--out", str(tmp_path / "f.json")]
+    result = frontier["main"](argv)
+    rows = {r["name"]: r for r in result["methods"]}
+    assert rows["base"]["cpu_h_no_dev"] == pytest.approx((3600 + 3600) / 2 / 3600)  # 1.0 h of 1.75 h
+    assert rows["cache"]["cpu_h_no_dev"] == pytest.approx(2.0) and rows["cache"]["cpu_h"] == 2.5
+    assert rows["old"]["cpu_h_no_dev"] is None and rows["old"]["cpu_h"] == 1.0
+    assert "CPU h excl. dev" in result["table"].splitlines()[0]
+    cells = {name: frontier["_cells"](row, "nDCG@10") for name, row in rows.items()}
+    assert [cells[n]["CPU h excl. dev"] for n in ("base", "cache", "old")] == ["1.000", "2.000", "-"]
+    assert [cells[n]["CPU h"] for n in ("base", "cache", "old")] == ["1.750", "2.500", "1.000"]
+    assert {r["seed"]: r["dev_eval_cpu_s"] for r in result["runs"] if r["name"] == "old"} == {
+        1: 900.0,
+        2: None,
+    }
+    rebuilt = frontier["main"](
+        [str(tmp_path / "f.json"), "--baseline", "base", "--out", str(tmp_path / "g.json")]
+    )
+    assert rebuilt["methods"] == result["methods"] and rebuilt["table"] == result["table"]
+    page = frontier["markdown"](result["methods"], [], "nDCG@10", None)
+    assert "| CPU h excl. dev |" in page and "| 2.000 |" in page
+
+    for sub in (tmp_path / "r").iterdir():  # no run recorded cost_by_phase: no such column
+        if sub.is_dir():
+            _with_costs(sub, 3600.0, None)
+    table = frontier["main"](argv)["table"]
+    assert "excl. dev" not in table and "CPU h" in table
+
+    _with_costs(tmp_path / "r" / "cache_s1", 9000.0, 1800.0)
+    broken = tmp_path / "r" / "cache_s1" / "train_summary.json"
+    summary = json.loads(broken.read_text())
+    del summary["cost_by_phase"]["dev_eval"]
+    broken.write_text(json.dumps(summary))
+    with pytest.raises(SystemExit):
+        frontier["main"](argv)
+    err = capsys.readouterr().err
+    assert str(broken) in err and "cost_by_phase has no dev_eval cpu_s number" in err
+
+
 def test_extra_cost_adds_the_mining_round_to_each_run_of_its_method(frontier, tmp_path, capsys):
     """--extra-cost mined=FILE: FILE's CPU seconds (mining_cpu.tsv lines) join every mined run's CPU time, and
     the fronts follow: mined is cheaper than the baseline by training alone, dearer once its mining counts."""
