@@ -158,3 +158,37 @@ def test_kill_9_and_resume_reproduces_the_loss_sequence(tmp_path):
     got_model = DualEncoder.from_pretrained(killed_dir / "final_model")
     for (name, a), (_, b) in zip(ref_model.state_dict().items(), got_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_users_model_is_left_without_counting_hooks_after_training_or_a_failure(
+    tmp_path, tokenizer, monkeypatch
+):
+    """train(cfg, model=...) hooks the towers to count encodes (cost_by_phase) and takes the hooks off again
+    when it returns and when it raises: a model trained, or failed, once is clean for the user's next use."""
+    import custom_towers
+
+    from dualenc.model.encoder import DualEncoderConfig
+    from dualenc.training import loop
+
+    query, doc = custom_towers.BagOfWords(len(tokenizer)), custom_towers.BagOfWords(len(tokenizer))
+    model = DualEncoder(query, doc, tokenizer, DualEncoderConfig())
+    towers = (model.query_encoder, model.doc_encoder)
+    overrides = tiny_overrides(tmp_path, dev_corpus_file=None, max_steps=2)
+    result = loop.train(load_config(REPO / "recipes" / "configs" / "tiny.yaml", overrides), model=model)
+    assert result.step == 2 and [len(t._forward_pre_hooks) for t in towers] == [0, 0]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["cost_by_phase"]["training"]["grad_sequences"] == 2 * 8 * 3  # the hooks did count
+
+    seen = []
+
+    def failing_step(*args, **kwargs):
+        seen.append([len(t._forward_pre_hooks) for t in towers])
+        raise RuntimeError("injected fault in the step")
+
+    monkeypatch.setattr(loop, "backward_micro_batch", failing_step)
+    (tmp_path / "again").mkdir()
+    overrides = tiny_overrides(tmp_path / "again", dev_corpus_file=None, max_steps=2)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        loop.train(load_config(REPO / "recipes" / "configs" / "tiny.yaml", overrides), model=model)
+    assert seen == [[1, 1]]  # on while the step ran (the path was exercised) ...
+    assert [len(t._forward_pre_hooks) for t in towers] == [0, 0]  # ... and off after it raised

@@ -77,12 +77,15 @@ def train(
         raise InputError("is a file, not a directory: cannot write a run there", path=cfg.train.output_dir)
     # one run per output_dir: the main process holds its lock (a second run is refused with the pid)
     lock = output_lock(cfg.train.output_dir) if accelerator.is_main_process else contextlib.nullcontext()
-    with lock:
-        return _train(cfg, accelerator, model)
+    with lock, contextlib.ExitStack() as cleanup:  # cleanup: undone however _train ends, an error included
+        return _train(cfg, accelerator, model, cleanup)
 
 
-def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) -> TrainResult:
-    """The training loop of :func:`train` (which made the Accelerator and holds the output_dir's lock)."""
+def _train(
+    cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None, cleanup: contextlib.ExitStack
+) -> TrainResult:
+    """The training loop of :func:`train` (which made the Accelerator, holds the output_dir's lock and
+    closes ``cleanup`` when this returns or raises)."""
     started, cpu_started = time.perf_counter(), time.process_time()
     out, seed, rank = Path(cfg.train.output_dir), cfg.train.seed, accelerator.process_index
     set_seed(seed)
@@ -128,7 +131,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
     clock_origin = started - state.elapsed_s  # the training clock continues across resumes
     cpu_origin = cpu_started - state.cpu_s  # and so does the main process's CPU clock
     meter = CostMeter(state.cost)  # where the time and the encodes go, by phase, carried over resumes too
-    hooks = meter.watch([model.query_encoder, model.doc_encoder])
+    for hook in meter.watch([model.query_encoder, model.doc_encoder]):  # off the user's model once done
+        cleanup.callback(hook.remove)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -215,8 +219,6 @@ def _train(cfg: RunConfig, accelerator: Accelerator, model: DualEncoder | None) 
                         per_process,
                     )
     bar.close()
-    for hook in hooks:
-        hook.remove()
     cost = meter.totals(accelerator)  # a collective: the encodes of every process
     final = out / "final_model"
     if accelerator.is_main_process:
