@@ -250,20 +250,20 @@ def cpu_hours_without_dev_eval(runs: list[dict]) -> float | None:
     return sum(r["cpu_s"] - r["dev_eval_cpu_s"] for r in runs) / len(runs) / 3600
 
 
-def _cells(row: dict, measure: str, no_dev: bool = True) -> dict:
-    """A method row as the tables show it (without the column of CPU hours less dev evaluation unless
-    ``no_dev``)."""
+def _cells(row: dict, measure: str, show_no_dev: bool = True) -> dict:
+    """A method row as the tables show it (the column of CPU hours less dev evaluation only if
+    ``show_no_dev``)."""
     std = row[f"{measure} std"]
     cells = {"method": row["name"], "seeds": str(row["seeds"])}
     cells[f"{measure} (mean ± std)"] = f"{row[measure]:.4f}" + ("" if std is None else f" ± {std:.4f}")
-    shown = [cell for cell in CELLS if no_dev or cell[0] != NO_DEV]
+    shown = [cell for cell in CELLS if show_no_dev or cell[0] != NO_DEV]
     cells |= {head: "-" if row.get(key) is None else f"{row[key]:.{digits}f}" for head, key, digits in shown}
     return cells | {f"front {front}": "yes" if row[f"front_{front}"] else "" for front in COSTS}
 
 
 def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | None) -> str:
     """GitHub markdown: the methods table, the zero-shot figure, and the paired tests."""
-    cells = [_cells(r, measure, any_without_dev_eval(rows)) for r in rows]
+    cells = [_cells(r, measure, has_cpu_hours_without_dev_eval(rows)) for r in rows]
     parts = [_md_table(list(cells[0]), [list(c.values()) for c in cells])]
     if zero is not None:
         clock = "CPU time (cpu_s)" if rows[0]["time_is"] == "cpu" else "wall time"
@@ -279,7 +279,7 @@ def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | N
     return "\n\n".join(parts) + "\n"
 
 
-def any_without_dev_eval(rows: list[dict]) -> bool:
+def has_cpu_hours_without_dev_eval(rows: list[dict]) -> bool:
     """Whether some method row has CPU hours less dev evaluation (else the tables leave the column out)."""
     return any(r.get("cpu_h_no_dev") is not None for r in rows)
 
@@ -457,12 +457,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except ImportError:
         print("scipy is not installed: no significance tests (pip install scipy)", file=sys.stderr)
         paired = []
-    no_dev = any_without_dev_eval(rows)
-    table, paired_table = format_table([_cells(r, measure, no_dev) for r in rows]), format_table(paired)
+    show_no_dev = has_cpu_hours_without_dev_eval(rows)
+    table, paired_table = format_table([_cells(r, measure, show_no_dev) for r in rows]), format_table(paired)
     print(table, "", paired_table, sep="\n")
     keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "extra_cpu_s", "dev_eval_cpu_s", "peak_rss_gib")
-    keys += ("best_dev",)
-    keys += ("doc_mean_cos", "per_query")  # what a later rebuild from this JSON needs (read_published)
+    keys += ("best_dev", "doc_mean_cos", "per_query")  # what a rebuild from this JSON needs (read_published)
     per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
     result = {
         "measure": measure,
