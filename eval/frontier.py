@@ -4,7 +4,8 @@
         --plot OUT/frontier.png --markdown OUT/frontier.md OUT    # OUT=outputs/frontier
 
 SPEC: ``NAME=RUN_DIR`` (as in eval/compare_training.py), a ROOT whose ``<name>_s<seed>`` subdirectories
-holding ``train_summary.json`` and ``test.json`` are runs of method ``<name>`` (others so named: unfinished),
+holding ``train_summary.json`` and ``test.json`` are runs of method ``<name>`` (others so named: unfinished;
+a run whose ``test.json`` scored a model or run file outside its dir, as a copied folder's does: refused),
 or a frontier JSON this script wrote (``--out``): its runs as they were recorded, with the per-query scores it
 keeps of each, so that a table outlives its run dirs and new runs can join it.
 Per method over seeds: test measure (mean ± sample std), R@100, training time, max peak RSS, gain over
@@ -102,10 +103,34 @@ def summarise(name: str, run_dir: Path, measure: str) -> dict:
         raise InputError(f"train_summary.json or {TEST} lacks the key {err}", path=run_dir) from None
     if measure not in record["test"]:
         raise InputError(f"no {measure} among the measures {sorted(record['test'])}", path=run_dir / TEST)
+    refuse_another_runs_report(run_dir, read_json(run_dir / TEST))
     summary = read_json(run_dir / "train_summary.json")
     record["cpu_s"] = summary.get("cpu_s")  # None: made before it was kept
     record["dev_eval_cpu_s"] = dev_eval_cpu_s(summary, run_dir)
     return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
+
+
+def refuse_another_runs_report(run_dir: Path, report: dict) -> None:
+    """Refuse a test report whose scored model (``config.model``) or run file (``run_file``) lies outside
+    ``run_dir``: a report copied or left over from another run, which would put one model's scores under
+    another's name. Inside: within ``run_dir`` where both paths exist from here, else (a tree moved since)
+    under a folder of ``run_dir``'s name."""
+    config = report.get("config")
+    for key, value in (
+        ("config.model", config.get("model") if isinstance(config, dict) else None),
+        ("run_file", report.get("run_file")),
+    ):
+        if not isinstance(value, str) or not value:
+            problem = f"names no {key}: which model's scores it holds is unknown"
+            raise InputError(problem, path=run_dir / TEST)
+        path = Path(value)
+        if path.exists() and run_dir.exists():
+            inside = run_dir.resolve() in path.resolve().parents
+        else:
+            inside = run_dir.name in path.parts[:-1]
+        if not inside:
+            problem = f"its {key} {value!r} is not inside the run dir: a report of another run's model"
+            raise InputError(problem, path=run_dir / TEST)
 
 
 def dev_eval_cpu_s(summary: dict, run_dir: Path) -> float | None:

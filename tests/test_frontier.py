@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def _make_run(
     log = [{"step": 5, "loss": 0.3, "step_time_s": 6.0}, {"step": 66, "dev/nDCG@10": ndcg + 0.05}]
     (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     report = {"measures": {"nDCG@10": ndcg, "R@100": 0.9 + ndcg / 100}, "run_file": str(run / "run.trec")}
-    (run / "test.json").write_text(json.dumps(report | {"config": {"qrels": str(qrels)}}))
+    config = {"qrels": str(qrels), "model": str(run / "best_model")}  # as eval/beir_scifact.py names it
+    (run / "test.json").write_text(json.dumps(report | {"config": config}))
     return run
 
 
@@ -111,6 +113,47 @@ def test_discovery_leaves_unfinished_runs_out_and_names_a_broken_file(frontier, 
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "base_s7" / "test.json") in err and "invalid JSON" in err
+
+
+def test_a_report_of_another_runs_model_is_refused_and_a_moved_tree_is_not(frontier, tmp_path, capsys):
+    """A run dir copied as another seed keeps its source's test.json: scores of the source's model under the
+    copy's name. Refused before anything is written, naming the file and the path that gives it away; so is
+    a report that does not say what it scored. A run whose model was deleted after scoring (base_s42 has no
+    best_model) keeps its place: its report names a folder of its own name."""
+    root = tmp_path / "runs"
+    _make_run(root, "base_s42", 0.67, 600.0, 5.0)
+    source = _make_run(root, "cache_b32_s42", 0.70, 1200.0, 9.0)
+    (source / "best_model").mkdir()  # exists: where it lies is compared, not only its folder's name
+    out = tmp_path / "f.json"
+    args = ["--baseline", "base", "--out", str(out)]
+    assert len(frontier["main"]([str(root), *args])["runs"]) == 2
+    out.unlink()
+
+    shutil.copytree(source, root / "cache_b32_s43")
+    with pytest.raises(SystemExit) as exc:
+        frontier["main"]([str(root), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(root / "cache_b32_s43" / "test.json") in err
+    assert f"config.model {str(source / 'best_model')!r} is not inside the run dir" in err
+    shutil.rmtree(source)  # the source gone, the copy's report still names it
+    with pytest.raises(SystemExit):
+        frontier["main"]([str(root), *args])
+    assert "config.model" in capsys.readouterr().err
+
+    copy = root / "cache_b32_s43"
+    report = json.loads((copy / "test.json").read_text())
+    report["config"]["model"] = str(copy / "best_model")  # the model is its own, the run file is not
+    (copy / "test.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit):
+        frontier["main"]([str(root), *args])
+    assert "its run_file" in capsys.readouterr().err
+    del report["config"]["model"]
+    (copy / "test.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit):
+        frontier["main"]([str(root), *args])
+    assert "names no config.model" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_methods_table_against_hand_computation(frontier, tmp_path, capsys):
