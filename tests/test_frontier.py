@@ -115,7 +115,7 @@ def test_discovery_leaves_unfinished_runs_out_and_names_a_broken_file(frontier, 
     assert str(tmp_path / "base_s7" / "test.json") in err and "invalid JSON" in err
 
 
-def test_a_report_of_another_runs_model_is_refused_and_a_moved_tree_is_not(frontier, tmp_path, capsys):
+def test_a_report_of_another_runs_model_is_refused_and_a_deleted_model_is_not(frontier, tmp_path, capsys):
     """A run dir copied as another seed keeps its source's test.json: scores of the source's model under the
     copy's name. Refused before anything is written, naming the file and the path that gives it away; so is
     a report that does not say what it scored. A run whose model was deleted after scoring (base_s42 has no
