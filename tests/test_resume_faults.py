@@ -12,11 +12,18 @@ import time
 
 import pytest
 import torch
+import yaml
 from helpers import REPO, last_logged_step, tiny_overrides, train_subprocess
 
 from dualenc.errors import InputError
 from dualenc.training import load_config, train
-from dualenc.training.resume_check import MAY_CHANGE, check_same_processes, write_manifest
+from dualenc.training.config import config_to_dict
+from dualenc.training.resume_check import (
+    MAY_CHANGE,
+    check_same_processes,
+    check_same_settings,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test builds its own Accelerator
 
@@ -47,6 +54,7 @@ def _snapshot(run) -> dict[str, bytes]:
         ("learning_rate=0.01", "train.learning_rate: checkpoint 0.001, now 0.01"),
         ("loss=cache", "loss.loss: checkpoint 'inbatch', now 'cache'"),
         ("max_steps=12", "train.max_steps: checkpoint 6, now 12"),
+        ("batch_sampling=no_duplicates", "data.batch_sampling: checkpoint 'random', now 'no_duplicates'"),
     ],
 )
 def test_resuming_with_other_settings_is_refused(finished_run, change, listed):
@@ -63,6 +71,22 @@ def test_settings_that_may_change_resume(finished_run):
     assert {"train.logging_steps", "train.resume_from"} <= MAY_CHANGE
     result = _resume(overrides, "logging_steps=2", "save_total_limit=1")
     assert result.step == 6  # already finished: the resumed run ends at once
+
+
+def test_a_setting_added_since_the_checkpoint_counts_at_its_default(finished_run, tmp_path):
+    """A checkpoint saved before a setting existed (its config.yaml lacks the key) resumes at the setting's
+    default and is refused at any other value."""
+    run, overrides = finished_run
+    saved = yaml.safe_load((run / "checkpoints" / "step_00000006" / "config.yaml").read_text())
+    assert saved["data"].pop("batch_sampling") == "random"
+    old = tmp_path / "old_checkpoint"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_same_settings(old, config_to_dict(load_config(TINY, overrides)))  # the default: no error
+    with pytest.raises(InputError, match="data.batch_sampling: checkpoint 'random', now 'no_duplicates'"):
+        check_same_settings(
+            old, config_to_dict(load_config(TINY, [*overrides, "batch_sampling=no_duplicates"]))
+        )
 
 
 def test_resuming_on_another_process_count_is_refused(finished_run, tmp_path):

@@ -44,6 +44,18 @@ def _write_triples(path: Path) -> Path:
     return path
 
 
+def _write_shared_triples(path: Path) -> Path:
+    """Triples whose positives come from 30 passages: some passages are the positive of 2 or more queries."""
+    rng = np.random.default_rng(1)
+    pool = [make_text(rng, 2, 8) for _ in range(30)]
+    lines = [
+        f"query {i} {make_text(rng, 3, 6)}\t{pool[rng.integers(30)]}\t{make_text(rng, 4, 12)}"
+        for i in range(NUM_QUERIES)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _model_dir(root: Path, dropout: float) -> Path:
     """A dualenc model dir of a tiny random BERT (mean pooling, normalised) with the given dropout."""
     from transformers import BertModel
@@ -66,6 +78,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("processes")
     return {
         "triples": _write_triples(root / "triples.tsv"),
+        "shared": _write_shared_triples(root / "shared.tsv"),
         "model": _model_dir(root / "no_dropout", 0.0),
         "model_dropout": _model_dir(root / "dropout", 0.1),
         "root": root,
@@ -237,6 +250,47 @@ def test_grad_cache_on_two_processes_follows_the_plain_one_process_run(setup, lo
     assert any(not torch.equal(ref[n], moved[n]) for n in ref if n in moved)  # training moved the weights
 
 
+def _global_batches_with_a_shared_positive(setup: dict, tmp_path: Path, kind: str) -> int:
+    """Global batches (8 queries) of epochs 0-2 of the shared triples where two queries share a positive."""
+    from dualenc.training.data import load_train_data
+    from dualenc.training.no_duplicates import epoch_sampler, group_keys
+
+    data = load_train_data(setup["shared"], format="triples", cache_dir=str(tmp_path / "hf-keys"))
+    keys, count = group_keys(data.groups), 0
+    sampler = epoch_sampler(kind, data.groups, seed=7, multiple_of=GLOBAL_BATCH)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(order), GLOBAL_BATCH):
+            rows = [row for item in order[start : start + GLOBAL_BATCH] for row in keys[item] if row >= 0]
+            count += len(rows) != len(set(rows))
+    return count
+
+
+@pytest.mark.slow
+def test_no_duplicates_batches_on_two_processes_follow_the_one_process_run_without_masking(setup, tmp_path):
+    """batch_sampling=no_duplicates over queries that share positives, accumulation 3 over an uneven epoch:
+    2 processes with batch 4 and false-negative masking log the losses of 1 process with batch 8 and no
+    masking, so the global batches are the same and hold nothing to mask (random batches of this seed do)."""
+    assert _global_batches_with_a_shared_positive(setup, tmp_path, "random") > 0
+    assert _global_batches_with_a_shared_positive(setup, tmp_path, "no_duplicates") == 0
+    extra = {"train_file": setup["shared"], "batch_sampling": "no_duplicates", "train_group_size": 1}
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(1, _overrides(setup, one, 1, "inbatch", 3, **extra, mask_false_negatives="false"))
+    _train(2, _overrides(setup, two, 2, "inbatch", 3, **extra))
+    for out in (one, two):
+        log = _log(out)
+        assert [row["step"] for row in log] == list(range(1, MAX_STEPS + 1)), out
+        assert [row["lr"] for row in log] == pytest.approx(
+            [_hand_lr(s) for s in range(1, MAX_STEPS + 1)], abs=1e-12
+        )
+        assert [row["epoch"] for row in log] == _hand_epochs(3)
+        assert "batch_sampling: no_duplicates" in (out / "config.yaml").read_text()
+    losses = [[row["loss"] for row in _log(out)] for out in (one, two)]
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
+    assert losses[0][-1] < losses[0][0]
+
+
 def test_sce_on_two_processes_is_refused_before_any_work(setup, tmp_path):
     out = tmp_path / "sce"
     proc = subprocess.run(
@@ -297,10 +351,19 @@ def _wait_until_unlocked(run_dir: Path, timeout_s: float = 120) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("loss", "grad_cache"), [*((loss, False) for loss in LOSSES), ("cache", True)])
-def test_kill_9_two_processes_then_resume_is_exact(setup, loss, grad_cache, tmp_path):
+@pytest.mark.parametrize(
+    ("loss", "grad_cache", "sampling"),
+    [
+        *((loss, False, "random") for loss in LOSSES),
+        ("cache", True, "random"),
+        ("inbatch", False, "no_duplicates"),
+    ],
+)
+def test_kill_9_two_processes_then_resume_is_exact(setup, loss, grad_cache, sampling, tmp_path):
     gas, save = 3, 3  # the checkpoint at step 3 sits mid-epoch 1: the resume skips 3 micro-batches
     extra = {"model_name_or_path": setup["model_dropout"], "save_steps": save, "save_total_limit": 0}
+    if sampling == "no_duplicates":  # queries that share positives, rearranged into batches without them
+        extra.update(train_file=setup["shared"], batch_sampling=sampling)
     if grad_cache:  # dropout on: the replayed chunks' masks must come back the same after the resume
         extra.update(grad_cache="true", grad_cache_query_chunk=3, grad_cache_passage_chunk=3)
     reference = tmp_path / "reference"

@@ -16,6 +16,7 @@ from dualenc.training.formats import TRAIN_FORMATS
 
 DTYPES = tuple(TORCH_DTYPES)
 LOSSES = ("inbatch", "cache", "cache_ce", "sce")
+BATCH_SAMPLING = ("random", "no_duplicates")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # report_to name -> (module Accelerate imports, pip package)
 TRACKER_PACKAGES = {
@@ -93,6 +94,11 @@ class DataConfig:
     train_group_size: int = help_field(
         1, "documents per query: 1 positive + (train_group_size - 1) hard negatives"
     )
+    batch_sampling: str = help_field(
+        "random",
+        "random: each epoch a random order; no_duplicates: the same, reordered so that no global batch holds "
+        "two queries with the same text or a shared positive (sentence-transformers' NO_DUPLICATES)",
+    )
     dev_corpus_file: str | None = help_field(None, "dev collection for evaluation in training")
     dev_topics_file: str | None = help_field(None, "dev queries")
     dev_qrels_file: str | None = help_field(None, "dev qrels")
@@ -101,6 +107,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         choice("train_format", self.train_format, TRAIN_FORMATS)
+        choice("batch_sampling", self.batch_sampling, BATCH_SAMPLING)
         positive("train_group_size", self.train_group_size)
         dev = [self.dev_corpus_file, self.dev_topics_file, self.dev_qrels_file]
         if any(dev) and not all(dev):

@@ -44,6 +44,7 @@ from dualenc.training.config import RunConfig, config_to_dict
 from dualenc.training.cost_meter import CostMeter
 from dualenc.training.data import TrainData, load_train_data
 from dualenc.training.dev_selection import evaluate_and_keep_best
+from dualenc.training.no_duplicates import epoch_sampler
 from dualenc.training.plan import EpochSampler, StepPlan, micro_seed
 from dualenc.training.run_log import JsonlLog, log_startup, step_logs, write_summary
 from dualenc.training.step import TrainingModule, backward_micro_batch
@@ -271,7 +272,9 @@ def _batches(
     batches of one process with batch P·b."""
     batch_size, seed = cfg.train.per_device_train_batch_size, cfg.train.seed
     dataset = GroupDataset(data, cfg.data.train_group_size, seed=seed)
-    sampler = EpochSampler(len(dataset), seed=seed, multiple_of=batch_size * processes)
+    sampler = epoch_sampler(
+        cfg.data.batch_sampling, data.groups, seed=seed, multiple_of=batch_size * processes
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

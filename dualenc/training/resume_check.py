@@ -5,6 +5,7 @@ silently different training.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,6 +36,18 @@ MAY_CHANGE = {
 }
 
 
+def _field_defaults() -> dict[str, Any]:
+    """``section.key`` -> the default of every config field that has a plain default."""
+    from dualenc.training.config import SECTIONS
+
+    return {
+        f"{section}.{field.name}": field.default
+        for section, cls in SECTIONS.items()
+        for field in dataclasses.fields(cls)
+        if field.default is not dataclasses.MISSING
+    }
+
+
 def _flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()
@@ -43,7 +56,8 @@ def _flatten(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def check_same_settings(checkpoint: Path, config: dict[str, dict[str, Any]]) -> None:
     """Refuse to resume ``checkpoint`` with a config that differs from the one it was saved with (other than
-    :data:`MAY_CHANGE`); the error lists every differing key with both values."""
+    :data:`MAY_CHANGE`); the error lists every differing key with both values. A key the checkpoint's config
+    lacks (a setting added since) counts at its default."""
     path = Path(checkpoint) / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -52,6 +66,8 @@ def check_same_settings(checkpoint: Path, config: dict[str, dict[str, Any]]) -> 
     if not isinstance(saved, dict):
         raise InputError("checkpoint config is not a mapping of sections", path=path)
     old, new = _flatten(saved), _flatten(config)
+    # a setting added to dualenc after the checkpoint was saved: that run trained at the setting's default
+    old |= {k: v for k, v in _field_defaults().items() if k not in old and k in new}
     differ = sorted(k for k in old.keys() | new.keys() if k not in MAY_CHANGE and old.get(k) != new.get(k))
     if differ:
         listed = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in differ)
