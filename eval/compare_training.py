@@ -51,6 +51,7 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
     """One run's numbers: test measures of its best model, best dev score, time, memory, curves."""
     summary = read_json(run_dir / "train_summary.json")
     test = read_json(run_dir / test_report)
+    refuse_another_runs_report(run_dir, test, run_dir / test_report)
     log = read_log(run_dir / "train_log.jsonl")
     measure = summary["eval_measure"]
     losses = [(r["step"], r["loss"]) for r in log if "loss" in r]
@@ -74,6 +75,29 @@ def summarise_run(name: str, run_dir: Path, test_report: str) -> dict:
         "doc_mean_cos": corpus_mean_cosine(test),
         "curves": {"loss": losses, "dev": dev, "staleness": stale},
     }
+
+
+def refuse_another_runs_report(run_dir: Path, report: dict, path: Path) -> None:
+    """Refuse a test report (``path``) whose scored model (``config.model``) or run file (``run_file``) lies
+    outside ``run_dir``: a report copied or left over from another run, which would put one model's scores
+    under another's name. Inside: within ``run_dir`` where the path exists from here, else (a model deleted or
+    a tree moved since) under a folder of ``run_dir``'s name."""
+    config = report.get("config")
+    for key, value in (
+        ("config.model", config.get("model") if isinstance(config, dict) else None),
+        ("run_file", report.get("run_file")),
+    ):
+        if not isinstance(value, str) or not value:
+            problem = f"names no {key}: which model's scores it holds is unknown"
+            raise InputError(problem, path=path)
+        named = Path(value)
+        if named.exists():
+            inside = run_dir.resolve() in named.resolve().parents
+        else:
+            inside = run_dir.name in named.parts[:-1]
+        if not inside:
+            problem = f"its {key} {value!r} is not inside the run dir: a report of another run's model"
+            raise InputError(problem, path=path)
 
 
 def run_wall_s(summary: dict, run_dir: Path) -> float | None:

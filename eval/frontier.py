@@ -33,7 +33,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from compare_training import aggregate, paired_comparison, per_query_scores, run_wall_s, summarise_run
+from compare_training import (
+    aggregate,
+    paired_comparison,
+    per_query_scores,
+    refuse_another_runs_report,
+    run_wall_s,
+    summarise_run,
+)
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
@@ -91,13 +98,12 @@ def discover(root: Path) -> tuple[list[tuple[str, Path]], list[str]]:
 def summarise(name: str, run_dir: Path, measure: str) -> dict:
     """compare_training's record of one run, with its seed (the ``_s<seed>`` of the dir's name, else None); a
     run without a training log (no curves) is read from its two JSON files alone."""
-    report = read_json(run_dir / TEST)
-    refuse_another_runs_report(run_dir, report)
     try:
         if (run_dir / "train_log.jsonl").is_file():
-            record = summarise_run(name, run_dir, TEST)
+            record = summarise_run(name, run_dir, TEST)  # refuses another run's report
         else:
-            summary, test = read_json(run_dir / "train_summary.json"), report
+            summary, test = read_json(run_dir / "train_summary.json"), read_json(run_dir / TEST)
+            refuse_another_runs_report(run_dir, test, run_dir / TEST)
             record = dict(name=name, run_dir=str(run_dir), test_report=str(run_dir / TEST), doc_mean_cos=None)
             record |= {"test": test["measures"], "wall_s": run_wall_s(summary, run_dir)}
             record |= {"peak_rss_gib": summary.get("peak_rss_gib"), "best_dev": summary.get("best_metric")}
@@ -109,29 +115,6 @@ def summarise(name: str, run_dir: Path, measure: str) -> dict:
     record["cpu_s"] = summary.get("cpu_s")  # None: made before it was kept
     record["dev_eval_cpu_s"] = dev_eval_cpu_s(summary, run_dir)
     return record | {"seed": int(m["seed"]) if (m := RUN_NAME.fullmatch(run_dir.name)) else None}
-
-
-def refuse_another_runs_report(run_dir: Path, report: dict) -> None:
-    """Refuse a test report whose scored model (``config.model``) or run file (``run_file``) lies outside
-    ``run_dir``: a report copied or left over from another run, which would put one model's scores under
-    another's name. Inside: within ``run_dir`` where the path exists from here, else (a model deleted or a
-    tree moved since) under a folder of ``run_dir``'s name."""
-    config = report.get("config")
-    for key, value in (
-        ("config.model", config.get("model") if isinstance(config, dict) else None),
-        ("run_file", report.get("run_file")),
-    ):
-        if not isinstance(value, str) or not value:
-            problem = f"names no {key}: which model's scores it holds is unknown"
-            raise InputError(problem, path=run_dir / TEST)
-        path = Path(value)
-        if path.exists():
-            inside = run_dir.resolve() in path.resolve().parents
-        else:
-            inside = run_dir.name in path.parts[:-1]
-        if not inside:
-            problem = f"its {key} {value!r} is not inside the run dir: a report of another run's model"
-            raise InputError(problem, path=run_dir / TEST)
 
 
 def dev_eval_cpu_s(summary: dict, run_dir: Path) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def _make_run(root: Path, name: str, ndcg: float, wall: float, steps=(5, 10)) ->
         "peak_rss_gib": 1.5,
     }
     (run / "train_summary.json").write_text(json.dumps(summary))
-    (run / "test.json").write_text(json.dumps({"measures": {"nDCG@10": ndcg, "R@100": 0.9}, "commit": "abc"}))
+    report = {"measures": {"nDCG@10": ndcg, "R@100": 0.9}, "commit": "abc"}
+    report |= {"config": {"model": str(run / "best_model")}, "run_file": str(run / "eval" / "run.trec")}
+    (run / "test.json").write_text(json.dumps(report))
     return run
 
 
@@ -136,7 +139,8 @@ def _scored_run(root: Path, name: str, ranks: dict[str, int], qrels: Path) -> Pa
         docs.insert(rank - 1, f"rel{qid}")
         lines += [f"{qid} Q0 {d} {r} {10 - r} t" for r, d in enumerate(docs, start=1)]
     (run / "run.trec").write_text("\n".join(lines) + "\n")
-    report = {"measures": {"RR@10": 0.0}, "config": {"qrels": str(qrels)}, "run_file": str(run / "run.trec")}
+    report = {"measures": {"RR@10": 0.0}, "run_file": str(run / "run.trec")}
+    report["config"] = {"qrels": str(qrels), "model": str(run / "best_model")}
     (run / "test.json").write_text(json.dumps(report))
     return run
 
@@ -160,11 +164,40 @@ def test_paired_comparison_against_hand_computed_reciprocal_ranks(compare, tmp_p
     assert row["p randomization"] == pytest.approx(_exact_sign_flip_pvalue(diff), abs=1e-12)
     with pytest.raises(InputError, match="baseline 'nope'"):
         compare["paired_comparison"](runs, "nope", "RR@10")
-    bare = _make_run(tmp_path, "bare", 0.5, 1.0)  # its test.json has no run_file
+    bare = _make_run(tmp_path, "bare", 0.5, 1.0)  # its test.json names a run file that is not there
     with pytest.raises(InputError, match="not an eval report"):
         compare["paired_comparison"](
             [runs[0], compare["summarise_run"]("b", bare, "test.json")], "base", "RR@10"
         )
+
+
+def test_a_report_of_another_runs_model_is_refused(compare, tmp_path, capsys):
+    """A run dir copied as another seed keeps its source's test.json (the source's model and run file):
+    refused with one error naming the report and the path that gives it away, before anything is written; so
+    is a report that does not say what it scored."""
+    source = _make_run(tmp_path, "cache_s42", 0.70, 100.0)
+    (source / "best_model").mkdir()
+    copy = tmp_path / "cache_s43"
+    shutil.copytree(source, copy)
+    out = tmp_path / "c.json"
+    with pytest.raises(SystemExit) as exc:
+        compare["main"]([f"a={source}", f"a={copy}", "--no-tests", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert str(copy / "test.json") in err and "is not inside the run dir" in err
+    assert f"config.model {str(source / 'best_model')!r}" in err and not out.exists()
+    report = json.loads((copy / "test.json").read_text())
+    report["config"]["model"] = str(copy / "best_model")  # its own model; the run file still the source's
+    (copy / "test.json").write_text(json.dumps(report))
+    with pytest.raises(InputError, match="its run_file .* is not inside the run dir"):
+        compare["summarise_run"]("a", copy, "test.json")
+    del report["run_file"]
+    (copy / "test.json").write_text(json.dumps(report))
+    with pytest.raises(InputError, match="names no run_file"):
+        compare["summarise_run"]("a", copy, "test.json")
+    report["run_file"] = str(copy / "eval" / "run.trec")
+    (copy / "test.json").write_text(json.dumps(report))
+    assert compare["summarise_run"]("a", copy, "test.json")["test"]["nDCG@10"] == 0.70
 
 
 def test_mean_pairwise_cosine_equals_brute_force(compare):
@@ -190,7 +223,9 @@ def test_doc_mean_cos_from_the_eval_reports_corpus_embeddings(compare, tmp_path)
         write_shard(work / "corpus", index, 2, [f"d{index}{i}" for i in range(len(rows))], rows)
     write_meta(work / "corpus", {"dim": 2, "num_shards": 2, "count": 3})
     report = json.loads((run / "test.json").read_text())
-    (run / "test.json").write_text(json.dumps({**report, "config": {"work_dir": str(work)}}))
+    (run / "test.json").write_text(
+        json.dumps({**report, "config": {**report["config"], "work_dir": str(work)}})
+    )
     plain = _make_run(tmp_path, "b_s1", 0.60, 50.0)  # no work dir: no figure
     result = compare["main"]([f"a={run}", f"b={plain}", "--no-tests", "--out", str(tmp_path / "c.json")])
     assert result["runs"][0]["doc_mean_cos"] == pytest.approx(2 / 3 * 2**-0.5, abs=1e-7)

@@ -152,7 +152,11 @@ def test_run_writes_summary_log_and_what_compare_training_reads(setup, mnrl_run,
     assert [r["step"] for r in dev] == [2, 4]  # the end of each epoch
     best = max(dev, key=lambda r: r["dev/nDCG@10"])  # the first of equal scores, as the trainer keeps it
     assert (summary["best_step"], summary["best_metric"]) == (best["step"], best["dev/nDCG@10"])
-    (tmp_path / "test.json").write_text(json.dumps({"measures": {"nDCG@10": 0.5}}))
+    scored = {
+        "config": {"model": str(mnrl_run / "best_model")},
+        "run_file": str(mnrl_run / "eval" / "run.trec"),
+    }
+    (tmp_path / "test.json").write_text(json.dumps({"measures": {"nDCG@10": 0.5}, **scored}))
     row = load_script("eval/compare_training.py").summarise_run("st", mnrl_run, str(tmp_path / "test.json"))
     assert (row["steps"], row["best_step"], row["wall_s"]) == (4, best["step"], summary["wall_s"])
     assert row["curves"]["dev"] == [(r["step"], r["dev/nDCG@10"]) for r in dev] and row["median_step_s"] > 0
