@@ -23,6 +23,11 @@ without the cache).
 
 ``--extra-cost METHOD=FILE`` adds work done before training to each run of METHOD's CPU time: FILE has lines
 ``STEP<TAB>CPU_SECONDS`` (recipes/hard_negative_round.sh writes such a ``mining_cpu.tsv``).
+
+``--time-scale SPEC=FACTOR`` puts runs measured on another machine on the clock of the others: each run of
+SPEC (one of the SPECs given) has its wall time, CPU time (extra cost included) and dev-evaluation time
+multiplied by FACTOR, e.g. the ratio of one method's CPU time measured on both machines; the JSON keeps each
+run's ``time_scale`` and its measured ``measured_wall_s`` and ``measured_cpu_s``, the table a "time x" column.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ TEST = "test.json"
 RUN_FILES = ("train_summary.json", TEST)
 RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
 RECALL = "R@100"
+TIMES = ("wall_s", "cpu_s", "dev_eval_cpu_s")  # what --time-scale multiplies
 COSTS = {"time": "time_h", "memory": "peak_rss_gib"}  # front -> cost key of a method row
 NO_DEV = "CPU h excl. dev"  # a column shown when some method has it (every run recorded cost_by_phase)
 CELLS = [("wall min", "wall_min", 1), ("CPU h", "cpu_h", 3), (NO_DEV, "cpu_h_no_dev", 3)]
@@ -158,11 +164,41 @@ def read_extra_costs(specs: Sequence[str], methods: Sequence[str]) -> dict[str, 
 
 
 def add_extra_costs(runs: list[dict], extra: dict[str, float]) -> None:
-    """Each run of a method in ``extra`` costs that much more CPU time (``extra_cpu_s`` says how much)."""
+    """Each run of a method in ``extra`` costs that much more CPU time (``extra_cpu_s`` says how much), on
+    the run's clock (x its ``time_scale``: the work was measured on the run's machine)."""
     for run in runs:
-        run["extra_cpu_s"] = extra.get(run["name"], 0.0)
+        run["extra_cpu_s"] = extra.get(run["name"], 0.0) * run.get("time_scale", 1.0)  # measured beside it
         if run.get("cpu_s") is not None:
             run["cpu_s"] += run["extra_cpu_s"]
+
+
+def read_time_scales(specs: Sequence[str], given: Sequence[str]) -> dict[str, float]:
+    """``SPEC=FACTOR`` of ``--time-scale``: the SPEC (one of the ``given`` specs) and its positive factor."""
+    scales: dict[str, float] = {}
+    for item in specs:
+        spec, sep, value = item.rpartition("=")
+        try:
+            factor = float(value) if sep else float("nan")
+        except ValueError:
+            factor = float("nan")
+        if not factor > 0 or factor == float("inf"):
+            raise InputError(f"--time-scale: expected SPEC=FACTOR with a positive FACTOR, got {item!r}")
+        if spec not in given:
+            raise InputError(f"--time-scale {item!r}: {spec!r} is not one of the SPECs given {list(given)}")
+        if spec in scales:
+            raise InputError(f"--time-scale: {spec!r} is given twice")
+        scales[spec] = factor
+    return scales
+
+
+def scale_times(runs: list[dict], factor: float) -> list[dict]:
+    """``runs`` (just read from their dirs) on another machine's clock: times x ``factor``, measured kept."""
+    scaled = []
+    for run in runs:
+        wall, cpu, dev = (run.get(k) for k in ("wall_s", "cpu_s", "dev_eval_cpu_s"))
+        times = {k: None if v is None else v * factor for k, v in zip(TIMES, (wall, cpu, dev), strict=True)}
+        scaled.append(run | times | {"time_scale": factor, "measured_wall_s": wall, "measured_cpu_s": cpu})
+    return scaled
 
 
 def read_published(path: Path, measure: str) -> list[dict]:
@@ -191,17 +227,22 @@ def read_published(path: Path, measure: str) -> list[dict]:
             "per_query": {measure: scores},
         }
         record |= {"dev_eval_cpu_s": run.get("dev_eval_cpu_s")}  # absent: written before it was kept
+        record |= {k: run.get(k) for k in ("measured_wall_s", "measured_cpu_s")}  # times kept as scaled
+        record["time_scale"] = run.get("time_scale", 1.0)
         records.append(record | {"doc_mean_cos": run.get("doc_mean_cos"), "test_report": None})
     return records
 
 
-def read_specs(specs: Sequence[str], measure: str) -> list[dict]:
+def read_specs(specs: Sequence[str], measure: str, scales: dict[str, float] | None = None) -> list[dict]:
     """The runs of each ``NAME=RUN_DIR``, each ROOT and each frontier JSON, each with its per-query
-    ``measure`` (``per_query``, scored once here); a run (method and seed) given twice is refused."""
-    runs = []
+    ``measure`` (``per_query``, scored once here), those of a spec in ``scales`` on the others' clock; a run
+    (method and seed) given twice is refused."""
+    runs, scales = [], scales or {}
     for spec in specs:
         name, sep, run_dir = spec.partition("=")
         if spec.endswith(".json") and Path(spec).is_file():
+            if spec in scales:
+                raise InputError(f"--time-scale {spec!r}: a frontier JSON's runs are on its clock already")
             runs += read_published(Path(spec), measure)
             continue
         if sep and not Path(spec).is_dir():
@@ -210,9 +251,11 @@ def read_specs(specs: Sequence[str], measure: str) -> list[dict]:
             found = [(name, Path(run_dir))]
         else:
             found = discover(Path(spec))[0]
+        read = []
         for name, sub in found:
             run = summarise(name, sub, measure)
-            runs.append(run | {"per_query": {measure: per_query_scores(run["test_report"], measure)}})
+            read.append(run | {"per_query": {measure: per_query_scores(run["test_report"], measure)}})
+        runs += scale_times(read, scales[spec]) if spec in scales else [r | {"time_scale": 1.0} for r in read]
     seen = set()
     for run in runs:
         key = (run["name"], run["seed"])
@@ -243,6 +286,7 @@ def method_rows(runs: list[dict], measure: str, zero: float | None) -> list[dict
         row = {k: agg.get(k) for k in ("name", "seeds", measure, f"{measure} std", RECALL, "wall_s")}
         row |= {"wall_min": None if wall_s is None else wall_s / 60, "cpu_h": cpu_h, "peak_rss_gib": gib}
         row["cpu_h_no_dev"] = cpu_hours_without_dev_eval(mine)
+        row["time_scales"] = sorted({r.get("time_scale", 1.0) for r in mine})
         row |= {"time_h": hours, "time_is": "cpu" if use_cpu else "wall", "extra_cpu_h": extra_h}
         row["gain_per_cpu_hour"] = None if gain is None or not hours else gain / hours
         row["gain_per_gib"] = None if gain is None or not gib else gain / gib
@@ -259,24 +303,32 @@ def cpu_hours_without_dev_eval(runs: list[dict]) -> float | None:
     return sum(r["cpu_s"] - r["dev_eval_cpu_s"] for r in runs) / len(runs) / 3600
 
 
-def _cells(row: dict, measure: str, show_no_dev: bool = True) -> dict:
+def _cells(row: dict, measure: str, show_no_dev: bool = True, show_scale: bool = False) -> dict:
     """A method row as the tables show it (the column of CPU hours less dev evaluation only if
-    ``show_no_dev``)."""
+    ``show_no_dev``, that of the time scales of its runs only if ``show_scale``)."""
     std = row[f"{measure} std"]
     cells = {"method": row["name"], "seeds": str(row["seeds"])}
     cells[f"{measure} (mean ± std)"] = f"{row[measure]:.4f}" + ("" if std is None else f" ± {std:.4f}")
     shown = [cell for cell in CELLS if show_no_dev or cell[0] != NO_DEV]
     cells |= {head: "-" if row.get(key) is None else f"{row[key]:.{digits}f}" for head, key, digits in shown}
+    if show_scale:
+        cells["time x"] = ", ".join(f"{scale:g}" for scale in row["time_scales"])
     return cells | {f"front {front}": "yes" if row[f"front_{front}"] else "" for front in COSTS}
 
 
 def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | None) -> str:
     """GitHub markdown: the methods table, the zero-shot figure, and the paired tests."""
-    cells = [_cells(r, measure, has_cpu_hours_without_dev_eval(rows)) for r in rows]
+    shown = has_cpu_hours_without_dev_eval(rows), has_time_scales(rows)
+    cells = [_cells(r, measure, *shown) for r in rows]
     parts = [_md_table(list(cells[0]), [list(c.values()) for c in cells])]
     if zero is not None:
         clock = "CPU time (cpu_s)" if rows[0]["time_is"] == "cpu" else "wall time"
         parts.append(f"Zero-shot: {measure} {zero:.4f}; gains are over it, per hour of training {clock}.")
+    if shown[1]:
+        parts.append(
+            "time x: the factors its runs' times were multiplied by, to put runs measured on another"
+        )
+        parts[-1] += " machine on the others' clock (1: measured on it)."
     for row in rows:
         if row.get("extra_cpu_h") and row["time_is"] == "cpu":
             hours = f"{row['extra_cpu_h']:.3f}"
@@ -286,6 +338,11 @@ def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | N
         values = [[f"{p[k]:.4f}" if isinstance(p[k], float) else str(p[k]) for k in keys] for p in paired]
         parts.append(f"Paired tests on test {measure}:\n\n" + _md_table(["method", *keys[1:]], values))
     return "\n\n".join(parts) + "\n"
+
+
+def has_time_scales(rows: list[dict]) -> bool:
+    """Whether some run's times were scaled (``--time-scale``; else the tables leave the column out)."""
+    return any(scale != 1.0 for r in rows for scale in r["time_scales"])
 
 
 def has_cpu_hours_without_dev_eval(rows: list[dict]) -> bool:
@@ -410,6 +467,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="CPU seconds spent before training (STEP<TAB>CPU_SECONDS lines) added to each run of METHOD",
     )
     p.add_argument(
+        "--time-scale",
+        action="append",
+        default=[],
+        metavar="SPEC=FACTOR",
+        help="multiply the times of SPEC's runs (measured on another machine) by FACTOR; repeatable",
+    )
+    p.add_argument(
         "--pair",
         action="append",
         default=[],
@@ -449,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     measure = args.measure
     try:
-        runs = read_specs(args.specs, measure)
+        runs = read_specs(args.specs, measure, read_time_scales(args.time_scale, args.specs))
         zero_report = None if args.zero_shot is None else read_json(args.zero_shot)
         if zero_report is not None and measure not in zero_report.get("measures", {}):
             raise InputError(f"no {measure} among the report's measures", path=args.zero_shot)
@@ -466,11 +530,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except ImportError:
         print("scipy is not installed: no significance tests (pip install scipy)", file=sys.stderr)
         paired = []
-    show_no_dev = has_cpu_hours_without_dev_eval(rows)
-    table, paired_table = format_table([_cells(r, measure, show_no_dev) for r in rows]), format_table(paired)
+    shown = has_cpu_hours_without_dev_eval(rows), has_time_scales(rows)
+    table, paired_table = format_table([_cells(r, measure, *shown) for r in rows]), format_table(paired)
     print(table, "", paired_table, sep="\n")
     keys = ("name", "seed", "run_dir", "wall_s", "cpu_s", "extra_cpu_s", "dev_eval_cpu_s", "peak_rss_gib")
     keys += ("best_dev", "doc_mean_cos", "per_query")  # what a rebuild from this JSON needs (read_published)
+    if any(r.get("time_scale", 1.0) != 1.0 for r in runs):
+        keys += ("time_scale", "measured_wall_s", "measured_cpu_s")
     per_run = [{k: r.get(k) for k in keys} | {m: r["test"].get(m) for m in (measure, RECALL)} for r in runs]
     result = {
         "measure": measure,

@@ -413,6 +413,60 @@ def test_extra_cost_adds_the_mining_round_to_each_run_of_its_method(frontier, tm
     assert "'minde' is not one of the finished methods" in capsys.readouterr().err
 
 
+def test_time_scale_puts_another_machines_runs_on_the_clock_of_the_others(frontier, tmp_path, capsys):
+    """--time-scale B=2: the runs of root B (measured on a machine twice as fast) count twice their wall, CPU,
+    dev-evaluation and mining time; the JSON keeps what was measured and the factor, the table says it, and a
+    rebuild from the JSON scales nothing again."""
+    times = {"a": {"base_s1": 3600.0, "mined_s1": 1800.0}, "b": {"mined_s2": 900.0}}
+    for root, runs in times.items():
+        for dirname, cpu in runs.items():
+            ranks = (1, 2, 1, 3, 1, 2) if "mined" in dirname else (2,) * 6
+            ndcg = 0.70 if "mined" in dirname else 0.66
+            run = _make_run(tmp_path / root, dirname, ndcg, cpu * 0.6, 5.0, ranks)
+            summary = json.loads((run / "train_summary.json").read_text())
+            phases = {"dev_eval": {"cpu_s": cpu / 4}}
+            (run / "train_summary.json").write_text(
+                json.dumps(summary | {"cpu_s": cpu, "cost_by_phase": phases})
+            )
+    cost = tmp_path / "mining_cpu.tsv"
+    cost.write_text("encode\t360\n")
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), tmp_path / "f.json"
+    common = ["--baseline", "base", "--extra-cost", f"mined={cost}"]
+    result = frontier["main"]([a, b, *common, "--time-scale", f"{b}=2", "--out", str(out)])
+    runs = {(r["name"], r["seed"]): r for r in result["runs"]}
+    scaled = runs[("mined", 2)]
+    assert (scaled["time_scale"], scaled["measured_cpu_s"], scaled["measured_wall_s"]) == (2.0, 900.0, 540.0)
+    assert (scaled["cpu_s"], scaled["wall_s"], scaled["extra_cpu_s"]) == (2 * 900 + 2 * 360, 1080.0, 720.0)
+    assert scaled["dev_eval_cpu_s"] == 450.0 and runs[("mined", 1)]["time_scale"] == 1.0
+    rows = {r["name"]: r for r in result["methods"]}
+    assert rows["mined"]["cpu_h"] == pytest.approx((1800 + 360 + 1800 + 720) / 2 / 3600)
+    assert rows["mined"]["cpu_h_no_dev"] == pytest.approx((1800 + 360 - 450 + 1800 + 720 - 450) / 2 / 3600)
+    assert rows["mined"]["wall_min"] == pytest.approx((1080 + 1080) / 2 / 60)
+    header, *lines = result["table"].splitlines()
+    at = header.index("time x")
+    assert [line[at : at + 6].strip() for line in lines[1:]] == ["1", "1, 2"]  # base, mined
+    page = frontier["markdown"](result["methods"], [], "nDCG@10", None)
+    assert "| time x |" in page and "| 1, 2 |" in page and "time x: the factors" in page
+    again = frontier["main"]([str(out), *common, "--out", str(tmp_path / "again.json")])
+    assert _rows_without_provenance(again) == _rows_without_provenance(result)
+    plain = frontier["main"]([a, b, *common, "--out", str(tmp_path / "plain.json")])
+    assert "time x" not in plain["table"] and "time_scale" not in plain["runs"][0]
+
+    for bad, said in [
+        (f"{b}=0", "a positive FACTOR"),
+        (f"{b}=fast", "a positive FACTOR"),
+        (b, "a positive FACTOR"),
+        (f"{tmp_path / 'c'}=2", "is not one of the SPECs given"),
+    ]:
+        with pytest.raises(SystemExit):
+            frontier["main"]([a, b, *common, "--time-scale", bad, "--out", str(tmp_path / "x.json")])
+        assert said in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit):
+        frontier["main"]([str(out), *common, "--time-scale", f"{out}=2", "--out", str(tmp_path / "x.json")])
+    assert "on its clock already" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_frontier_json_keeps_per_query_scores_against_hand_computed_ndcg(frontier, tmp_path):
     ranks = (1, 2, 3, 4, 1, 2)
     _make_run(tmp_path, "base_s1", 0.6, 600.0, 5.0, ranks=ranks)
