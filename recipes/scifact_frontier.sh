@@ -11,6 +11,7 @@
 #   inbatch_b32      nothing (31 in-batch negatives per claim)
 #   inbatch_b16      batch 16: the step count of cache_b16 (135 steps) without the cache
 #   inbatch_b64      batch 64
+#   inbatch_nodup_b32  inbatch_b32 with no-duplicates batches (batch_sampling: no_duplicates), as st_mnrl_b32's
 #   gradcache_b128   batch 128 through GradCache (grad_cache: true, chunks of 32)
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
 #   inbatch_b32_9ep  9 epochs: a little more than the wall time of cache_b32_5ep
@@ -58,6 +59,7 @@ method_args() {  # method_args METHOD: sets config and over (the trainer's) or s
     inbatch_b32) ;;
     inbatch_b16) over=(per_device_train_batch_size=16 eval_steps=46 save_steps=46) ;;
     inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
+    inbatch_nodup_b32) over=(batch_sampling=no_duplicates) ;;
     gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
@@ -126,7 +128,7 @@ done
 # controlled comparisons, besides every method against BASELINE: METHOD=CONTROL, where both are run. At each
 # other learning rate the same pairs hold, and in-batch B = 32 at that rate is every method's control there
 base_pairs=(cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_b32_5ep=inbatch_b32_9ep cache_sce_b32=cache_b32
-  cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32)
+  cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 st_mnrl_b32=inbatch_nodup_b32)
 pairs=("${base_pairs[@]}" gradcache_b128_lr8e-5=gradcache_b128)
 for method in "${scored[@]}"; do
   [ "$method" != "${method%_lr*}" ] || continue
