@@ -9,9 +9,10 @@ negatives (``train_group_size`` > 1) are not keys: one that is another query's p
 
 The greedy fill is sentence-transformers' (walk the remaining groups in order, take each whose keys are free,
 until the batch is full), applied to whole global batches (per-process batch x processes): P processes with
-batch b see exactly the batches of one process with batch P·b, as with :class:`EpochSampler`. The epoch keeps
-its length (the step plan depends on it); when the groups left cannot fill a batch without a repeat, the batch
-is completed with the first of them (their positives are masked as usual) and the epoch's count is logged.
+batch b see exactly the batches of one process with batch P·b, as with :class:`EpochSampler`. Where
+sentence-transformers drops a batch it cannot fill without a repeat, here the epoch keeps its length (the step
+plan depends on it): the batch is completed with the first groups left (their positives are masked as usual)
+and the epoch's count of them is logged.
 """
 
 from __future__ import annotations
