@@ -33,6 +33,7 @@ run's ``time_scale`` and its measured ``measured_wall_s`` and ``measured_cpu_s``
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ CELLS += [("peak GiB", "peak_rss_gib", 2)]
 CELLS += [("gain/CPU-h", "gain_per_cpu_hour", 4)]
 CELLS = [(RECALL, RECALL, 4), *CELLS, ("gain/GiB", "gain_per_gib", 4)]  # (header, row key, decimals)
 NEAR = [(7, 4), (7, -4), (-7, 4), (-7, -4), (0, 12), (0, -12)]  # label offsets (points); then with a leader:
-FAR = [(20, 18), (35, 6), (0, 30), (30, 32), (0, 48), (45, 45)]
+FAR = [(20, 18), (35, 6), (0, 30), (30, 32), (0, 48), (45, 45), (60, 24), (20, 64), (64, 64)]
 LABEL_OFFSETS = NEAR + [(sx * x, sy * y) for x, y in FAR for sy in (1, -1) for sx in (1, -1)]
 LEADER = {"arrowprops": {"arrowstyle": "-", "lw": 0.5, "color": "grey"}}
 LABEL = {"textcoords": "offset points", "fontsize": 8, "zorder": 4}
@@ -373,6 +374,7 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
             ax.texts[-1].remove()
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             clash = sum(box.overlaps(t) for t in taken) + (0 if inside else 100)
+            clash += 3 * _nearer_to_another(box, k, [px((p[0], p[1])) for p in points])  # worse than a line
             if offset not in NEAR:  # samples of the leader line from the point towards the text
                 start = px((x, y))
                 leader = start + np.linspace(0.15, 0.85, 8)[:, None] * (box.get_points().mean(0) - start)
@@ -383,6 +385,18 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
         _, index, box = min(scored)
         _annotate(ax, name, (x, y), LABEL_OFFSETS[index])
         taken.append(box)
+
+
+def _nearer_to_another(box, own: int, centres: list) -> int:
+    """1 if a label ``box`` lies nearer another point (pixel ``centres``) than its own, which would read as
+    that point's label; else 0."""
+
+    def gap(centre) -> float:
+        x, y = centre
+        return math.hypot(max(box.x0 - x, 0.0, x - box.x1), max(box.y0 - y, 0.0, y - box.y1))
+
+    mine = gap(centres[own])
+    return int(any(gap(c) < mine for j, c in enumerate(centres) if j != own))
 
 
 def _annotate(ax, name: str, xy: tuple[float, float], offset: tuple[int, int], lead: bool = True):
