@@ -374,7 +374,8 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
             ax.texts[-1].remove()
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             clash = sum(box.overlaps(t) for t in taken) + (0 if inside else 100)
-            clash += 3 * _nearer_to_another(box, k, [px((p[0], p[1])) for p in points])  # worse than a line
+            centres = [px((p[0], p[1])) for p in points]
+            clash += 3 * _read_as_anothers(box, k, centres, offset not in NEAR)  # worse than crossing a line
             if offset not in NEAR:  # samples of the leader line from the point towards the text
                 start = px((x, y))
                 leader = start + np.linspace(0.15, 0.85, 8)[:, None] * (box.get_points().mean(0) - start)
@@ -387,16 +388,16 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
         taken.append(box)
 
 
-def _nearer_to_another(box, own: int, centres: list) -> int:
-    """1 if a label ``box`` lies nearer another point (pixel ``centres``) than its own, which would read as
-    that point's label; else 0."""
+def _read_as_anothers(box, own: int, centres: list, lead: bool) -> int:
+    """1 if a label ``box`` would read as another point's (pixel ``centres``): without a leader line, when it
+    lies nearer another point than its own; with one, when it ends within 20 pixels of another point."""
 
     def gap(centre) -> float:
         x, y = centre
         return math.hypot(max(box.x0 - x, 0.0, x - box.x1), max(box.y0 - y, 0.0, y - box.y1))
 
-    mine = gap(centres[own])
-    return int(any(gap(c) < mine for j, c in enumerate(centres) if j != own))
+    limit = 20.0 if lead else gap(centres[own])
+    return int(any(gap(c) < limit for j, c in enumerate(centres) if j != own))
 
 
 def _annotate(ax, name: str, xy: tuple[float, float], offset: tuple[int, int], lead: bool = True):

@@ -128,7 +128,8 @@ done
 # controlled comparisons, besides every method against BASELINE: METHOD=CONTROL, where both are run. At each
 # other learning rate the same pairs hold, and in-batch B = 32 at that rate is every method's control there
 base_pairs=(cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_b32_5ep=inbatch_b32_9ep cache_sce_b32=cache_b32
-  cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 st_mnrl_b32=inbatch_nodup_b32)
+  cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 st_mnrl_b32=inbatch_nodup_b32
+  mined_b32=cache_b32)
 pairs=("${base_pairs[@]}" gradcache_b128_lr8e-5=gradcache_b128)
 for method in "${scored[@]}"; do
   [ "$method" != "${method%_lr*}" ] || continue
