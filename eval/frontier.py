@@ -326,10 +326,10 @@ def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | N
         clock = "CPU time (cpu_s)" if rows[0]["time_is"] == "cpu" else "wall time"
         parts.append(f"Zero-shot: {measure} {zero:.4f}; gains are over it, per hour of training {clock}.")
     if shown[1]:
-        parts.append(
-            "time x: the factors its runs' times were multiplied by, to put runs measured on another"
+        scaled = (
+            "time x: the factors its runs' times were multiplied by, to put runs measured on another machine"
         )
-        parts[-1] += " machine on the others' clock (1: measured on it)."
+        parts.append(scaled + " on the others' clock (1: measured on it).")
     for row in rows:
         if row.get("extra_cpu_h") and row["time_is"] == "cpu":
             hours = f"{row['extra_cpu_h']:.3f}"
@@ -367,6 +367,7 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
         xy = line.get_transform().transform(line.get_path().vertices)  # (n, 2) pixels
         taken += [Bbox(np.sort(xy[i : i + 2], axis=0)).padded(3) for i in range(len(xy) - 1)]
     taken += [t.get_window_extent(renderer) for t in ax.texts]  # the zero-shot label
+    centres = [px((x, y)) for x, y, _, _ in points]  # (pixels) of the markers
     for k, (x, y, _, name) in sorted(enumerate(points), key=lambda kp: (-kp[1][1], kp[1][0])):  # top down
         scored = []
         for offset in LABEL_OFFSETS:
@@ -374,7 +375,6 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
             ax.texts[-1].remove()
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             clash = sum(box.overlaps(t) for t in taken) + (0 if inside else 100)
-            centres = [px((p[0], p[1])) for p in points]
             clash += 3 * _read_as_anothers(box, k, centres, offset not in NEAR)  # worse than crossing a line
             if offset not in NEAR:  # samples of the leader line from the point towards the text
                 start = px((x, y))

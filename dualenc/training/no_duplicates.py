@@ -21,8 +21,6 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from dualenc.training.plan import EpochSampler
 
 if TYPE_CHECKING:
@@ -94,8 +92,9 @@ class NoDuplicatesEpochSampler(EpochSampler):
         self.keys = keys
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)  # (N,)
-        placed, forced = no_duplicates_order(order.tolist(), self.keys, self.multiple_of, len(self))
+        placed, forced = no_duplicates_order(
+            self.permutation().tolist(), self.keys, self.multiple_of, len(self)
+        )
         if forced:
             logger.info(
                 "epoch %d: %d of %d query groups share a query text or positive with another of their batch "

@@ -47,9 +47,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self.num_items - self.num_items % self.multiple_of
 
+    def permutation(self) -> np.ndarray:
+        """This epoch's order of all ``num_items`` items, from (seed, epoch) only."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)  # (N,)
+
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)  # (N,)
-        return iter(order[: len(self)].tolist())
+        return iter(self.permutation()[: len(self)].tolist())
 
 
 @dataclass(frozen=True)
