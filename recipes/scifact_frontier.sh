@@ -33,6 +33,8 @@
 # eval/frontier.py turns every finished run into OUT/frontier.json, .md and .png, with paired tests against
 # BASELINE (default inbatch_b32) and between each method and its control (the cache at batch 16 against in-batch
 # at 16, ...).
+# Without a scored BASELINE run in OUT the runs are kept and the table is left to eval/frontier.py (the recipe
+# says how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's dualenc, whatever is installed
@@ -144,5 +146,12 @@ for pair in "${pairs[@]}"; do
     finished "${pair%%=*}" && finished "${pair##*=}" && extra+=(--pair "$pair")
   seen[$pair]=1
 done
+if ! finished "$BASELINE"; then  # every row is tested against BASELINE: without a run of it, no table
+  echo "no scored run of BASELINE=$BASELINE in $OUT, so no frontier is built here. Run it too" \
+    "(METHODS=\"$BASELINE ...\"), or build the table beside a frontier JSON that has it, such as" \
+    "bench/results/frontier_scifact*_cpu.json (docs/recipes.md):" \
+    "python eval/frontier.py $OUT FRONTIER_JSON --baseline $BASELINE --out ..." >&2
+  exit 0
+fi
 python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline "$BASELINE" "${extra[@]}" \
   --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"

@@ -141,7 +141,7 @@ def test_pairs_hold_at_every_learning_rate_and_none_is_given_twice(recipe):
 
 
 def test_a_mined_run_at_another_rate_mines_once_and_carries_the_mining_cost(recipe):
-    result, calls = recipe("mined_b32_lr4e-5", SEEDS="42 43")
+    result, calls = recipe("mined_b32_lr4e-5", SEEDS="42 43", BASELINE="mined_b32_lr4e-5")
     assert result.returncode == 0, result.stderr
     assert len(_calls(calls, "-m dualenc mine")) == 1  # the second seed reuses the round
     train = [c.split() for c in _calls(calls, "recipes/train.py")]
@@ -152,11 +152,24 @@ def test_a_mined_run_at_another_rate_mines_once_and_carries_the_mining_cost(reci
 
 
 def test_a_finished_run_is_not_run_again(recipe):
-    recipe("cache_b32_lr8e-5")
-    result, calls = recipe("cache_b32_lr8e-5")
+    recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
+    result, calls = recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
     assert result.returncode == 0, result.stderr
     assert not _calls(calls, "recipes/train.py") and not _calls(calls, "eval/beir_scifact.py")
     assert len(_calls(calls, "eval/frontier.py")) == 1
+
+
+def test_without_a_baseline_run_the_runs_are_kept_and_the_table_is_left_to_frontier_py(recipe):
+    result, calls = recipe("cache_b32_lr8e-5 mined_b32_lr8e-5", BASELINE="inbatch_b32_lr8e-5")
+    assert result.returncode == 0, result.stderr  # hours of training are not reported as a failure
+    assert sorted(_train_calls_by_run(calls)) == ["cache_b32_lr8e-5_s42", "mined_b32_lr8e-5_s42"]
+    assert len(_calls(calls, "eval/beir_scifact.py")) == 3  # zero-shot and both runs are scored
+    assert not _calls(calls, "eval/frontier.py")
+    assert f"no scored run of BASELINE=inbatch_b32_lr8e-5 in {recipe.out}" in result.stderr
+    assert "--baseline inbatch_b32_lr8e-5" in result.stderr
+    result, calls = recipe("inbatch_b32_lr8e-5", BASELINE="inbatch_b32_lr8e-5")  # the baseline comes later
+    assert result.returncode == 0, result.stderr
+    assert "mined_b32_lr8e-5=cache_b32_lr8e-5" in _pairs(_frontier_args(calls))
 
 
 @pytest.mark.parametrize(
