@@ -377,7 +377,7 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
             clash = sum(box.overlaps(t) for t in taken) + (0 if inside else 100)
             clash += 3 * _read_as_anothers(box, k, centres, offset not in NEAR)  # worse than crossing a line
             if offset not in NEAR:  # samples of the leader line from the point towards the text
-                start = px((x, y))
+                start = centres[k]
                 leader = start + np.linspace(0.15, 0.85, 8)[:, None] * (box.get_points().mean(0) - start)
                 clash += sum(any(t.contains(*p) for p in leader) for j, t in enumerate(taken) if j != k)
             scored.append((clash, len(scored), box))

@@ -122,6 +122,13 @@ scored=()  # every method with a scored run in OUT, from this call or an earlier
 for f in "$OUT"/*_s*/test.json; do [ -f "$f" ] && d=${f%/test.json} && scored+=("${d##*/}"); done
 [ ${#scored[@]} -eq 0 ] || mapfile -t scored < <(printf '%s\n' "${scored[@]%_s*}" | sort -u)
 finished() { [[ " ${scored[*]} " == *" $1 "* ]]; }  # finished METHOD: a run of it is scored
+if ! finished "$BASELINE"; then  # every row is tested against BASELINE: without a run of it, no table
+  echo "no scored run of BASELINE=$BASELINE in $OUT, so no frontier is built here. Run it too" \
+    "(METHODS=\"$BASELINE ...\"), or build the table beside a frontier JSON that has it, such as" \
+    "bench/results/frontier_scifact*_cpu.json (docs/recipes.md):" \
+    "python eval/frontier.py $OUT FRONTIER_JSON --baseline $BASELINE --out ..." >&2
+  exit 0
+fi
 extra=()  # the mining round's CPU time counts in the mined runs' cost
 for method in "${scored[@]}"; do
   [ ! -f "$OUT/mined/mining_cpu.tsv" ] || [[ $method != mined_* ]] ||
@@ -146,12 +153,5 @@ for pair in "${pairs[@]}"; do
     finished "${pair%%=*}" && finished "${pair##*=}" && extra+=(--pair "$pair")
   seen[$pair]=1
 done
-if ! finished "$BASELINE"; then  # every row is tested against BASELINE: without a run of it, no table
-  echo "no scored run of BASELINE=$BASELINE in $OUT, so no frontier is built here. Run it too" \
-    "(METHODS=\"$BASELINE ...\"), or build the table beside a frontier JSON that has it, such as" \
-    "bench/results/frontier_scifact*_cpu.json (docs/recipes.md):" \
-    "python eval/frontier.py $OUT FRONTIER_JSON --baseline $BASELINE --out ..." >&2
-  exit 0
-fi
 python eval/frontier.py --zero-shot "$OUT/zeroshot.json" --baseline "$BASELINE" "${extra[@]}" \
   --out "$OUT/frontier.json" --plot "$OUT/frontier.png" --markdown "$OUT/frontier.md" "$OUT"
