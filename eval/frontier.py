@@ -357,7 +357,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
     """Label each point ``(x, y, y error, name)`` at the first offset where neither the text nor its leader
-    line covers a marker, error bar, line or text, nor leaves the frame (else where they cover fewest)."""
+    line covers a marker, error bar, line or text, nor leaves the frame (else where they cover fewest, a label
+    that covers another label counting ten: it hides both names)."""
     import numpy as np
     from matplotlib.transforms import Bbox
 
@@ -367,6 +368,7 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
         xy = line.get_transform().transform(line.get_path().vertices)  # (n, 2) pixels
         taken += [Bbox(np.sort(xy[i : i + 2], axis=0)).padded(3) for i in range(len(xy) - 1)]
     taken += [t.get_window_extent(renderer) for t in ax.texts]  # the zero-shot label
+    labels = []  # the boxes of the labels placed so far: covering one hides both names, worse than any line
     centres = [px((x, y)) for x, y, _, _ in points]  # (pixels) of the markers
     for k, (x, y, _, name) in sorted(enumerate(points), key=lambda kp: (-kp[1][1], kp[1][0])):  # top down
         scored = []
@@ -374,18 +376,20 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
             box = _annotate(ax, name, (x, y), offset, lead=False).get_window_extent(renderer).padded(2)
             ax.texts[-1].remove()
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            clash = sum(box.overlaps(t) for t in taken) + (0 if inside else 100)
+            clash = sum(box.overlaps(t) for t in taken) + 10 * sum(box.overlaps(t) for t in labels)
+            clash += 0 if inside else 100
             clash += 3 * _read_as_anothers(box, k, centres, offset not in NEAR)  # worse than crossing a line
             if offset not in NEAR:  # samples of the leader line from the point towards the text
                 start = centres[k]
                 leader = start + np.linspace(0.15, 0.85, 8)[:, None] * (box.get_points().mean(0) - start)
-                clash += sum(any(t.contains(*p) for p in leader) for j, t in enumerate(taken) if j != k)
+                crossed = [t for j, t in enumerate(taken + labels) if j != k]  # all but its own marker
+                clash += sum(any(t.contains(*p) for p in leader) for t in crossed)
             scored.append((clash, len(scored), box))
             if clash == 0:
                 break
         _, index, box = min(scored)
         _annotate(ax, name, (x, y), LABEL_OFFSETS[index])
-        taken.append(box)
+        labels.append(box)
 
 
 def _read_as_anothers(box, own: int, centres: list, lead: bool) -> int:
