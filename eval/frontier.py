@@ -371,6 +371,7 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
     labels = []  # the boxes of the labels placed so far: covering one hides both names, worse than any line
     centres = [px((x, y)) for x, y, _, _ in points]  # (pixels) of the markers
     for k, (x, y, _, name) in sorted(enumerate(points), key=lambda kp: (-kp[1][1], kp[1][0])):  # top down
+        crossable = [t for j, t in enumerate(taken) if j != k] + labels  # what its leader must not cross
         scored = []
         for offset in LABEL_OFFSETS:
             box = _annotate(ax, name, (x, y), offset, lead=False).get_window_extent(renderer).padded(2)
@@ -382,8 +383,7 @@ def _label_points(ax, points: list[tuple[float, float, float, str]]) -> None:
             if offset not in NEAR:  # samples of the leader line from the point towards the text
                 start = centres[k]
                 leader = start + np.linspace(0.15, 0.85, 8)[:, None] * (box.get_points().mean(0) - start)
-                crossed = [t for j, t in enumerate(taken + labels) if j != k]  # all but its own marker
-                clash += sum(any(t.contains(*p) for p in leader) for t in crossed)
+                clash += sum(any(t.contains(*p) for p in leader) for t in crossable)
             scored.append((clash, len(scored), box))
             if clash == 0:
                 break

@@ -557,7 +557,7 @@ def test_no_label_of_a_published_frontier_covers_another(frontier, name, tmp_pat
     plt = pytest.importorskip("matplotlib.pyplot")
     from matplotlib.text import Text
 
-    figures = []
+    figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", figures.append)  # keep the figure plot_frontier closes, to measure it
     root = Path(__file__).resolve().parents[1]
     published = json.loads((root / f"bench/results/{name}.json").read_text())
@@ -570,11 +570,9 @@ def test_no_label_of_a_published_frontier_covers_another(frontier, name, tmp_pat
     for ax in fig.axes:
         labels = [t for t in ax.texts if t.get_text() != "zero-shot"]
         assert sorted(t.get_text() for t in labels) == sorted(r["name"] for r in rows)
-        boxes = [
-            (t.get_text(), Text.get_window_extent(t, renderer)) for t in labels
-        ]  # the text, not its leader
+        boxes = [(t.get_text(), Text.get_window_extent(t, renderer)) for t in labels]  # texts, not leaders
         covered = [
             (a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :] if box.overlaps(other)
         ]
         assert covered == [], ax.get_title()
-    plt.close(fig)
+    close(fig)
