@@ -17,6 +17,7 @@
 #   inbatch_b32_9ep  9 epochs: a little more than the wall time of cache_b32_5ep
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
 #   mined_gc_b32     mined_b32 through GradCache (chunks of 32): what GradCache saves the cache, it saves here too
+#   mined_cache_b32  mined_b32's groups trained with the cache (scifact_cache.yaml): do the two add up?
 #   cache_b32        recipes/configs/scifact_cache.yaml
 #   cache_b32_5ep    cache_b32 for 5 epochs instead of 3
 #   cache_b16        the cache at batch 16
@@ -71,6 +72,8 @@ method_args() {  # method_args METHOD: sets config and over (the trainer's) or s
     mined_gc_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2 grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32) ;;
+    mined_cache_b32) config=recipes/configs/scifact_cache.yaml over=(train_format=groups
+      train_file="$OUT/mined/train_groups.jsonl" queries_file=null qrels_file=null train_group_size=2) ;;
     cache_b32) config=recipes/configs/scifact_cache.yaml ;;
     cache_b32_5ep) config=recipes/configs/scifact_cache.yaml over=(num_train_epochs=5) ;;
     cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
@@ -138,7 +141,7 @@ done
 # other learning rate the same pairs hold, and in-batch B = 32 at that rate is every method's control there
 base_pairs=(cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_b32_5ep=inbatch_b32_9ep cache_sce_b32=cache_b32
   cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 st_mnrl_b32=inbatch_nodup_b32
-  mined_b32=cache_b32)
+  mined_b32=cache_b32 mined_cache_b32=mined_b32 mined_cache_b32=cache_b32)
 pairs=("${base_pairs[@]}" gradcache_b128_lr8e-5=gradcache_b128)
 for method in "${scored[@]}"; do
   [ "$method" != "${method%_lr*}" ] || continue

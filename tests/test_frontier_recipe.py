@@ -151,6 +151,23 @@ def test_a_mined_run_at_another_rate_mines_once_and_carries_the_mining_cost(reci
     assert f"mined_b32_lr4e-5={recipe.out}/mined/mining_cpu.tsv" in args
 
 
+def test_mined_negatives_with_the_cache_train_the_mined_groups_on_the_cache_config(recipe):
+    methods = "inbatch_b32_lr8e-5 mined_b32_lr8e-5 cache_b32_lr8e-5 mined_cache_b32_lr8e-5"
+    result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
+    assert result.returncode == 0, result.stderr
+    assert len(_calls(calls, "-m dualenc mine")) == 1  # one round serves both mined methods
+    both = _train_calls_by_run(calls)["mined_cache_b32_lr8e-5_s42"]
+    assert "recipes/configs/scifact_cache.yaml" in both
+    groups = f"train_file={recipe.out}/mined/train_groups.jsonl"
+    assert {"train_format=groups", groups, "train_group_size=2", "qrels_file=null"} <= set(both)
+    assert both[-1] == "learning_rate=8e-5"
+    args = _frontier_args(calls)
+    assert f"mined_cache_b32_lr8e-5={recipe.out}/mined/mining_cpu.tsv" in args  # the round counts here too
+    pairs = _pairs(args)
+    assert "mined_cache_b32_lr8e-5=mined_b32_lr8e-5" in pairs  # what the cache adds to mined negatives
+    assert "mined_cache_b32_lr8e-5=cache_b32_lr8e-5" in pairs  # what mining adds to the cache
+
+
 def test_a_finished_run_is_not_run_again(recipe):
     recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
     result, calls = recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
