@@ -8,7 +8,8 @@ eval/frontier.py; here a run needs only its train_summary.json). Per method, mea
 the main process in all and by phase (training steps and startup, cache fill, cache refresh, dev evaluation,
 checkpoints; :mod:`dualenc.training.cost_meter`), the share of dev evaluation, and the encodes of every
 process in thousands of sequences: with grad (a forward and a backward pass each) and without (a forward
-pass). Runs made before train_summary.json recorded ``cost_by_phase`` are named on stderr and left out.
+pass). Runs without ``cost_by_phase`` (made before train_summary.json recorded it, or by another trainer,
+such as eval/st_scifact.py) are named on stderr and left out.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def read_costs(runs: list[tuple[str, Path]]) -> list[dict]:
         summary = read_json(run_dir / SUMMARY)
         cost = summary.get("cost_by_phase")
         if cost is None:
-            print(f"{run_dir}: made before {SUMMARY} recorded cost_by_phase: left out", file=sys.stderr)
+            why = f"no cost_by_phase (made before {SUMMARY} recorded it, or by another trainer)"
+            print(f"{run_dir}: {why}: left out", file=sys.stderr)
             continue
         if sorted(cost) != sorted(PHASES):
             phases = f"cost_by_phase has the phases {sorted(cost)}, not {sorted(PHASES)}"

@@ -51,7 +51,7 @@ def test_per_method_means_by_phase(cost_split, tmp_path, capsys):
     _run(root, "old_s1", None)  # made before cost_by_phase
     (root / "cache_s2").mkdir()  # unfinished: no summary
     result = cost_split.main(["--out", str(tmp_path / "split.json"), str(root)])
-    assert "old_s1: made before train_summary.json recorded cost_by_phase" in capsys.readouterr().err
+    assert "old_s1: no cost_by_phase (made before train_summary.json recorded it" in capsys.readouterr().err
     rows = {row["method"]: row for row in result["methods"]}
     assert list(rows) == ["cache", "inbatch"]  # directory order
     inbatch, cache = rows["inbatch"], rows["cache"]
