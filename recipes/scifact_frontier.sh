@@ -16,6 +16,7 @@
 #   inbatch_b32_5ep  5 epochs instead of 3: about the wall time of cache_b32
 #   inbatch_b32_9ep  9 epochs: a little more than the wall time of cache_b32_5ep
 #   mined_b32        + 1 hard negative per claim mined with the zero-shot model (train_group_size 2)
+#   mined_b32_5ep    mined_b32 for 5 epochs: mined negatives given about cache_b32_5ep's CPU time
 #   mined_gc_b32     mined_b32 through GradCache (chunks of 32): what GradCache saves the cache, it saves here too
 #   mined_cache_b32  mined_b32's groups trained with the cache (scifact_cache.yaml): do the two add up?
 #   cache_b32        recipes/configs/scifact_cache.yaml
@@ -69,6 +70,8 @@ method_args() {  # method_args METHOD: sets config and over (the trainer's) or s
     inbatch_b32_9ep) over=(num_train_epochs=9) ;;
     mined_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2) ;;
+    mined_b32_5ep) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
+      queries_file=null qrels_file=null train_group_size=2 num_train_epochs=5) ;;
     mined_gc_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
       queries_file=null qrels_file=null train_group_size=2 grad_cache=true grad_cache_query_chunk=32
       grad_cache_passage_chunk=32) ;;
@@ -141,7 +144,7 @@ done
 # other learning rate the same pairs hold, and in-batch B = 32 at that rate is every method's control there
 base_pairs=(cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_b32_5ep=inbatch_b32_9ep cache_sce_b32=cache_b32
   cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 st_mnrl_b32=inbatch_nodup_b32
-  mined_b32=cache_b32 mined_cache_b32=mined_b32 mined_cache_b32=cache_b32)
+  mined_b32=cache_b32 mined_cache_b32=mined_b32 mined_cache_b32=cache_b32 mined_b32_5ep=cache_b32_5ep)
 pairs=("${base_pairs[@]}" gradcache_b128_lr8e-5=gradcache_b128)
 for method in "${scored[@]}"; do
   [ "$method" != "${method%_lr*}" ] || continue

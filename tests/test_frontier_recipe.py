@@ -168,6 +168,21 @@ def test_mined_negatives_with_the_cache_train_the_mined_groups_on_the_cache_conf
     assert "mined_cache_b32_lr8e-5=cache_b32_lr8e-5" in pairs  # what mining adds to the cache
 
 
+def test_mined_negatives_for_5_epochs_meet_the_5_epoch_cache(recipe):
+    methods = "inbatch_b32_lr8e-5 cache_b32_5ep_lr8e-5 mined_b32_5ep_lr8e-5"
+    result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
+    assert result.returncode == 0, result.stderr
+    assert len(_calls(calls, "-m dualenc mine")) == 1
+    mined = _train_calls_by_run(calls)["mined_b32_5ep_lr8e-5_s42"]
+    assert "recipes/configs/scifact_inbatch.yaml" in mined
+    groups = f"train_file={recipe.out}/mined/train_groups.jsonl"
+    assert {"train_format=groups", groups, "train_group_size=2", "num_train_epochs=5"} <= set(mined)
+    assert mined[-1] == "learning_rate=8e-5"
+    args = _frontier_args(calls)
+    assert f"mined_b32_5ep_lr8e-5={recipe.out}/mined/mining_cpu.tsv" in args
+    assert "mined_b32_5ep_lr8e-5=cache_b32_5ep_lr8e-5" in _pairs(args)  # about the same CPU time
+
+
 def test_a_finished_run_is_not_run_again(recipe):
     recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
     result, calls = recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
