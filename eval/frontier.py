@@ -36,6 +36,7 @@ import argparse
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,7 @@ RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
 RECALL = "R@100"
 TIMES = ("wall_s", "cpu_s", "dev_eval_cpu_s")  # what --time-scale multiplies
 COSTS = {"time": "time_h", "memory": "peak_rss_gib"}  # front -> cost key of a method row
+LABEL_WIDTH = 85  # characters an axis label line may hold under one panel of the figure
 NO_DEV = "CPU h excl. dev"  # a column shown when some method has it (every run recorded cost_by_phase)
 CELLS = [("wall min", "wall_min", 1), ("CPU h", "cpu_h", 3), (NO_DEV, "cpu_h_no_dev", 3)]
 CELLS += [("peak GiB", "peak_rss_gib", 2)]
@@ -412,6 +414,20 @@ def _annotate(ax, name: str, xy: tuple[float, float], offset: tuple[int, int], l
     return ax.annotate(name, xy, xytext=offset, **LABEL, **align, **leader)
 
 
+def time_axis_label(rows: list[dict], width: int = LABEL_WIDTH) -> str:
+    """The time panel's axis label: what the time is, then the work before training it includes, wrapped to
+    ``width`` characters a line so that no line runs off the figure however many methods add some."""
+    label = {
+        "cpu": "training CPU time (hours: user + system of every thread, dev evaluation included)",
+        "wall": "training wall time (hours, dev evaluation included)",
+    }[rows[0]["time_is"]]
+    extra = [f"{r['name']} +{r['extra_cpu_h']:.3f} h before training" for r in rows if r.get("extra_cpu_h")]
+    if extra and rows[0]["time_is"] == "cpu":
+        included = "included: " + ", ".join(extra)
+        label += "\n" + "\n".join(textwrap.wrap(included, width, break_on_hyphens=False))
+    return label
+
+
 def plot_frontier(rows: list[dict], measure: str, zero: float | None, path: Path) -> bool:
     """PNG at ``path``: quality (± std over seeds) against wall time and against peak memory, the Pareto
     fronts as steps, zero-shot as a dashed line, a label per method; False without matplotlib."""
@@ -423,14 +439,7 @@ def plot_frontier(rows: list[dict], measure: str, zero: float | None, path: Path
     plt.switch_backend("Agg")
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
     colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors  # a method's colour in both panels
-    time_label = {
-        "cpu": "training CPU time (hours: user + system of every thread, dev evaluation included)",
-        "wall": "training wall time (hours, dev evaluation included)",
-    }[rows[0]["time_is"]]
-    extra = [f"{r['name']} +{r['extra_cpu_h']:.3f} h before training" for r in rows if r.get("extra_cpu_h")]
-    if extra and rows[0]["time_is"] == "cpu":
-        time_label += "\nincluded: " + ", ".join(extra)
-    panels = [("time_h", "time", time_label)]
+    panels = [("time_h", "time", time_axis_label(rows))]
     panels.append(("peak_rss_gib", "memory", "peak memory of training (RSS, GiB)"))
     placed = []
     for ax, (cost, front, xlabel) in zip(axes, panels, strict=True):

@@ -576,3 +576,20 @@ def test_no_label_of_a_published_frontier_covers_another(frontier, name, tmp_pat
         ]
         assert covered == [], ax.get_title()
     close(fig)
+
+
+def test_the_time_label_names_every_cost_before_training_on_lines_that_fit_under_a_panel(frontier):
+    """Three mined methods' rounds made one 160-character line that ran off the published figure."""
+    names = ["mined_b32_lr8e-5", "mined_cache_b32_lr8e-5", "mined_b32_5ep_lr8e-5"]
+    rows = [{"name": "base", "time_is": "cpu", "extra_cpu_h": 0.0}]
+    rows += [{"name": n, "time_is": "cpu", "extra_cpu_h": 0.1 + i / 100} for i, n in enumerate(names)]
+    label = frontier["time_axis_label"](rows)
+    lines = label.splitlines()
+    assert lines[0].startswith("training CPU time") and lines[1].startswith("included: ")
+    assert max(len(line) for line in lines) <= frontier["LABEL_WIDTH"] == 85
+    joined = " ".join(lines[1:])
+    for i, name in enumerate(names):
+        assert joined.count(f"{name} +{0.1 + i / 100:.3f} h before training") == 1
+    assert "base" not in joined
+    wall = [dict(r, time_is="wall") for r in rows]  # wall time does not include the rounds' CPU time
+    assert frontier["time_axis_label"](wall) == "training wall time (hours, dev evaluation included)"
