@@ -429,7 +429,7 @@ def time_axis_label(rows: list[dict], width: int = LABEL_WIDTH) -> str:
 
 
 def plot_frontier(rows: list[dict], measure: str, zero: float | None, path: Path) -> bool:
-    """PNG at ``path``: quality (± std over seeds) against wall time and against peak memory, the Pareto
+    """PNG at ``path``: quality (± std over seeds) against training time and against peak memory, the Pareto
     fronts as steps, zero-shot as a dashed line, a label per method; False without matplotlib."""
     try:
         import matplotlib.pyplot as plt
