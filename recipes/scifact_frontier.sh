@@ -59,31 +59,27 @@ rate() {  # rate METHOD: the learning rate a name's _lr<rate> suffix asks for, r
 
 method_args() {  # method_args METHOD: sets config and over (the trainer's) or st (eval/st_scifact.py's) for METHOD
   config=recipes/configs/scifact_inbatch.yaml over=() st=()
+  local mined=(train_format=groups train_file="$OUT/mined/train_groups.jsonl" queries_file=null qrels_file=null
+    train_group_size=2)  # one round's groups: a claim, its positive and one mined negative
+  local gc=(grad_cache=true grad_cache_query_chunk=32 grad_cache_passage_chunk=32)
   case ${1%_lr*} in
     inbatch_b32) ;;
     inbatch_b16) over=(per_device_train_batch_size=16 eval_steps=46 save_steps=46) ;;
     inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
     inbatch_nodup_b32) over=(batch_sampling=no_duplicates) ;;
-    gradcache_b128) over=(per_device_train_batch_size=128 grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32 eval_steps=6 save_steps=6) ;;
+    gradcache_b128) over=(per_device_train_batch_size=128 "${gc[@]}" eval_steps=6 save_steps=6) ;;
     inbatch_b32_5ep) over=(num_train_epochs=5) ;;
     inbatch_b32_9ep) over=(num_train_epochs=9) ;;
-    mined_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
-      queries_file=null qrels_file=null train_group_size=2) ;;
-    mined_b32_5ep) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
-      queries_file=null qrels_file=null train_group_size=2 num_train_epochs=5) ;;
-    mined_gc_b32) over=(train_format=groups train_file="$OUT/mined/train_groups.jsonl"
-      queries_file=null qrels_file=null train_group_size=2 grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32) ;;
-    mined_cache_b32) config=recipes/configs/scifact_cache.yaml over=(train_format=groups
-      train_file="$OUT/mined/train_groups.jsonl" queries_file=null qrels_file=null train_group_size=2) ;;
+    mined_b32) over=("${mined[@]}") ;;
+    mined_b32_5ep) over=("${mined[@]}" num_train_epochs=5) ;;
+    mined_gc_b32) over=("${mined[@]}" "${gc[@]}") ;;
+    mined_cache_b32) config=recipes/configs/scifact_cache.yaml over=("${mined[@]}") ;;
     cache_b32) config=recipes/configs/scifact_cache.yaml ;;
     cache_b32_5ep) config=recipes/configs/scifact_cache.yaml over=(num_train_epochs=5) ;;
     cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
       save_steps=46) ;;
     cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
-    cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=(grad_cache=true grad_cache_query_chunk=32
-      grad_cache_passage_chunk=32) ;;
+    cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=("${gc[@]}") ;;
     cache_r005_b32) config=recipes/configs/scifact_cache.yaml over=(refresh_fraction=0.005) ;;
     st_mnrl_b32) st=(--loss mnrl --batch-size 32) ;;
     st_cmnrl_b128) st=(--loss cmnrl --batch-size 128 --mini-batch-size 32) ;;
