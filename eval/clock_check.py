@@ -13,8 +13,10 @@ rate (all its runs' dev-evaluation CPU seconds over all their tokens) and the sp
 reference clock); each other clock's implied factor is the reference rate over its pooled rate, told beside
 the FACTOR given and how far the two differ. A method with runs on several clocks (a repeated run, or the same
 work at another seed): its runs' CPU hours on the reference clock by the FACTORs given, by the implied factors
-and by each run's own probe, and how far apart each puts them. Runs that did not record ``cost_by_phase``
-(another trainer's, such as eval/st_scifact.py's) are named on stderr and left out.
+and by each run's own probe, and how far apart each puts them. Every method: the mean over its runs here of
+their CPU hours by the FACTORs given and by each run's own probe, side by side (training alone: no
+``--extra-cost`` such as a mining round). Runs that did not record ``cost_by_phase`` (another trainer's, such
+as eval/st_scifact.py's) are named on stderr and left out.
 """
 
 from __future__ import annotations
@@ -145,6 +147,33 @@ def repeats(clocks: list[dict]) -> list[dict]:
     return rows
 
 
+def methods_by_probe(clocks: list[dict]) -> list[dict]:
+    """Every method, each run's CPU hours on the reference clock by its clock's given factor and by its own
+    probe (the run's dev evaluation), averaged over the method's runs as the frontier averages seeds, and how
+    far the probe's mean is from the given one: the frontier's time axis read on the probe clock."""
+    found: dict[str, list[tuple[dict, dict]]] = {}
+    for clock in clocks:
+        for run in clock["runs"]:
+            found.setdefault(run["name"], []).append((clock, run))
+    rows = []
+    for name, seen in found.items():
+        given = statistics.mean(run["cpu_s"] * clock["factor"] / 3600 for clock, run in seen)
+        own = statistics.mean(run["cpu_s"] * run["implied_factor"] / 3600 for _, run in seen)
+        row = {"name": name, "runs": len(seen), "seeds": [run["seed"] for _, run in seen]}
+        rows.append(row | {"cpu_h_given": given, "cpu_h_own_probe": own, "difference": own / given - 1})
+    return rows
+
+
+def methods_table(rows: list[dict]) -> str:
+    cells = []
+    for r in rows:
+        cell = {"method": r["name"], "runs": str(r["runs"])}
+        cell["CPU h by factors given"] = f"{r['cpu_h_given']:.3f}"
+        cell["CPU h by own probes"] = f"{r['cpu_h_own_probe']:.3f}"
+        cells.append(cell | {"difference %": f"{100 * r['difference']:+.1f}"})
+    return format_table(cells)
+
+
 def clock_table(clocks: list[dict]) -> str:
     cells = []
     for c in clocks:
@@ -198,13 +227,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except InputError as err:
         print(f"clock_check: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    rows = repeats(clocks)
+    rows, methods = repeats(clocks), methods_by_probe(clocks)
     text = clock_table(clocks)
     print(f"reference rate (anchor x{anchor:g}): {reference:.1f} CPU-s per million dev-evaluation tokens")
     print(text)
     if rows:
         print(repeat_table(rows))
-    result = {"anchor": anchor, "reference_rate": reference, "clocks": clocks, "repeats": rows, "table": text}
+    print(methods_table(methods))
+    result = {"anchor": anchor, "reference_rate": reference, "clocks": clocks, "repeats": rows}
+    result |= {"methods": methods, "table": text}
     atomic.write_json(args.out, result | environment_info(Path(__file__).parent))
     print(f"wrote {args.out}")
     return result

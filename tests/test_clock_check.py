@@ -74,6 +74,20 @@ def test_a_clock_pools_its_roots_and_implies_a_factor_from_the_anchor(
     assert "commit" in saved  # provenance
 
 
+def test_every_method_is_told_on_both_clocks(clock_check, two_machines, tmp_path, capsys):
+    """By hand: reference rate 210 (2 x 105). Clock A's runs, factor 2: 2000 and 2200 CPU-s given, own probes
+    2.1 and 210/110 -> 2100 and 2100. Clock B's run, factor 1 (wrong): 1500 given, own probe 1.4 -> 2100."""
+    a, a_calib, b = two_machines
+    result = clock_check.main(["--out", str(tmp_path / "c.json"), f"{a}=2", f"{a_calib}=2", f"{b}=1"])
+    (cache,) = result["methods"]  # the peer recorded no probe
+    assert cache["name"] == "cache" and cache["runs"] == 3 and cache["seeds"] == [1, 2, 1]
+    assert cache["cpu_h_given"] == pytest.approx((2000 + 2200 + 1500) / 3 / 3600)
+    assert cache["cpu_h_own_probe"] == pytest.approx(2100 / 3600)
+    assert cache["difference"] == pytest.approx(2100 / ((2000 + 2200 + 1500) / 3) - 1)  # +10.5%
+    out = capsys.readouterr().out
+    assert "CPU h by own probes" in out and "+10.5" in out
+
+
 def test_the_anchor_picks_the_clock_that_sets_the_reference(clock_check, two_machines, tmp_path):
     a, a_calib, b = two_machines
     result = clock_check.main(
