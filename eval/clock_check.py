@@ -117,14 +117,20 @@ def imply_factors(clocks: list[dict], anchor: float) -> float:
     return reference
 
 
-def repeats(clocks: list[dict]) -> list[dict]:
-    """Each method with runs on more than one clock (a repeat, or the same work at another seed): each run's
-    CPU hours on the reference clock by its clock's given factor, by its clock's implied factor and by its own
-    probe, with the spread (max - min over the mean) of each."""
+def runs_by_method(clocks: list[dict]) -> dict[str, list[tuple[dict, dict]]]:
+    """Each method's runs, each with its clock, in order of appearance."""
     found: dict[str, list[tuple[dict, dict]]] = {}
     for clock in clocks:
         for run in clock["runs"]:
             found.setdefault(run["name"], []).append((clock, run))
+    return found
+
+
+def repeats(clocks: list[dict]) -> list[dict]:
+    """Each method with runs on more than one clock (a repeat, or the same work at another seed): each run's
+    CPU hours on the reference clock by its clock's given factor, by its clock's implied factor and by its own
+    probe, with the spread (max - min over the mean) of each."""
+    found = runs_by_method(clocks)
     rows = []
     for name, seen in found.items():
         if len({clock["factor"] for clock, _ in seen}) < 2:
@@ -150,11 +156,8 @@ def repeats(clocks: list[dict]) -> list[dict]:
 def methods_by_probe(clocks: list[dict]) -> list[dict]:
     """Every method, each run's CPU hours on the reference clock by its clock's given factor and by its own
     probe (the run's dev evaluation), averaged over the method's runs as the frontier averages seeds, and how
-    far the probe's mean is from the given one: the frontier's time axis read on the probe clock."""
-    found: dict[str, list[tuple[dict, dict]]] = {}
-    for clock in clocks:
-        for run in clock["runs"]:
-            found.setdefault(run["name"], []).append((clock, run))
+    far the probe's mean is from the given one (training alone, over the runs under the ROOTs given)."""
+    found = runs_by_method(clocks)
     rows = []
     for name, seen in found.items():
         given = statistics.mean(run["cpu_s"] * clock["factor"] / 3600 for clock, run in seen)
