@@ -126,6 +126,14 @@ def runs_by_method(clocks: list[dict]) -> dict[str, list[tuple[dict, dict]]]:
     return found
 
 
+def cpu_hours(clock: dict, run: dict) -> dict[str, float]:
+    """The run's CPU hours on the reference clock by its clock's given factor, by its clock's implied factor
+    and by its own probe."""
+    factors = {"given": clock["factor"], "implied": clock["implied_factor"]}
+    factors["own_probe"] = run["implied_factor"]
+    return {key: run["cpu_s"] * factor / 3600 for key, factor in factors.items()}
+
+
 def repeats(clocks: list[dict]) -> list[dict]:
     """Each method with runs on more than one clock (a repeat, or the same work at another seed): each run's
     CPU hours on the reference clock by its clock's given factor, by its clock's implied factor and by its own
@@ -135,20 +143,17 @@ def repeats(clocks: list[dict]) -> list[dict]:
     for name, seen in found.items():
         if len({clock["factor"] for clock, _ in seen}) < 2:
             continue
-        by = {
-            "given": [run["cpu_s"] * clock["factor"] / 3600 for clock, run in seen],
-            "implied": [run["cpu_s"] * clock["implied_factor"] / 3600 for clock, run in seen],
-            "own_probe": [run["cpu_s"] * run["implied_factor"] / 3600 for _, run in seen],
-        }
+        hours = [cpu_hours(clock, run) for clock, run in seen]
+        by = {key: [h[key] for h in hours] for key in ("given", "implied", "own_probe")}
         row = {
             "name": name,
             "seeds": [run["seed"] for _, run in seen],
             "runs": [run["run_dir"] for _, run in seen],
         }
         row["factors"] = [clock["factor"] for clock, _ in seen]
-        for key, hours in by.items():
-            row[f"cpu_h_{key}"] = hours
-            row[f"spread_{key}"] = (max(hours) - min(hours)) / statistics.mean(hours)
+        for key, values in by.items():
+            row[f"cpu_h_{key}"] = values
+            row[f"spread_{key}"] = (max(values) - min(values)) / statistics.mean(values)
         rows.append(row)
     return rows
 
@@ -160,8 +165,8 @@ def methods_by_probe(clocks: list[dict]) -> list[dict]:
     found = runs_by_method(clocks)
     rows = []
     for name, seen in found.items():
-        given = statistics.mean(run["cpu_s"] * clock["factor"] / 3600 for clock, run in seen)
-        own = statistics.mean(run["cpu_s"] * run["implied_factor"] / 3600 for _, run in seen)
+        hours = [cpu_hours(clock, run) for clock, run in seen]
+        given, own = (statistics.mean(h[key] for h in hours) for key in ("given", "own_probe"))
         row = {"name": name, "runs": len(seen), "seeds": [run["seed"] for _, run in seen]}
         rows.append(row | {"cpu_h_given": given, "cpu_h_own_probe": own, "difference": own / given - 1})
     return rows

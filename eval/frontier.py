@@ -417,12 +417,13 @@ def _annotate(ax, name: str, xy: tuple[float, float], offset: tuple[int, int], l
 def time_axis_label(rows: list[dict], width: int = LABEL_WIDTH) -> str:
     """The time panel's axis label: what the time is, then the work before training it includes, wrapped to
     ``width`` characters a line so that no line runs off the figure however many methods add some."""
+    time_is = rows[0]["time_is"]
     label = {
         "cpu": "training CPU time (hours: user + system of every thread, dev evaluation included)",
         "wall": "training wall time (hours, dev evaluation included)",
-    }[rows[0]["time_is"]]
+    }[time_is]
     extra = [f"{r['name']} +{r['extra_cpu_h']:.3f} h before training" for r in rows if r.get("extra_cpu_h")]
-    if extra and rows[0]["time_is"] == "cpu":
+    if extra and time_is == "cpu":
         included = "included: " + ", ".join(extra)
         label += "\n" + "\n".join(textwrap.wrap(included, width, break_on_hyphens=False))
     return label
