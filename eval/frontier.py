@@ -23,11 +23,16 @@ without the cache).
 
 ``--extra-cost METHOD=FILE`` adds work done before training to each run of METHOD's CPU time: FILE has lines
 ``STEP<TAB>CPU_SECONDS`` (recipes/hard_negative_round.sh writes such a ``mining_cpu.tsv``).
+``--extra-cost METHOD@SPEC=FILE`` does so for the runs of METHOD read from SPEC alone (the round mined on that
+run's machine), in place of a ``METHOD=FILE`` given too.
 
 ``--time-scale SPEC=FACTOR`` puts runs measured on another machine on the clock of the others: each run of
 SPEC (one of the SPECs given) has its wall time, CPU time (extra cost included) and dev-evaluation time
 multiplied by FACTOR, e.g. the ratio of one method's CPU time measured on both machines; the JSON keeps each
 run's ``time_scale`` and its measured ``measured_wall_s`` and ``measured_cpu_s``, the table a "time x" column.
+``--probe-clock CLOCK_JSON`` (eval/clock_check.py's ``--out``) scales instead each run of a run dir that JSON
+measured by that run's own factor: its dev evaluation as a probe of the machine's speed during the run
+(``implied_factor``, to 4 decimals); the runs it did not measure (no ``cost_by_phase``) keep their SPEC's.
 """
 
 from __future__ import annotations
@@ -149,11 +154,18 @@ def method_spec(flag: str, spec: str, value: str, methods: Sequence[str]) -> tup
     return name, rest
 
 
-def read_extra_costs(specs: Sequence[str], methods: Sequence[str]) -> dict[str, float]:
-    """``METHOD=FILE`` -> METHOD: the CPU seconds of FILE's ``STEP<TAB>CPU_SECONDS`` lines, summed."""
-    extra = {}
+def read_extra_costs(
+    specs: Sequence[str], methods: Sequence[str], given: Sequence[str]
+) -> dict[tuple[str, str | None], float]:
+    """``METHOD=FILE`` -> (METHOD, None) and ``METHOD@SPEC=FILE`` (SPEC one of the ``given`` specs) ->
+    (METHOD, SPEC): the CPU seconds of FILE's ``STEP<TAB>CPU_SECONDS`` lines, summed (over repeats too)."""
+    extra: dict[tuple[str, str | None], float] = {}
     for spec in specs:
-        name, path = method_spec("--extra-cost", spec, "FILE", methods)
+        target, sep, path = spec.partition("=")
+        method, at, root = target.partition("@")
+        if at and (not root or root not in given):
+            raise InputError(f"--extra-cost {spec!r}: {root!r} is not one of the SPECs given {list(given)}")
+        name, path = method_spec("--extra-cost", f"{method}{sep}{path}", "FILE", methods)
         total = 0.0
         for number, line in iter_lines(existing_file(path)):
             step, _, seconds = line.partition("\t")
@@ -162,15 +174,21 @@ def read_extra_costs(specs: Sequence[str], methods: Sequence[str]) -> dict[str, 
             except ValueError:
                 problem = f"expected STEP<TAB>CPU_SECONDS, got {line!r}"
                 raise InputError(problem, path=path, line=number) from None
-        extra[name] = extra.get(name, 0.0) + total
+        key = (name, root if at else None)
+        extra[key] = extra.get(key, 0.0) + total
     return extra
 
 
-def add_extra_costs(runs: list[dict], extra: dict[str, float]) -> None:
-    """Each run of a method in ``extra`` costs that much more CPU time (``extra_cpu_s`` says how much), on
-    the run's clock (x its ``time_scale``: the work was measured on the run's machine)."""
+def add_extra_costs(runs: list[dict], extra: dict[tuple[str, str | None], float]) -> None:
+    """Each run of a method in ``extra`` costs that much more CPU time (``extra_cpu_s`` says how much): the
+    cost given for its method and SPEC, else for its method; on the run's clock (x its ``time_scale``: the
+    work was measured on the run's machine). A cost for a SPEC that holds no run of its method is refused."""
+    for method, spec in extra:
+        if spec is not None and not any(r["name"] == method and r["spec"] == spec for r in runs):
+            raise InputError(f"--extra-cost {method}@{spec}: {spec!r} holds no finished run of {method!r}")
     for run in runs:
-        run["extra_cpu_s"] = extra.get(run["name"], 0.0) * run.get("time_scale", 1.0)  # measured beside it
+        seconds = extra.get((run["name"], run["spec"]), extra.get((run["name"], None), 0.0))
+        run["extra_cpu_s"] = seconds * run.get("time_scale", 1.0)  # measured beside it
         if run.get("cpu_s") is not None:
             run["cpu_s"] += run["extra_cpu_s"]
 
@@ -202,6 +220,20 @@ def scale_times(runs: list[dict], factor: float) -> list[dict]:
         measured = {"measured_wall_s": run.get("wall_s"), "measured_cpu_s": run.get("cpu_s")}
         scaled.append(run | times | measured | {"time_scale": factor})
     return scaled
+
+
+def read_probe_clock(path: Path) -> dict[Path, float]:
+    """eval/clock_check.py's JSON -> {resolved run dir: the run's own probe factor, to 4 decimals}."""
+    report = read_json(path)
+    try:
+        runs = [run for clock in report["clocks"] for run in clock["runs"]]
+        factors = {Path(run["run_dir"]).resolve(): round(float(run["implied_factor"]), 4) for run in runs}
+    except (KeyError, TypeError, ValueError):
+        problem = "not a JSON of eval/clock_check.py (clocks of runs with run_dir and implied_factor)"
+        raise InputError(problem, path=path) from None
+    if not factors or not all(0 < f < float("inf") for f in factors.values()):
+        raise InputError("no run with a positive implied_factor", path=path)
+    return factors
 
 
 def read_published(path: Path, measure: str) -> list[dict]:
@@ -236,17 +268,22 @@ def read_published(path: Path, measure: str) -> list[dict]:
     return records
 
 
-def read_specs(specs: Sequence[str], measure: str, scales: dict[str, float] | None = None) -> list[dict]:
+def read_specs(
+    specs: Sequence[str],
+    measure: str,
+    scales: dict[str, float] | None = None,
+    probes: dict[Path, float] | None = None,
+) -> list[dict]:
     """The runs of each ``NAME=RUN_DIR``, each ROOT and each frontier JSON, each with its per-query
-    ``measure`` (``per_query``, scored once here), those of a spec in ``scales`` on the others' clock; a run
-    (method and seed) given twice is refused."""
-    runs, scales = [], scales or {}
+    ``measure`` (``per_query``, scored once here), those of a spec in ``scales`` on the others' clock, a run
+    dir in ``probes`` by its own factor instead; a run (method and seed) given twice is refused."""
+    runs, scales, probes = [], scales or {}, probes or {}
     for spec in specs:
         name, sep, run_dir = spec.partition("=")
         if spec.endswith(".json") and Path(spec).is_file():
             if spec in scales:
                 raise InputError(f"--time-scale {spec!r}: a frontier JSON's runs are on its clock already")
-            runs += read_published(Path(spec), measure)
+            runs += [run | {"spec": spec} for run in read_published(Path(spec), measure)]
             continue
         if sep and not Path(spec).is_dir():
             if not name or not run_dir:
@@ -254,11 +291,14 @@ def read_specs(specs: Sequence[str], measure: str, scales: dict[str, float] | No
             found = [(name, Path(run_dir))]
         else:
             found = discover(Path(spec))[0]
-        read = []
         for name, sub in found:
-            run = summarise(name, sub, measure)
-            read.append(run | {"per_query": {measure: per_query_scores(run["test_report"], measure)}})
-        runs += scale_times(read, scales[spec]) if spec in scales else [r | {"time_scale": 1.0} for r in read]
+            run = summarise(name, sub, measure) | {"spec": spec}
+            run["per_query"] = {measure: per_query_scores(run["test_report"], measure)}
+            resolved = Path(run["run_dir"]).resolve()
+            factor = probes.get(resolved, scales.get(spec))
+            if probes and resolved not in probes:
+                print(f"{sub}: no probe in --probe-clock: times x {factor or 1:g}", file=sys.stderr)
+            runs += [run | {"time_scale": 1.0}] if factor is None else scale_times([run], factor)
     seen = set()
     for run in runs:
         key = (run["name"], run["seed"])
@@ -492,8 +532,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--extra-cost",
         action="append",
         default=[],
-        metavar="METHOD=FILE",
-        help="CPU seconds spent before training (STEP<TAB>CPU_SECONDS lines) added to each run of METHOD",
+        metavar="METHOD[@SPEC]=FILE",
+        help="CPU seconds spent before training (STEP<TAB>CPU_SECONDS lines) added to each run of METHOD "
+        "(read from SPEC: only those, in place of METHOD=FILE); repeatable",
     )
     p.add_argument(
         "--time-scale",
@@ -501,6 +542,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         metavar="SPEC=FACTOR",
         help="multiply the times of SPEC's runs (measured on another machine) by FACTOR; repeatable",
+    )
+    p.add_argument(
+        "--probe-clock",
+        default=None,
+        type=Path,
+        metavar="CLOCK_JSON",
+        help="eval/clock_check.py's JSON: scale each run it measured by its own probe factor instead",
     )
     p.add_argument(
         "--pair",
@@ -542,14 +590,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     measure = args.measure
     try:
-        runs = read_specs(args.specs, measure, read_time_scales(args.time_scale, args.specs))
+        probes = None if args.probe_clock is None else read_probe_clock(args.probe_clock)
+        runs = read_specs(args.specs, measure, read_time_scales(args.time_scale, args.specs), probes)
         zero_report = None if args.zero_shot is None else read_json(args.zero_shot)
         if zero_report is not None and measure not in zero_report.get("measures", {}):
             raise InputError(f"no {measure} among the report's measures", path=args.zero_shot)
         if args.baseline not in (names := list(dict.fromkeys(r["name"] for r in runs))):
             raise InputError(f"baseline {args.baseline!r} is not one of the finished methods {names}")
         zero = None if zero_report is None else zero_report["measures"][measure]
-        add_extra_costs(runs, read_extra_costs(args.extra_cost, names))
+        add_extra_costs(runs, read_extra_costs(args.extra_cost, names, args.specs))
         rows = method_rows(runs, measure, zero)
         pairs = read_pairs(args.pair, names, args.baseline)
         paired = paired_tests(runs, args.baseline, pairs, measure)
@@ -574,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "runs": per_run,
         "paired": paired,
         "zero_shot": zero_report and {"report": str(args.zero_shot), "measures": zero_report["measures"]},
+        "probe_clock": None if args.probe_clock is None else str(args.probe_clock),
         "fronts": {front: [r["name"] for r in rows if r[f"front_{front}"]] for front in COSTS},
         "table": table,
         "paired_table": paired_table,

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import load_script
 
+from dualenc.training.cost_meter import PHASES
+
 QUERIES = [f"q{i}" for i in range(6)]
 # ten methods as on SciFact (docs/results.md): name -> (nDCG@10 per seed, wall minutes, peak RSS GiB)
 SCIFACT_LIKE = {
@@ -464,6 +466,93 @@ def test_time_scale_puts_another_machines_runs_on_the_clock_of_the_others(fronti
     with pytest.raises(SystemExit):
         frontier["main"]([str(out), *common, "--time-scale", f"{out}=2", "--out", str(tmp_path / "x.json")])
     assert "on its clock already" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_extra_cost_per_root_charges_each_run_the_round_of_its_own_machine(frontier, tmp_path, capsys):
+    """--extra-cost mined@B=FILE2 beside mined=FILE1: the mined run of root B is charged FILE2 (x B's time
+    scale), the one of root A FILE1; a root that is not given, or holds no run of the method, is refused
+    before anything is written."""
+    for root, dirname, cpu in [("a", "base_s1", 3600.0), ("a", "mined_s1", 1800.0), ("b", "mined_s2", 900.0)]:
+        ranks = (1, 2, 1, 3, 1, 2) if "mined" in dirname else (2,) * 6
+        run = _make_run(tmp_path / root, dirname, 0.70 if "mined" in dirname else 0.66, cpu, 5.0, ranks)
+        summary = json.loads((run / "train_summary.json").read_text())
+        (run / "train_summary.json").write_text(json.dumps(summary | {"cpu_s": cpu}))
+    round_a, round_b = tmp_path / "round_a.tsv", tmp_path / "round_b.tsv"
+    round_a.write_text("encode\t300\nmine\t60\n")  # 360 s
+    round_b.write_text("encode\t400\nmine\t100\n")  # 500 s, measured on B's clock
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), tmp_path / "f.json"
+    argv = [a, b, "--baseline", "base", "--time-scale", f"{b}=2", "--out", str(out)]
+    both = ["--extra-cost", f"mined={round_a}", "--extra-cost", f"mined@{b}={round_b}"]
+    result = frontier["main"]([*argv, *both])
+    runs = {(r["name"], r["seed"]): r for r in result["runs"]}
+    assert runs[("mined", 1)]["extra_cpu_s"] == 360.0 and runs[("mined", 1)]["cpu_s"] == 1800.0 + 360.0
+    assert runs[("mined", 2)]["extra_cpu_s"] == 2 * 500.0 and runs[("mined", 2)]["cpu_s"] == 2 * 900 + 2 * 500
+    assert runs[("base", 1)]["extra_cpu_s"] == 0.0
+    rows = {r["name"]: r for r in result["methods"]}
+    assert rows["mined"]["extra_cpu_h"] == pytest.approx((360 + 1000) / 2 / 3600)
+    assert rows["mined"]["cpu_h"] == pytest.approx((2160 + 2800) / 2 / 3600)
+    alone = frontier["main"]([*argv, "--extra-cost", f"mined@{b}={round_b}"])  # root A's run: no round
+    assert [r["extra_cpu_s"] for r in alone["runs"] if r["name"] == "mined"] == [0.0, 1000.0]
+
+    for bad, said in [
+        (f"mined@{tmp_path / 'c'}={round_b}", "is not one of the SPECs given"),
+        (f"mined@={round_b}", "is not one of the SPECs given"),
+        (f"base@{b}={round_b}", "holds no finished run of 'base'"),
+        (f"minde@{b}={round_b}", "'minde' is not one of the finished methods"),
+    ]:
+        with pytest.raises(SystemExit):
+            frontier["main"]([*argv[:-1], str(tmp_path / "x.json"), "--extra-cost", bad])
+        assert said in capsys.readouterr().err, bad
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_probe_clock_scales_each_run_by_its_own_dev_evaluation(frontier, tmp_path, capsys):
+    """--probe-clock: eval/clock_check.py's JSON of the same roots puts each run it measured on the reference
+    clock by its own probe. By hand: root A (factor 2 given) pools 100 and 110 CPU-s per million dev tokens,
+    so the reference rate is 2 x 105 = 210 and A's runs scale by 2.1 and 210/110; root B's run (150 per
+    million, factor 1 given: wrong) by 1.4; B's peer (no cost_by_phase) keeps B's factor, and says so."""
+    clock_check = load_script("eval/clock_check.py")
+    zero = {"cpu_s": 0.0, "wall_s": 0.0, "grad_sequences": 0, "grad_tokens": 0}
+    zero |= {"nograd_sequences": 0, "nograd_tokens": 0}
+    runs = [
+        ("a", "base_s1", 1000.0, 100.0),
+        ("a", "mined_s1", 1000.0, 110.0),
+        ("b", "mined_s2", 1500.0, 150.0),
+    ]
+    for root, dirname, cpu, dev in [*runs, ("b", "peer_s1", 700.0, None)]:
+        ranks = (1, 2, 1, 3, 1, 2) if "mined" in dirname else (2,) * 6
+        run = _make_run(tmp_path / root, dirname, 0.70 if "mined" in dirname else 0.66, cpu, 5.0, ranks)
+        summary = json.loads((run / "train_summary.json").read_text()) | {"cpu_s": cpu}
+        if dev is not None:
+            phases = {phase: dict(zero) for phase in PHASES}
+            phases["dev_eval"] |= {"cpu_s": dev, "nograd_sequences": 10, "nograd_tokens": 1_000_000}
+            phases["training"] |= {"cpu_s": cpu - dev}
+            summary["cost_by_phase"] = phases
+        (run / "train_summary.json").write_text(json.dumps(summary))
+    a, b, clock = str(tmp_path / "a"), str(tmp_path / "b"), tmp_path / "clock.json"
+    clock_check.main(["--out", str(clock), f"{a}=2", f"{b}=1"])
+    capsys.readouterr()
+    argv = [a, b, "--baseline", "base", "--time-scale", f"{a}=2", "--out", str(tmp_path / "f.json")]
+    result = frontier["main"]([*argv, "--probe-clock", str(clock)])
+    assert f"{tmp_path / 'b' / 'peer_s1'}: no probe in --probe-clock: times x 1" in capsys.readouterr().err
+    scaled = {(r["name"], r["seed"]): r for r in result["runs"]}
+    assert scaled[("base", 1)]["time_scale"] == 2.1 and scaled[("mined", 1)]["time_scale"] == 1.9091
+    assert scaled[("mined", 2)]["time_scale"] == 1.4 and scaled[("peer", 1)]["time_scale"] == 1.0
+    assert scaled[("mined", 2)]["cpu_s"] == pytest.approx(2100.0)
+    assert scaled[("mined", 2)]["measured_cpu_s"] == 1500.0 and result["probe_clock"] == str(clock)
+    rows = {r["name"]: r for r in result["methods"]}
+    assert rows["mined"]["cpu_h"] == pytest.approx((1909.1 + 2100.0) / 2 / 3600)
+    assert rows["base"]["cpu_h"] == pytest.approx(2100.0 / 3600) and rows["peer"]["cpu_h"] == 700.0 / 3600
+    given = {r["name"]: r for r in frontier["main"](argv)["methods"]}  # without: A x 2, B x 1
+    assert given["mined"]["cpu_h"] == pytest.approx((2000.0 + 1500.0) / 2 / 3600)
+
+    (tmp_path / "not_clock.json").write_text(json.dumps({"clocks": [{"runs": [{"run_dir": a}]}]}))
+    for bad in (tmp_path / "f.json", tmp_path / "not_clock.json"):  # a frontier's JSON; no implied_factor
+        with pytest.raises(SystemExit):
+            frontier["main"]([*argv[:-1], str(tmp_path / "x.json"), "--probe-clock", str(bad)])
+        err = capsys.readouterr().err
+        assert str(bad) in err and "not a JSON of eval/clock_check.py" in err, bad
     assert not (tmp_path / "x.json").exists()
 
 
