@@ -24,7 +24,8 @@ without the cache).
 ``--extra-cost METHOD=FILE`` adds work done before training to each run of METHOD's CPU time: FILE has lines
 ``STEP<TAB>CPU_SECONDS`` (recipes/hard_negative_round.sh writes such a ``mining_cpu.tsv``).
 ``--extra-cost METHOD@SPEC=FILE`` does so for the runs of METHOD read from SPEC alone (the round mined on that
-run's machine), in place of a ``METHOD=FILE`` given too.
+run's machine), in place of a ``METHOD=FILE`` given too. The runs of a frontier JSON keep the extra cost they
+were recorded with (``extra_cpu_s``): ``--extra-cost`` applies to runs read from run dirs.
 
 ``--time-scale SPEC=FACTOR`` puts runs measured on another machine on the clock of the others: each run of
 SPEC (one of the SPECs given) has its wall time, CPU time (extra cost included) and dev-evaluation time
@@ -182,11 +183,17 @@ def read_extra_costs(
 def add_extra_costs(runs: list[dict], extra: dict[tuple[str, str | None], float]) -> None:
     """Each run of a method in ``extra`` costs that much more CPU time (``extra_cpu_s`` says how much): the
     cost given for its method and SPEC, else for its method; on the run's clock (x its ``time_scale``: the
-    work was measured on the run's machine). A cost for a SPEC that holds no run of its method is refused."""
+    work was measured on the run's machine). A frontier JSON's runs keep theirs; a cost that would apply to no
+    run read from a run dir is refused."""
     for method, spec in extra:
-        if spec is not None and not any(r["name"] == method and r["spec"] == spec for r in runs):
-            raise InputError(f"--extra-cost {method}@{spec}: {spec!r} holds no finished run of {method!r}")
+        if not any(r["name"] == method and spec in (None, r["spec"]) and not r["from_json"] for r in runs):
+            where = "any run dir given" if spec is None else repr(spec)
+            problem = f"{where} holds no finished run of {method!r}"
+            kept = " (a frontier JSON's runs keep the extra cost they were recorded with)"
+            raise InputError(f"--extra-cost {method}{'' if spec is None else '@' + spec}: {problem}{kept}")
     for run in runs:
+        if run["from_json"]:  # its extra_cpu_s is in its cpu_s already
+            continue
         seconds = extra.get((run["name"], run["spec"]), extra.get((run["name"], None), 0.0))
         run["extra_cpu_s"] = seconds * run.get("time_scale", 1.0)  # measured beside it
         if run.get("cpu_s") is not None:
@@ -238,7 +245,7 @@ def read_probe_clock(path: Path) -> dict[Path, float]:
 
 def read_published(path: Path, measure: str) -> list[dict]:
     """The run records of a frontier JSON written earlier, as :func:`summarise` makes them, with their kept
-    per-query ``measure``; ``cpu_s`` without the ``--extra-cost`` added then (given again, added again)."""
+    per-query ``measure``; ``cpu_s`` with the ``--extra-cost`` added then (``extra_cpu_s``), kept."""
     report = read_json(path)
     if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
         raise InputError("not a frontier JSON of eval/frontier.py (no list of runs)", path=path)
@@ -253,12 +260,13 @@ def read_published(path: Path, measure: str) -> list[dict]:
                 key: run[key] for key in ("name", "seed", "run_dir", "wall_s", "peak_rss_gib", "best_dev")
             }
             test = {m: run[m] for m in (measure, RECALL) if run.get(m) is not None}
-            cpu_s, extra = run["cpu_s"], run["extra_cpu_s"] or 0.0
+            cpu_s, extra = run["cpu_s"], run["extra_cpu_s"] or 0.0  # extra: in cpu_s
         except KeyError as err:
             raise InputError(f"run {index} lacks the key {err}", path=path) from None
         record |= {
             "test": test,
-            "cpu_s": None if cpu_s is None else cpu_s - extra,
+            "cpu_s": cpu_s,
+            "extra_cpu_s": extra,
             "per_query": {measure: scores},
         }
         record |= {"dev_eval_cpu_s": run.get("dev_eval_cpu_s")}  # absent: written before it was kept
@@ -283,7 +291,7 @@ def read_specs(
         if spec.endswith(".json") and Path(spec).is_file():
             if spec in scales:
                 raise InputError(f"--time-scale {spec!r}: a frontier JSON's runs are on its clock already")
-            runs += [run | {"spec": spec} for run in read_published(Path(spec), measure)]
+            runs += [run | {"spec": spec, "from_json": True} for run in read_published(Path(spec), measure)]
             continue
         if sep and not Path(spec).is_dir():
             if not name or not run_dir:
@@ -292,7 +300,7 @@ def read_specs(
         else:
             found = discover(Path(spec))[0]
         for name, sub in found:
-            run = summarise(name, sub, measure) | {"spec": spec}
+            run = summarise(name, sub, measure) | {"spec": spec, "from_json": False}
             run["per_query"] = {measure: per_query_scores(run["test_report"], measure)}
             resolved = Path(run["run_dir"]).resolve()
             factor = probes.get(resolved, scales.get(spec))

@@ -449,8 +449,8 @@ def test_time_scale_puts_another_machines_runs_on_the_clock_of_the_others(fronti
     assert [line[at : at + 6].strip() for line in lines[1:]] == ["1", "1, 2"]  # base, mined
     page = frontier["markdown"](result["methods"], [], "nDCG@10", None)
     assert "| time x |" in page and "| 1, 2 |" in page and "time x: the factors" in page
-    again = frontier["main"]([str(out), *common, "--out", str(tmp_path / "again.json")])
-    assert _rows_without_provenance(again) == _rows_without_provenance(result)
+    again = frontier["main"]([str(out), "--baseline", "base", "--out", str(tmp_path / "again.json")])
+    assert _rows_without_provenance(again) == _rows_without_provenance(result)  # its scales and round kept
     plain = frontier["main"]([a, b, *common, "--out", str(tmp_path / "plain.json")])
     assert "time x" not in plain["table"] and "time_scale" not in plain["runs"][0]
 
@@ -464,7 +464,9 @@ def test_time_scale_puts_another_machines_runs_on_the_clock_of_the_others(fronti
             frontier["main"]([a, b, *common, "--time-scale", bad, "--out", str(tmp_path / "x.json")])
         assert said in capsys.readouterr().err, bad
     with pytest.raises(SystemExit):
-        frontier["main"]([str(out), *common, "--time-scale", f"{out}=2", "--out", str(tmp_path / "x.json")])
+        frontier["main"](
+            [str(out), "--baseline", "base", "--time-scale", f"{out}=2", "--out", str(tmp_path / "x.json")]
+        )
     assert "on its clock already" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
@@ -573,25 +575,23 @@ def _rows_without_provenance(result: dict) -> tuple:
 
 def test_a_frontier_rebuilt_from_its_json_is_the_same_and_new_runs_join_it(frontier, tmp_path, capsys):
     """The run dirs gone, frontier.json alone gives the same table, paired tests and per-run records (the
-    mining round's cost added again, not twice); a new method's runs join the kept ones, a run given twice
-    and a JSON without per-query scores are refused."""
+    mining round's cost kept from the JSON, not added twice: giving it again is refused); a new method's runs
+    join the kept ones, a run given twice and a JSON without per-query scores are refused."""
     root = scifact_like(tmp_path / "runs")
     for sub in root.glob("mined_b32_s*"):  # CPU times, so that --extra-cost shows in the table
         summary = json.loads((sub / "train_summary.json").read_text())
         (sub / "train_summary.json").write_text(json.dumps(summary | {"cpu_s": 3000.0}))
     cost = tmp_path / "mining_cpu.tsv"
     cost.write_text("encode\t360\n")
-    common = [
-        "--baseline",
-        "inbatch_b32",
-        "--extra-cost",
-        f"mined_b32={cost}",
-        "--pair",
-        "cache_b16=cache_b32",
-    ]
-    first = frontier["main"]([str(root), *common, "--out", str(tmp_path / "first.json")])
+    common = ["--baseline", "inbatch_b32", "--pair", "cache_b16=cache_b32"]
+    mining = ["--extra-cost", f"mined_b32={cost}"]
+    first = frontier["main"]([str(root), *common, *mining, "--out", str(tmp_path / "first.json")])
+    assert {r["extra_cpu_s"] for r in first["runs"] if r["name"] == "mined_b32"} == {360.0}
     rebuilt = frontier["main"]([str(tmp_path / "first.json"), *common, "--out", str(tmp_path / "again.json")])
     assert _rows_without_provenance(rebuilt) == _rows_without_provenance(first)
+    with pytest.raises(SystemExit):  # counted twice otherwise
+        frontier["main"]([str(tmp_path / "first.json"), *common, *mining, "--out", str(tmp_path / "x.json")])
+    assert "keep the extra cost they were recorded with" in capsys.readouterr().err
     assert [r["run_dir"] for r in rebuilt["runs"]] == [
         r["run_dir"] for r in first["runs"]
     ]  # where it came from
