@@ -33,7 +33,8 @@ multiplied by FACTOR, e.g. the ratio of one method's CPU time measured on both m
 run's ``time_scale`` and its measured ``measured_wall_s`` and ``measured_cpu_s``, the table a "time x" column.
 ``--probe-clock CLOCK_JSON`` (eval/clock_check.py's ``--out``) scales instead each run of a run dir that JSON
 measured by that run's own factor: its dev evaluation as a probe of the machine's speed during the run
-(``implied_factor``, to 4 decimals); the runs it did not measure (no ``cost_by_phase``) keep their SPEC's.
+(``implied_factor``, to 4 decimals); the runs it did not measure (no ``cost_by_phase``) keep their SPEC's,
+and one that measured none of the runs read from run dirs is refused.
 """
 
 from __future__ import annotations
@@ -306,6 +307,7 @@ def read_specs(
             factor = probes.get(resolved, scales.get(spec))
             if probes and resolved not in probes:
                 print(f"{sub}: no probe in --probe-clock: times x {factor or 1:g}", file=sys.stderr)
+            run["probed"] = resolved in probes
             runs += [run | {"time_scale": 1.0}] if factor is None else scale_times([run], factor)
     seen = set()
     for run in runs:
@@ -600,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         probes = None if args.probe_clock is None else read_probe_clock(args.probe_clock)
         runs = read_specs(args.specs, measure, read_time_scales(args.time_scale, args.specs), probes)
+        if probes and not any(run.get("probed") for run in runs):
+            problem = "measured none of the runs read from run dirs (a frontier JSON's are on their clock)"
+            raise InputError(f"--probe-clock: {problem}", path=args.probe_clock)
         zero_report = None if args.zero_shot is None else read_json(args.zero_shot)
         if zero_report is not None and measure not in zero_report.get("measures", {}):
             raise InputError(f"no {measure} among the report's measures", path=args.zero_shot)

@@ -555,6 +555,10 @@ def test_probe_clock_scales_each_run_by_its_own_dev_evaluation(frontier, tmp_pat
             frontier["main"]([*argv[:-1], str(tmp_path / "x.json"), "--probe-clock", str(bad)])
         err = capsys.readouterr().err
         assert str(bad) in err and "not a JSON of eval/clock_check.py" in err, bad
+    with pytest.raises(SystemExit):  # a frontier JSON's runs alone: nothing the clock could rescale
+        only_json = [str(tmp_path / "f.json"), "--baseline", "base", "--out", str(tmp_path / "x.json")]
+        frontier["main"]([*only_json, "--probe-clock", str(clock)])
+    assert f"{clock}: --probe-clock: measured none of the runs read from run dirs" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
