@@ -369,8 +369,11 @@ def _cells(row: dict, measure: str, show_no_dev: bool = True, show_scale: bool =
     return cells | {f"front {front}": "yes" if row[f"front_{front}"] else "" for front in COSTS}
 
 
-def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | None) -> str:
-    """GitHub markdown: the methods table, the zero-shot figure, and the paired tests."""
+def markdown(
+    rows: list[dict], paired: list[dict], measure: str, zero: float | None, probe_clock: bool = False
+) -> str:
+    """GitHub markdown: the methods table, the zero-shot figure, and the paired tests; ``probe_clock``: the
+    time factors are the runs' own probes' (``--probe-clock``)."""
     shown = has_cpu_hours_without_dev_eval(rows), has_time_scales(rows)
     cells = [_cells(r, measure, *shown) for r in rows]
     parts = [_md_table(list(cells[0]), [list(c.values()) for c in cells])]
@@ -382,6 +385,9 @@ def markdown(rows: list[dict], paired: list[dict], measure: str, zero: float | N
             "time x: the factors its runs' times were multiplied by, to put runs measured on another machine"
         )
         parts.append(scaled + " on the others' clock (1: measured on it).")
+        if probe_clock:
+            probe = "Each run's factor is its own dev evaluation's probe (--probe-clock), else its root's."
+            parts.append(probe)
     for row in rows:
         if row.get("extra_cpu_h") and row["time_is"] == "cpu":
             hours = f"{row['extra_cpu_h']:.3f}"
@@ -644,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     atomic.write_json(args.out, result)
     if args.markdown is not None:
-        atomic.write_text(args.markdown, markdown(rows, paired, measure, zero))
+        atomic.write_text(args.markdown, markdown(rows, paired, measure, zero, args.probe_clock is not None))
     if args.plot is not None:
         plot_frontier(rows, measure, zero, args.plot)
     print(f"wrote {args.out}")

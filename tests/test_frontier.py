@@ -543,6 +543,9 @@ def test_probe_clock_scales_each_run_by_its_own_dev_evaluation(frontier, tmp_pat
     assert scaled[("mined", 2)]["time_scale"] == 1.4 and scaled[("peer", 1)]["time_scale"] == 1.0
     assert scaled[("mined", 2)]["cpu_s"] == pytest.approx(2100.0)
     assert scaled[("mined", 2)]["measured_cpu_s"] == 1500.0 and result["probe_clock"] == str(clock)
+    page = frontier["markdown"](result["methods"], [], "nDCG@10", None, probe_clock=True)
+    assert "Each run's factor is its own dev evaluation's probe (--probe-clock)" in page
+    assert "own dev evaluation" not in frontier["markdown"](result["methods"], [], "nDCG@10", None)
     rows = {r["name"]: r for r in result["methods"]}
     assert rows["mined"]["cpu_h"] == pytest.approx((1909.1 + 2100.0) / 2 / 3600)
     assert rows["base"]["cpu_h"] == pytest.approx(2100.0 / 3600) and rows["peer"]["cpu_h"] == 700.0 / 3600
