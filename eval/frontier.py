@@ -307,7 +307,6 @@ def read_specs(
             factor = probes.get(resolved, scales.get(spec))
             if probes and resolved not in probes:
                 print(f"{sub}: no probe in --probe-clock: times x {factor or 1:g}", file=sys.stderr)
-            run["probed"] = resolved in probes
             runs += [run | {"time_scale": 1.0}] if factor is None else scale_times([run], factor)
     seen = set()
     for run in runs:
@@ -608,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         probes = None if args.probe_clock is None else read_probe_clock(args.probe_clock)
         runs = read_specs(args.specs, measure, read_time_scales(args.time_scale, args.specs), probes)
-        if probes and not any(run.get("probed") for run in runs):
+        if probes and not any(Path(r["run_dir"]).resolve() in probes for r in runs if not r["from_json"]):
             problem = "measured none of the runs read from run dirs (a frontier JSON's are on their clock)"
             raise InputError(f"--probe-clock: {problem}", path=args.probe_clock)
         zero_report = None if args.zero_shot is None else read_json(args.zero_shot)
