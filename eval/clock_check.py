@@ -17,11 +17,19 @@ and by each run's own probe, and how far apart each puts them. Every method: the
 their CPU hours by the FACTORs given and by each run's own probe, side by side (training alone: no
 ``--extra-cost`` such as a mining round). Runs that did not record ``cost_by_phase`` (another trainer's, such
 as eval/st_scifact.py's) are named on stderr and left out.
+
+A SPEC may also be a JSON this script wrote (its ``--out``): its clocks, roots and each run's probe join as
+they were measured, so a clock check outlives its run folders and new roots join it:
+
+    python eval/clock_check.py --out clock2.json clock.json outputs/frontier10=1.25 outputs/calib14=1.25
+
+Without ``--anchor``, the first SPEC names the reference clock (a JSON's own anchor).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from collections.abc import Sequence
@@ -38,10 +46,50 @@ from dualenc.io.text_table import format_table
 PROBE = "dev_eval"
 
 
-def read_clock_specs(specs: Sequence[str]) -> list[tuple[str, float]]:
-    """``ROOT=FACTOR`` -> (ROOT, FACTOR), FACTOR positive and finite, ROOT a directory given once."""
-    parsed, seen = [], set()
+RUN_KEYS = ("name", "seed", "run_dir", "cpu_s", "probe_cpu_s", "probe_tokens")
+
+
+def read_published(path: Path) -> dict:
+    """A JSON of this script -> {"anchor": its anchor, "clocks": [{"factor", "roots", "runs"}]}, each run
+    the record :func:`read_clocks` made of it (its probe's CPU seconds and tokens, its rate recomputed)."""
+    try:
+        report = json.loads(path.read_text())
+        anchor = float(report["anchor"])
+        clocks = []
+        for clock in report["clocks"]:
+            runs = []
+            for run in clock["runs"]:
+                record = {key: run[key] for key in RUN_KEYS}
+                if not record["probe_tokens"] > 0 or not record["probe_cpu_s"] > 0:
+                    raise ValueError(record["run_dir"])
+                runs.append(record | {"rate": record["probe_cpu_s"] / record["probe_tokens"] * 1e6})
+            roots = [str(root) for root in clock["roots"]]
+            factor = float(clock["factor"])
+            if not runs or not roots or not 0 < factor < float("inf"):
+                raise ValueError(clock)
+            clocks.append({"factor": factor, "roots": roots, "runs": runs})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        problem = "not a JSON of eval/clock_check.py (an anchor, clocks of roots and runs with their probes)"
+        raise InputError(problem, path=path) from None
+    if not clocks:
+        raise InputError("a JSON of eval/clock_check.py with no clock", path=path)
+    return {"anchor": anchor, "clocks": clocks}
+
+
+def read_clock_specs(specs: Sequence[str]) -> list[tuple[str, float] | dict]:
+    """``ROOT=FACTOR`` -> (ROOT, FACTOR), FACTOR positive and finite; a JSON file of this script -> its
+    :func:`read_published` record. A ROOT is given once, whether as a directory or inside a JSON."""
+    parsed: list[tuple[str, float] | dict] = []
+    seen: set[str] = set()
     for spec in specs:
+        if Path(spec).is_file():
+            published = read_published(Path(spec))
+            for root in (root for clock in published["clocks"] for root in clock["roots"]):
+                if str(Path(root)) in seen:
+                    raise InputError(f"{root!r} is given twice (measured in {spec})")
+                seen.add(str(Path(root)))
+            parsed.append(published)
+            continue
         root, sep, value = spec.rpartition("=")
         try:
             factor = float(value) if sep else float("nan")
@@ -51,11 +99,16 @@ def read_clock_specs(specs: Sequence[str]) -> list[tuple[str, float]]:
             raise InputError(f"expected ROOT=FACTOR with a positive FACTOR, got {spec!r}")
         if not Path(root).is_dir():
             raise InputError("not a directory of <name>_s<seed> runs", path=root)
-        if root in seen:
+        if str(Path(root)) in seen:
             raise InputError(f"{root!r} is given twice")
-        seen.add(root)
+        seen.add(str(Path(root)))
         parsed.append((root, factor))
     return parsed
+
+
+def first_factor(spec: tuple[str, float] | dict) -> float:
+    """The reference clock's FACTOR when the first SPEC names it: a root's FACTOR, a JSON's anchor."""
+    return spec["anchor"] if isinstance(spec, dict) else spec[1]
 
 
 def probe_rate(phases: dict, run_dir: str) -> float:
@@ -68,11 +121,20 @@ def probe_rate(phases: dict, run_dir: str) -> float:
     return probe["cpu_s"] / probe["nograd_tokens"] * 1e6  # CPU-s / M tokens
 
 
-def read_clocks(specs: list[tuple[str, float]]) -> list[dict]:
+def read_clocks(specs: list[tuple[str, float] | dict]) -> list[dict]:
     """One record per clock (distinct FACTOR, in order of appearance): its roots, runs with their probe rates,
-    the pooled rate and the sample std of the runs' rates relative to their mean."""
+    the pooled rate and the sample std of the runs' rates relative to their mean. A JSON's clocks join with
+    their runs as recorded there."""
     clocks: dict[float, dict] = {}
-    for root, factor in specs:
+    for spec in specs:
+        if isinstance(spec, dict):
+            for published in spec["clocks"]:
+                factor = published["factor"]
+                clock = clocks.setdefault(factor, {"factor": factor, "roots": [], "runs": []})
+                clock["roots"] += published["roots"]
+                clock["runs"] += published["runs"]
+            continue
+        root, factor = spec
         clock = clocks.setdefault(factor, {"factor": factor, "roots": [], "runs": []})
         clock["roots"].append(root)
         found = find_runs([root])
@@ -217,7 +279,12 @@ def repeat_table(rows: list[dict]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("specs", nargs="+", metavar="SPEC", help="ROOT=FACTOR (eval/frontier.py's --time-scale)")
+    p.add_argument(
+        "specs",
+        nargs="+",
+        metavar="SPEC",
+        help="ROOT=FACTOR (eval/frontier.py's --time-scale), or a JSON this script wrote",
+    )
     p.add_argument(
         "--anchor", type=float, help="the FACTOR whose clock sets the reference rate (default: first)"
     )
@@ -230,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         specs = read_clock_specs(args.specs)
         clocks = read_clocks(specs)
-        anchor = specs[0][1] if args.anchor is None else args.anchor
+        anchor = first_factor(specs[0]) if args.anchor is None else args.anchor
         reference = imply_factors(clocks, anchor)
     except InputError as err:
         print(f"clock_check: error: {err}", file=sys.stderr)

@@ -125,3 +125,65 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(
         clock_check.main(["--out", str(out), *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def _report(result: dict) -> dict:
+    """What a clock check found, without its provenance (commit, machine, versions)."""
+    return {key: result[key] for key in ("anchor", "reference_rate", "clocks", "repeats", "methods", "table")}
+
+
+def test_its_own_json_rebuilds_it_and_new_roots_join_it(clock_check, two_machines, tmp_path):
+    """A clock check outlives its run folders: its JSON alone gives the same report, and the JSON of machine A
+    plus machine B's root gives the report of all three roots."""
+    a, a_calib, b = two_machines
+    every = clock_check.main(["--out", str(tmp_path / "every.json"), f"{a}=2", f"{a_calib}=2", f"{b}=1"])
+    rebuilt = clock_check.main(["--out", str(tmp_path / "rebuilt.json"), str(tmp_path / "every.json")])
+    assert _report(rebuilt) == _report(every)
+    clock_check.main(["--out", str(tmp_path / "a.json"), f"{a}=2", f"{a_calib}=2"])
+    joined = clock_check.main(["--out", str(tmp_path / "joined.json"), str(tmp_path / "a.json"), f"{b}=1"])
+    assert _report(joined) == _report(every)
+    assert joined["clocks"][1]["implied_factor"] == pytest.approx(1.4)  # 210 / 150, as by hand above
+
+
+def test_a_json_keeps_its_anchor_and_shares_a_clock_with_a_root_of_the_same_factor(
+    clock_check, two_machines, tmp_path
+):
+    a, a_calib, b = two_machines
+    clock_check.main(["--out", str(tmp_path / "b.json"), "--anchor", "1", f"{b}=1", f"{a}=2"])
+    result = clock_check.main(["--out", str(tmp_path / "c.json"), str(tmp_path / "b.json"), f"{a_calib}=2"])
+    assert result["anchor"] == 1 and result["reference_rate"] == pytest.approx(150.0)  # B's rate x 1
+    clock_a = result["clocks"][1]
+    assert clock_a["roots"] == [str(a), str(a_calib)] and clock_a["pooled_rate"] == pytest.approx(105.0)
+    assert clock_a["implied_factor"] == pytest.approx(150 / 105)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{", "not a JSON of eval/clock_check.py"),
+        ('{"runs": []}', "not a JSON of eval/clock_check.py"),  # a frontier JSON, say
+        ('{"anchor": 2, "clocks": []}', "a JSON of eval/clock_check.py with no clock"),
+        ("ZERO_TOKENS", "not a JSON of eval/clock_check.py"),
+        ("AGAIN", "is given twice (measured in"),
+    ],
+)
+def test_a_bad_json_is_one_clear_error_and_writes_nothing(
+    clock_check, two_machines, tmp_path, capsys, content, message
+):
+    a, a_calib, _ = two_machines
+    clock_check.main(["--out", str(tmp_path / "a.json"), f"{a}=2"])
+    report = json.loads((tmp_path / "a.json").read_text())
+    args = [str(tmp_path / "bad.json")]
+    if content == "ZERO_TOKENS":
+        report["clocks"][0]["runs"][0]["probe_tokens"] = 0
+        content = json.dumps(report)
+    elif content == "AGAIN":
+        content, args = json.dumps(report), [f"{a}=2", str(tmp_path / "bad.json")]
+    (tmp_path / "bad.json").write_text(content)
+    capsys.readouterr()
+    out = tmp_path / "clock.json"
+    with pytest.raises(SystemExit) as exit_info:
+        clock_check.main(["--out", str(out), *args, f"{a_calib}=2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err
+    assert not out.exists()
