@@ -96,7 +96,8 @@ def read_clock_specs(specs: Sequence[str]) -> list[tuple[str, float] | dict]:
         except ValueError:
             factor = float("nan")
         if not root or not 0 < factor < float("inf"):
-            raise InputError(f"expected ROOT=FACTOR with a positive FACTOR, got {spec!r}")
+            problem = "expected ROOT=FACTOR with a positive FACTOR, or a JSON of eval/clock_check.py"
+            raise InputError(f"{problem}, got {spec!r}")
         if not Path(root).is_dir():
             raise InputError("not a directory of <name>_s<seed> runs", path=root)
         if str(Path(root)) in seen:
@@ -153,6 +154,13 @@ def read_clocks(specs: list[tuple[str, float] | dict]) -> list[dict]:
                 {"name": record["name"], "seed": seed, "run_dir": record["run_dir"], "cpu_s": record["cpu_s"]}
                 | {"probe_cpu_s": probe["cpu_s"], "probe_tokens": probe["nograd_tokens"], "rate": rate}
             )
+    seen: set[Path] = set()
+    for run in (run for clock in clocks.values() for run in clock["runs"]):
+        if Path(run["run_dir"]).resolve() in seen:
+            raise InputError(
+                "this run is given twice (under two roots, or in a JSON and a root)", path=run["run_dir"]
+            )
+        seen.add(Path(run["run_dir"]).resolve())
     for clock in clocks.values():
         runs = clock["runs"]
         cpu, tokens = sum(r["probe_cpu_s"] for r in runs), sum(r["probe_tokens"] for r in runs)
@@ -286,7 +294,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="ROOT=FACTOR (eval/frontier.py's --time-scale), or a JSON this script wrote",
     )
     p.add_argument(
-        "--anchor", type=float, help="the FACTOR whose clock sets the reference rate (default: first)"
+        "--anchor",
+        type=float,
+        help="the FACTOR whose clock sets the reference rate (default: the first SPEC's, a JSON's anchor)",
     )
     p.add_argument("--out", required=True, type=Path, help="JSON output")
     return p.parse_args(argv)

@@ -100,9 +100,11 @@ def test_the_anchor_picks_the_clock_that_sets_the_reference(clock_check, two_mac
 @pytest.mark.parametrize(
     ("specs", "message"),
     [
-        (["{a}=0"], "expected ROOT=FACTOR with a positive FACTOR, got"),
+        (["{a}=0"], "expected ROOT=FACTOR with a positive FACTOR, or a JSON of eval/clock_check.py, got"),
         (["{a}=fast"], "expected ROOT=FACTOR with a positive FACTOR"),
         (["{a}"], "expected ROOT=FACTOR"),
+        (["{tmp}/missing.json"], "or a JSON of eval/clock_check.py, got"),
+        (["{a}=2", "{a}/../a=3"], "a/cache_s1: this run is given twice"),
         (["{a}=2", "{a}=3"], "is given twice"),
         (["{tmp}/missing=2"], "missing: not a directory of <name>_s<seed> runs"),
         (["{a}=2", "--anchor", "3"], "--anchor 3 is not one of the FACTORs given [2.0]"),
