@@ -29,7 +29,6 @@ Without ``--anchor``, the first SPEC names the reference clock (a JSON's own anc
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from frontier import RUN_NAME
 
 from dualenc.errors import InputError
 from dualenc.io import atomic
+from dualenc.io.input_files import read_json
 from dualenc.io.provenance import environment_info
 from dualenc.io.text_table import format_table
 
@@ -53,7 +53,12 @@ def read_published(path: Path) -> dict:
     """A JSON of this script -> {"anchor": its anchor, "clocks": [{"factor", "roots", "runs"}]}, each run
     the record :func:`read_clocks` made of it (its probe's CPU seconds and tokens, its rate recomputed)."""
     try:
-        report = json.loads(path.read_text())
+        report = read_json(path)
+    except InputError as err:  # names the line of bad JSON
+        raise InputError(
+            f"not a JSON of eval/clock_check.py: {err.problem}", path=path, line=err.line
+        ) from None
+    try:
         anchor = float(report["anchor"])
         clocks = []
         for clock in report["clocks"]:
@@ -68,7 +73,7 @@ def read_published(path: Path) -> dict:
             if not runs or not roots or not 0 < factor < float("inf"):
                 raise ValueError(clock)
             clocks.append({"factor": factor, "roots": roots, "runs": runs})
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         problem = "not a JSON of eval/clock_check.py (an anchor, clocks of roots and runs with their probes)"
         raise InputError(problem, path=path) from None
     if not clocks:
@@ -81,13 +86,17 @@ def read_clock_specs(specs: Sequence[str]) -> list[tuple[str, float] | dict]:
     :func:`read_published` record. A ROOT is given once, whether as a directory or inside a JSON."""
     parsed: list[tuple[str, float] | dict] = []
     seen: set[str] = set()
+
+    def claim(root: str, where: str = "") -> None:
+        if str(Path(root)) in seen:
+            raise InputError(f"{root!r} is given twice{where}")
+        seen.add(str(Path(root)))
+
     for spec in specs:
         if Path(spec).is_file():
             published = read_published(Path(spec))
             for root in (root for clock in published["clocks"] for root in clock["roots"]):
-                if str(Path(root)) in seen:
-                    raise InputError(f"{root!r} is given twice (measured in {spec})")
-                seen.add(str(Path(root)))
+                claim(root, f" (measured in {spec})")
             parsed.append(published)
             continue
         root, sep, value = spec.rpartition("=")
@@ -100,9 +109,7 @@ def read_clock_specs(specs: Sequence[str]) -> list[tuple[str, float] | dict]:
             raise InputError(f"{problem}, got {spec!r}")
         if not Path(root).is_dir():
             raise InputError("not a directory of <name>_s<seed> runs", path=root)
-        if str(Path(root)) in seen:
-            raise InputError(f"{root!r} is given twice")
-        seen.add(str(Path(root)))
+        claim(root)
         parsed.append((root, factor))
     return parsed
 
@@ -156,11 +163,12 @@ def read_clocks(specs: list[tuple[str, float] | dict]) -> list[dict]:
             )
     seen: set[Path] = set()
     for run in (run for clock in clocks.values() for run in clock["runs"]):
-        if Path(run["run_dir"]).resolve() in seen:
+        resolved = Path(run["run_dir"]).resolve()
+        if resolved in seen:
             raise InputError(
                 "this run is given twice (under two roots, or in a JSON and a root)", path=run["run_dir"]
             )
-        seen.add(Path(run["run_dir"]).resolve())
+        seen.add(resolved)
     for clock in clocks.values():
         runs = clock["runs"]
         cpu, tokens = sum(r["probe_cpu_s"] for r in runs), sum(r["probe_tokens"] for r in runs)
