@@ -40,3 +40,6 @@ def main(argv: Sequence[str] | None = None):
 
 if __name__ == "__main__":
     main()
+    from dualenc.training.process_exit import end_process
+
+    end_process(0)  # on several processes: without the finalization where torch's leaked gloo group aborted

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -139,11 +140,25 @@ def _overrides(setup: dict, out: Path, processes: int, loss: str, gas: int, **ex
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
+EXIT_PROBE = Path(__file__).parent / "exit_probe"  # its sitecustomize.py reports who reaches finalization
+
+
 def _train(processes: int, overrides: list[str], script: Path = REPO / "recipes" / "train.py") -> None:
-    proc = subprocess.run(
-        _command(processes, script, overrides), env=ENV, capture_output=True, text=True, timeout=900
-    )
+    """Run the recipe on ``processes`` processes; it must exit 0, and on 2 its workers must end without the
+    interpreter's finalization (where torch's leaked gloo group aborted a finished run now and then)."""
+    env = {**ENV, "PYTHONPATH": f"{EXIT_PROBE}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
+    with tempfile.TemporaryDirectory(prefix="exit_probe") as probes:
+        proc = subprocess.run(
+            _command(processes, script, overrides),
+            env={**env, "DUALENC_EXIT_PROBE": probes},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        finalized = sorted(path.name.split(".")[0] for path in Path(probes).iterdir())
     assert proc.returncode == 0, proc.stderr[-5000:]
+    # one process: it exits normally (and so the probe works); two: only the launcher finalizes
+    assert finalized == ["solo"], finalized
 
 
 def _log(out: Path) -> list[dict]:

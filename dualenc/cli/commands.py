@@ -50,24 +50,27 @@ def cmd_encode(args) -> int:
     model = _load_model(args.model, args, device)
     if state.is_main_process:
         logger.info("encoding %d %ss from %s on %d process(es)", len(data), kind, source, state.num_processes)
-    encode_corpus(
-        model,
-        data,
-        args.output,
-        kind=kind,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        device=device,
-        autocast_dtype=_amp_dtype(args.amp, device),
-        storage_dtype=args.storage_dtype,
-        progress=state.is_local_main_process and not args.quiet,
-        model_name=str(args.model),
-        source=str(source),
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        wait_for_everyone=state.wait_for_everyone,
-        overwrite=args.overwrite,
-    )
+    try:
+        encode_corpus(
+            model,
+            data,
+            args.output,
+            kind=kind,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            device=device,
+            autocast_dtype=_amp_dtype(args.amp, device),
+            storage_dtype=args.storage_dtype,
+            progress=state.is_local_main_process and not args.quiet,
+            model_name=str(args.model),
+            source=str(source),
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            wait_for_everyone=state.wait_for_everyone,
+            overwrite=args.overwrite,
+        )
+    finally:  # a process exiting with its gloo group alive aborts now and then in the teardown
+        state.destroy_process_group()
     return 0
 
 
