@@ -223,6 +223,21 @@ def gpu_machine_env(tmp: Path, **extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+EXIT_PROBE_SITE = REPO / "tests" / "exit_probe"  # its sitecustomize.py reports who reaches finalization
+
+
+def exit_probe_env(env: dict, folder: Path) -> dict:
+    """``env`` with exit_probe/sitecustomize.py first on PYTHONPATH, reporting into ``folder``: each process
+    that reaches the interpreter's finalization writes there the gloo threads still alive in it."""
+    path = os.pathsep.join(filter(None, [str(EXIT_PROBE_SITE), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, "DUALENC_EXIT_PROBE": str(folder)}
+
+
+def read_exit_probes(folder: Path) -> list[tuple[str, object]]:
+    """(RANK or 'solo', its live gloo threads) for each process that reached finalization, sorted."""
+    return sorted((p.name.split(".")[0], json.loads(p.read_text())) for p in folder.iterdir())
+
+
 # a five-document corpus and three queries, the training-data tests' shared fixture files
 TINY_CORPUS = (
     "d1\tTitle one\tText one\nd2\t\tText two\nd3\t\tText three\nd4\tFour\tText four\nd5\t\tText five\n"

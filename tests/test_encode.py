@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import write_collection
+from helpers import exit_probe_env, read_exit_probes, write_collection
 
 from dualenc.errors import InputError
 from dualenc.io.embeddings import load_embeddings, read_meta, shard_bounds, shard_paths, write_collection_meta
@@ -298,16 +298,15 @@ def test_cli_sharded_encode_with_a_custom_tower_equals_one_process(tokenizer, tm
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dualenc", "-q"]
     argv = [*launcher, "encode", "--model", str(tmp_path / "model"), "--collection", str(tmp_path / "c.tsv")]
     argv += ["--output", str(tmp_path / "two"), "--device", "cpu", "--chunk-size", "8", "--batch-size", "4"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    probes = tmp_path / "exit_probes"  # exit_probe/sitecustomize.py: the gloo threads alive at finalization
+    probes = tmp_path / "exit_probes"  # the gloo threads alive in each process at finalization
     probes.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(here, "exit_probe"), here])}
-    env.update(OMP_NUM_THREADS="1", DUALENC_EXIT_PROBE=str(probes))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__)), "OMP_NUM_THREADS": "1"}
+    env = exit_probe_env(env, probes)
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     # both workers destroyed their process group before exiting: no gloo thread left for the finalization
-    alive = {path.name.split(".")[0]: json.loads(path.read_text()) for path in probes.iterdir()}
-    assert alive == {"0": [], "1": [], "solo": []}, alive
+    alive = read_exit_probes(probes)
+    assert alive == [("0", []), ("1", []), ("solo", [])], alive
     shards = load_embeddings(tmp_path / "two")
     assert [len(s.ids) for s in shards] == [21, 20] and [i for s in shards for i in s.ids] == ids
     np.testing.assert_allclose(

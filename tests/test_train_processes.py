@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, last_logged_step, make_text, tiny_bert_config, write_tokenizer_dir
+from helpers import (
+    REPO,
+    exit_probe_env,
+    last_logged_step,
+    make_text,
+    read_exit_probes,
+    tiny_bert_config,
+    write_tokenizer_dir,
+)
 
 from dualenc.errors import InputError
 
@@ -140,22 +148,18 @@ def _overrides(setup: dict, out: Path, processes: int, loss: str, gas: int, **ex
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-EXIT_PROBE = Path(__file__).parent / "exit_probe"  # its sitecustomize.py reports who reaches finalization
-
-
 def _train(processes: int, overrides: list[str], script: Path = REPO / "recipes" / "train.py") -> None:
     """Run the recipe on ``processes`` processes; it must exit 0, and on 2 its workers must end without the
     interpreter's finalization (where torch's leaked gloo group aborted a finished run now and then)."""
-    env = {**ENV, "PYTHONPATH": f"{EXIT_PROBE}{os.pathsep}{ENV.get('PYTHONPATH', '')}"}
     with tempfile.TemporaryDirectory(prefix="exit_probe") as probes:
         proc = subprocess.run(
             _command(processes, script, overrides),
-            env={**env, "DUALENC_EXIT_PROBE": probes},
+            env=exit_probe_env(ENV, Path(probes)),
             capture_output=True,
             text=True,
             timeout=900,
         )
-        finalized = sorted(path.name.split(".")[0] for path in Path(probes).iterdir())
+        finalized = [rank for rank, _ in read_exit_probes(Path(probes))]
     assert proc.returncode == 0, proc.stderr[-5000:]
     # one process: it exits normally (and so the probe works); two: only the launcher finalizes
     assert finalized == ["solo"], finalized

@@ -20,6 +20,7 @@ from dualenc.losses.table_sce import TableSCE
 from dualenc.model import DualEncoder, DualEncoderConfig, HFEncoder
 from dualenc.training.config import RunConfig
 from dualenc.training.config_sections import TRACKER_PACKAGES, ModelConfig
+from dualenc.training.process_exit import launched_processes
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=cfg.train.output_dir,
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     if world > 1 and accelerator.num_processes == 1:
         raise InputError(
             f"launched with WORLD_SIZE={world} but Accelerate set up a single process (on CPU add cpu=true; "
