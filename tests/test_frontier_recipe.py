@@ -183,6 +183,25 @@ def test_mined_negatives_for_5_epochs_meet_the_5_epoch_cache(recipe):
     assert "mined_b32_5ep_lr8e-5=cache_b32_5ep_lr8e-5" in _pairs(args)  # about the same CPU time
 
 
+def test_the_cache_at_batch_16_for_5_epochs_meets_both_5_epoch_runs_and_its_3_epoch_self(recipe):
+    methods = (
+        "inbatch_b32_lr8e-5 cache_b16_5ep_lr8e-5 cache_b32_5ep_lr8e-5 mined_b32_5ep_lr8e-5 cache_b16_lr8e-5"
+    )
+    result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
+    assert result.returncode == 0, result.stderr
+    run = _train_calls_by_run(calls)["cache_b16_5ep_lr8e-5_s42"]
+    assert "recipes/configs/scifact_cache.yaml" in run
+    wanted = {"per_device_train_batch_size=16", "num_train_epochs=5", "eval_steps=46", "save_steps=46"}
+    assert wanted <= set(run)
+    assert run[-1] == "learning_rate=8e-5"
+    pairs = _pairs(_frontier_args(calls))
+    assert {
+        "cache_b16_5ep_lr8e-5=cache_b32_5ep_lr8e-5",  # halving the batch at 5 epochs
+        "cache_b16_5ep_lr8e-5=cache_b16_lr8e-5",  # 5 epochs against 3
+        "cache_b16_5ep_lr8e-5=mined_b32_5ep_lr8e-5",  # against the best 5-epoch method
+    } <= set(pairs)
+
+
 def test_a_finished_run_is_not_run_again(recipe):
     recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
     result, calls = recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
