@@ -22,7 +22,7 @@
 #   cache_b32        recipes/configs/scifact_cache.yaml
 #   cache_b32_5ep    cache_b32 for 5 epochs instead of 3
 #   cache_b16        the cache at batch 16
-#   cache_b16_5ep    cache_b16 for 5 epochs (230 steps): does the batch-16 cache's lead hold when both train longer?
+#   cache_b16_5ep    cache_b16 for 5 epochs (225 steps): does the batch-16 cache's lead hold when both train longer?
 #   cache_gc_b32     cache_b32 through GradCache (chunks of 32): the drawn negatives' activations one chunk at a time
 #   cache_r005_b32   cache_b32 refreshing 0.5% of the table per step instead of 2% (a quarter of the refresh encodes)
 #   cache_sce_b32    the cache drawing from SCE bucket candidates instead of scoring every slot
