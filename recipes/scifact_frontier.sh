@@ -23,6 +23,7 @@
 #   cache_b32_5ep    cache_b32 for 5 epochs instead of 3
 #   cache_b16        the cache at batch 16
 #   cache_b16_5ep    cache_b16 for 5 epochs (225 steps): does the batch-16 cache's lead hold when both train longer?
+#   cache_b16_7ep    cache_b16 for 7 epochs (315 steps): cache_b16_5ep's dev score still rises at its last step
 #   cache_gc_b32     cache_b32 through GradCache (chunks of 32): the drawn negatives' activations one chunk at a time
 #   cache_r005_b32   cache_b32 refreshing 0.5% of the table per step instead of 2% (a quarter of the refresh encodes)
 #   cache_sce_b32    the cache drawing from SCE bucket candidates instead of scoring every slot
@@ -81,6 +82,8 @@ method_args() {  # method_args METHOD: sets config and over (the trainer's) or s
       save_steps=46) ;;
     cache_b16_5ep) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
       save_steps=46 num_train_epochs=5) ;;
+    cache_b16_7ep) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
+      save_steps=46 num_train_epochs=7) ;;
     cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
     cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=("${gc[@]}") ;;
     cache_r005_b32) config=recipes/configs/scifact_cache.yaml over=(refresh_fraction=0.005) ;;
@@ -144,7 +147,8 @@ done
 base_pairs=(cache_b16=inbatch_b16 cache_b32=inbatch_b32_5ep cache_b32_5ep=inbatch_b32_9ep cache_sce_b32=cache_b32
   cache_r005_b32=cache_b32 cache_gc_b32=cache_b32 mined_gc_b32=mined_b32 st_mnrl_b32=inbatch_nodup_b32
   mined_b32=cache_b32 mined_cache_b32=mined_b32 mined_cache_b32=cache_b32 mined_b32_5ep=cache_b32_5ep
-  cache_b16_5ep=cache_b32_5ep cache_b16_5ep=cache_b16 cache_b16_5ep=mined_b32_5ep)
+  cache_b16_5ep=cache_b32_5ep cache_b16_5ep=cache_b16 cache_b16_5ep=mined_b32_5ep
+  cache_b16_7ep=cache_b16_5ep)
 pairs=("${base_pairs[@]}" gradcache_b128_lr8e-5=gradcache_b128)
 for method in "${scored[@]}"; do
   [ "$method" != "${method%_lr*}" ] || continue

@@ -202,6 +202,19 @@ def test_the_cache_at_batch_16_for_5_epochs_meets_both_5_epoch_runs_and_its_3_ep
     } <= set(pairs)
 
 
+def test_the_cache_at_batch_16_for_7_epochs_meets_its_5_epoch_self(recipe):
+    result, calls = recipe(
+        "inbatch_b32_lr8e-5 cache_b16_7ep_lr8e-5 cache_b16_5ep_lr8e-5", BASELINE="inbatch_b32_lr8e-5"
+    )
+    assert result.returncode == 0, result.stderr
+    run = _train_calls_by_run(calls)["cache_b16_7ep_lr8e-5_s42"]
+    assert "recipes/configs/scifact_cache.yaml" in run
+    wanted = {"per_device_train_batch_size=16", "num_train_epochs=7", "eval_steps=46", "save_steps=46"}
+    assert wanted <= set(run)
+    assert run[-1] == "learning_rate=8e-5"
+    assert "cache_b16_7ep_lr8e-5=cache_b16_5ep_lr8e-5" in _pairs(_frontier_args(calls))  # 7 epochs against 5
+
+
 def test_a_finished_run_is_not_run_again(recipe):
     recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
     result, calls = recipe("cache_b32_lr8e-5", BASELINE="cache_b32_lr8e-5")
