@@ -64,9 +64,10 @@ method_args() {  # method_args METHOD: sets config and over (the trainer's) or s
   local mined=(train_format=groups train_file="$OUT/mined/train_groups.jsonl" queries_file=null qrels_file=null
     train_group_size=2)  # one round's groups: a claim, its positive and one mined negative
   local gc=(grad_cache=true grad_cache_query_chunk=32 grad_cache_passage_chunk=32)
+  local b16=(per_device_train_batch_size=16 eval_steps=46 save_steps=46)  # batch 16: 45 batches an epoch
   case ${1%_lr*} in
     inbatch_b32) ;;
-    inbatch_b16) over=(per_device_train_batch_size=16 eval_steps=46 save_steps=46) ;;
+    inbatch_b16) over=("${b16[@]}") ;;
     inbatch_b64) over=(per_device_train_batch_size=64 eval_steps=12 save_steps=12) ;;
     inbatch_nodup_b32) over=(batch_sampling=no_duplicates) ;;
     gradcache_b128) over=(per_device_train_batch_size=128 "${gc[@]}" eval_steps=6 save_steps=6) ;;
@@ -78,12 +79,9 @@ method_args() {  # method_args METHOD: sets config and over (the trainer's) or s
     mined_cache_b32) config=recipes/configs/scifact_cache.yaml over=("${mined[@]}") ;;
     cache_b32) config=recipes/configs/scifact_cache.yaml ;;
     cache_b32_5ep) config=recipes/configs/scifact_cache.yaml over=(num_train_epochs=5) ;;
-    cache_b16) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
-      save_steps=46) ;;
-    cache_b16_5ep) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
-      save_steps=46 num_train_epochs=5) ;;
-    cache_b16_7ep) config=recipes/configs/scifact_cache.yaml over=(per_device_train_batch_size=16 eval_steps=46
-      save_steps=46 num_train_epochs=7) ;;
+    cache_b16) config=recipes/configs/scifact_cache.yaml over=("${b16[@]}") ;;
+    cache_b16_5ep) config=recipes/configs/scifact_cache.yaml over=("${b16[@]}" num_train_epochs=5) ;;
+    cache_b16_7ep) config=recipes/configs/scifact_cache.yaml over=("${b16[@]}" num_train_epochs=7) ;;
     cache_sce_b32) config=recipes/configs/scifact_cache.yaml over=(cache_candidates=sce) ;;
     cache_gc_b32) config=recipes/configs/scifact_cache.yaml over=("${gc[@]}") ;;
     cache_r005_b32) config=recipes/configs/scifact_cache.yaml over=(refresh_fraction=0.005) ;;

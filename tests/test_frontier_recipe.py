@@ -183,17 +183,22 @@ def test_mined_negatives_for_5_epochs_meet_the_5_epoch_cache(recipe):
     assert "mined_b32_5ep_lr8e-5=cache_b32_5ep_lr8e-5" in _pairs(args)  # about the same CPU time
 
 
+def _assert_cache_b16_run(calls, method: str, epochs: int) -> None:
+    """METHOD's seed-42 run trains the cache's config at batch 16 for EPOCHS epochs at 8e-5."""
+    run = _train_calls_by_run(calls)[f"{method}_s42"]
+    assert "recipes/configs/scifact_cache.yaml" in run
+    batch_16 = {"per_device_train_batch_size=16", "eval_steps=46", "save_steps=46"}
+    assert batch_16 | {f"num_train_epochs={epochs}"} <= set(run)
+    assert run[-1] == "learning_rate=8e-5"
+
+
 def test_the_cache_at_batch_16_for_5_epochs_meets_both_5_epoch_runs_and_its_3_epoch_self(recipe):
     methods = (
         "inbatch_b32_lr8e-5 cache_b16_5ep_lr8e-5 cache_b32_5ep_lr8e-5 mined_b32_5ep_lr8e-5 cache_b16_lr8e-5"
     )
     result, calls = recipe(methods, BASELINE="inbatch_b32_lr8e-5")
     assert result.returncode == 0, result.stderr
-    run = _train_calls_by_run(calls)["cache_b16_5ep_lr8e-5_s42"]
-    assert "recipes/configs/scifact_cache.yaml" in run
-    wanted = {"per_device_train_batch_size=16", "num_train_epochs=5", "eval_steps=46", "save_steps=46"}
-    assert wanted <= set(run)
-    assert run[-1] == "learning_rate=8e-5"
+    _assert_cache_b16_run(calls, "cache_b16_5ep_lr8e-5", epochs=5)
     pairs = _pairs(_frontier_args(calls))
     assert {
         "cache_b16_5ep_lr8e-5=cache_b32_5ep_lr8e-5",  # halving the batch at 5 epochs
@@ -207,11 +212,7 @@ def test_the_cache_at_batch_16_for_7_epochs_meets_its_5_epoch_self(recipe):
         "inbatch_b32_lr8e-5 cache_b16_7ep_lr8e-5 cache_b16_5ep_lr8e-5", BASELINE="inbatch_b32_lr8e-5"
     )
     assert result.returncode == 0, result.stderr
-    run = _train_calls_by_run(calls)["cache_b16_7ep_lr8e-5_s42"]
-    assert "recipes/configs/scifact_cache.yaml" in run
-    wanted = {"per_device_train_batch_size=16", "num_train_epochs=7", "eval_steps=46", "save_steps=46"}
-    assert wanted <= set(run)
-    assert run[-1] == "learning_rate=8e-5"
+    _assert_cache_b16_run(calls, "cache_b16_7ep_lr8e-5", epochs=7)
     assert "cache_b16_7ep_lr8e-5=cache_b16_5ep_lr8e-5" in _pairs(_frontier_args(calls))  # 7 epochs against 5
 
 
